@@ -1,0 +1,3 @@
+from ee_cli.cli import main
+
+main()

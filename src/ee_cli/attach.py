@@ -1,0 +1,113 @@
+"""`ee attach`: graft early exits onto a backbone and write the multi-exit bundle."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ee_cli import backbones, bundle, compat, flops, graft
+from ee_cli.config import AttachConfig, as_dict
+from ee_cli.errors import UserError
+from ee_cli.heads import HEAD_KINDS
+
+
+@dataclass(frozen=True)
+class AttachResult:
+    bundle_path: Path
+    meta: dict[str, Any]
+    candidates: list[graft.GraftPoint]
+    model: Any  # the in-memory multi-exit model that was saved
+
+
+def attach(config: AttachConfig) -> AttachResult:
+    if config.head not in HEAD_KINDS:
+        raise UserError(f"unknown --head {config.head!r}: choose one of {', '.join(HEAD_KINDS)}")
+    out = Path(config.out) if config.out else bundle.default_output(_stem(config.backbone))
+    bundle.check_output(out, config.exist_ok)
+    names = read_class_names(config.classes)
+    compat.seed_everything(config.seed)
+    num_classes = config.num_classes if config.num_classes is not None else (len(names) if names else None)
+    backbone = backbones.build_backbone(config.backbone, config.weights, config.input_size, num_classes)
+    if config.num_classes is not None and config.num_classes != backbone.num_classes:
+        raise UserError(f"--num-classes {config.num_classes} but the classifier has {backbone.num_classes} outputs")
+    names = names or default_class_names(backbone)
+    if len(names) != backbone.num_classes:
+        raise UserError(f"{len(names)} class names given but the classifier has {backbone.num_classes} outputs")
+    candidates = graft.graft_points(backbone.model)
+    if config.exit_layers:
+        points = graft.choose_by_name(backbone.model, candidates, config.exit_layers)
+    else:
+        points = graft.choose_by_fraction(candidates, config.exits)
+    model, exits = graft.graft_exits(backbone.model, points, config.head, backbone.num_classes)
+    meta = describe(backbone, exits, config.head, names, as_dict(config))
+    bundle.write_bundle(out, model, meta, config.exist_ok)
+    return AttachResult(out, meta, candidates, model)
+
+
+def _stem(backbone: str) -> str:
+    return Path(backbone).stem if Path(backbone).suffix or "/" in backbone else backbone
+
+
+def read_class_names(spec: str | None) -> list[str] | None:
+    if spec is None:
+        return None
+    path = Path(spec)
+    if path.is_file():
+        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    else:
+        names = [name.strip() for name in spec.split(",") if name.strip()]
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise UserError("--classes needs at least 2 distinct names (comma-separated, or a file with one per line)")
+    return names
+
+
+def default_class_names(backbone: backbones.Backbone) -> list[str]:
+    if backbone.weights == "imagenet":
+        return compat.imagenet_class_names()
+    return [str(index) for index in range(backbone.num_classes)]
+
+
+def describe(backbone: backbones.Backbone, exits: list[graft.GraftedExit], head: str, names: list[str], config: dict) -> dict[str, Any]:
+    total = flops.model_macs(backbone.model)
+    return {
+        "backbone": {
+            "name": backbone.name,
+            "source": backbone.source,
+            "weights": backbone.weights,
+            "macs": total,
+            "mflops": round(flops.mflops(total), 3),
+        },
+        "input": {
+            "shape": list(backbone.input_shape),
+            "dtype": "float32",
+            "pixels": "RGB, 0..255",
+            "preprocessing": backbone.preprocessing,
+        },
+        "classes": names,
+        "personal_classes": None,
+        "exits": [
+            {
+                "name": grafted.name,
+                "graft_layer": grafted.point.layer,
+                "relative_depth": round(grafted.point.relative_depth, 4),
+                "feature_shape": list(grafted.point.shape),
+                "cumulative_macs": grafted.point.macs + grafted.head_macs,
+                "cumulative_mflops": round(flops.mflops(grafted.point.macs + grafted.head_macs), 3),
+                "head": head,
+                "head_params": grafted.head_params,
+                "trained": False,
+                "enabled": False,
+                "threshold": None,
+            }
+            for grafted in exits
+        ],
+        "final": {
+            "name": graft.FINAL_OUTPUT,
+            "relative_depth": 1.0,
+            "cumulative_macs": total,
+            "cumulative_mflops": round(flops.mflops(total), 3),
+            "trained": backbone.weights != "none",
+        },
+        "provenance": [bundle.provenance("attach", config, None)],
+    }

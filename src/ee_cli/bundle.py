@@ -1,0 +1,133 @@
+"""Bundles: a directory holding one multi-exit model (`model.h5`) and its description (`ee.json`).
+
+Commands never modify their input bundle; each writes a new one atomically (a temporary folder
+beside the target, then a rename) and records it as the workspace's latest, which the next
+command takes by default.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ee_cli import compat
+from ee_cli.errors import UserError
+from ee_cli.runs import write_json
+
+FORMAT_VERSION = 1
+MODEL_FILE = "model.h5"
+MODEL_FORMAT = "tf_keras HDF5 (.h5)"
+META_FILE = "ee.json"
+DEFAULT_ROOT = Path("bundles")
+LATEST_FILE = DEFAULT_ROOT / "latest.json"
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path
+    meta: dict[str, Any]
+
+    def load_model(self):
+        return compat.keras().models.load_model(self.path / self.meta["model_file"], compile=False)
+
+
+def read_bundle(path: Path) -> Bundle:
+    meta_path = path / META_FILE
+    if not meta_path.is_file():
+        raise UserError(f"{path} is not a bundle (no {META_FILE}); make one with `ee attach`")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{meta_path} is not valid JSON: {error}") from None
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise UserError(f"{path} has bundle format {version}; this ee reads up to {FORMAT_VERSION}: upgrade ee")
+    if not (path / meta.get("model_file", MODEL_FILE)).is_file():
+        raise UserError(f"{path} is incomplete: its model file is missing")
+    return Bundle(path, meta)
+
+
+def input_bundle(explicit: str | None) -> tuple[Bundle, bool]:
+    """The bundle a command reads: the one given, else the latest written here. Also: was it implicit?"""
+    if explicit is not None:
+        return read_bundle(Path(explicit)), False
+    if not LATEST_FILE.is_file():
+        raise UserError("no bundle given and none written here yet: pass --bundle PATH or run `ee attach` first")
+    return read_bundle(Path(json.loads(LATEST_FILE.read_text())["path"])), True
+
+
+def default_output(stem: str) -> Path:
+    """bundles/<stem>, or bundles/<stem>-2, -3, ... when taken (as Ultralytics names its runs)."""
+    candidate, number = DEFAULT_ROOT / stem, 2
+    while candidate.exists():
+        candidate, number = DEFAULT_ROOT / f"{stem}-{number}", number + 1
+    return candidate
+
+
+def check_output(out: Path, exist_ok: bool) -> None:
+    """Refuse, before any work is done, an output that would overwrite something."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not exist_ok:
+        raise UserError(f"{out} already exists: choose another --out, or pass --exist-ok to replace it")
+    if not out.is_dir() or (any(out.iterdir()) and not (out / META_FILE).is_file()):
+        raise UserError(f"{out} exists and is not a bundle: refusing to replace it even with --exist-ok")
+
+
+def write_bundle(out: Path, model, meta: dict[str, Any], exist_ok: bool) -> Path:
+    check_output(out, exist_ok)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private; a bundle is an ordinary folder
+        model.save(staging / MODEL_FILE, include_optimizer=False, save_format="h5")
+        full_meta = {"format_version": FORMAT_VERSION, "model_file": MODEL_FILE, "model_format": MODEL_FORMAT, **meta}
+        write_json(staging / META_FILE, full_meta)
+        _move_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    record_latest(out, meta.get("provenance", [{}])[-1].get("command", ""))
+    return out
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    if not out.exists():
+        staging.rename(out)
+        return
+    retired = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+    out.rename(retired)
+    staging.rename(out)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def record_latest(path: Path, command: str) -> None:
+    DEFAULT_ROOT.mkdir(parents=True, exist_ok=True)
+    write_json(LATEST_FILE, {"path": str(path.resolve()), "command": command, "time": now()})
+
+
+def provenance(command: str, config: dict[str, Any], source: Path | None) -> dict[str, Any]:
+    return {
+        "command": command,
+        "from": str(source) if source else None,
+        "config": config,
+        "seed": config.get("seed"),
+        "time": now(),
+        "versions": compat.versions(),
+    }
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

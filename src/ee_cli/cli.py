@@ -1,0 +1,140 @@
+"""The `ee` command line: thin Typer commands that build a config, call a pipeline, render its result.
+
+Nothing here imports TensorFlow; pipelines are imported inside commands so `ee --help` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ee_cli.errors import UserError
+
+app = typer.Typer(
+    name="ee",
+    help=(
+        "Personalise an image classifier on one person's photos with early exits (PersEPhonEE).\n\n"
+        "The usual flow, each step defaulting to the bundle the previous one wrote:\n\n"
+        "  ee attach --backbone resnet50\n\n"
+        "  ee personalise --data ./user_photos\n\n"
+        "  ee export --tflite"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+CONFIG_OPTION = typer.Option("--config", help="TOML file with a table per command (\\[attach], ...); flags override it.", rich_help_panel="Run")
+SEED_OPTION = typer.Option("--seed", help="Random seed (default 0).", rich_help_panel="Run")
+JSON_OPTION = typer.Option("--json", help="Print the result as JSON instead of a table.", rich_help_panel="Run")
+OUT_OPTION = typer.Option("--out", help="Output bundle folder (default: bundles/<name>, numbered if taken).", rich_help_panel="Output")
+EXIST_OK_OPTION = typer.Option("--exist-ok", help="Replace the output bundle if it exists.", rich_help_panel="Output")
+
+
+def main() -> None:
+    app()
+
+
+def _version(value: bool) -> None:
+    if value:
+        from ee_cli import __version__
+
+        typer.echo(f"ee {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")] = False,
+) -> None:
+    """Personalise an image classifier on one person's photos with early exits (PersEPhonEE)."""
+
+
+@contextmanager
+def user_errors():
+    """Every user mistake ends as one line on stderr and exit code 2, never a traceback."""
+    try:
+        yield
+    except UserError as error:
+        message = " ".join(str(error).split())
+        typer.echo(f"error: {message}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _floats(text: Optional[str], option: str) -> Optional[tuple[float, ...]]:
+    if text is None:
+        return None
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UserError(f"{option} expects comma-separated numbers such as 0.25,0.5,0.75, not {text!r}") from None
+
+
+def _names(text: Optional[str]) -> Optional[tuple[str, ...]]:
+    return None if text is None else tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+@app.command(
+    rich_help_panel="Pipeline",
+    epilog="Examples:  ee attach --backbone resnet50   ·   ee attach --backbone cifar_resnet9 --exits 0.2,0.4,0.8 --head conv   ·   ee attach --backbone my_model.h5 --classes cat,dog",
+)
+def attach(
+    backbone: Annotated[Optional[str], typer.Option(help="resnet50 | mobilenet_v2 | efficientnet_b0 | cifar_resnet9, or a tf_keras model file (.h5, .keras, SavedModel folder) taking RGB 0..255 (default resnet50).", rich_help_panel="Backbone")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="imagenet | none | PATH to a weights file (default imagenet; none for cifar_resnet9).", rich_help_panel="Backbone")] = None,
+    input_size: Annotated[Optional[int], typer.Option(help="Square input size in pixels (default: the backbone's, 224 or 32).", rich_help_panel="Backbone")] = None,
+    num_classes: Annotated[Optional[int], typer.Option(help="Classifier size of a backbone built without ImageNet weights.", rich_help_panel="Backbone")] = None,
+    classes: Annotated[Optional[str], typer.Option(help="Class names: a,b,c or a file with one per line (default: ImageNet's names, else 0..N-1).", rich_help_panel="Backbone")] = None,
+    exits: Annotated[Optional[str], typer.Option(help="Exit positions as fractions of the backbone's FLOPs, each taken to the nearest block output (default 0.25,0.5,0.75).", rich_help_panel="Exits")] = None,
+    exit_layers: Annotated[Optional[str], typer.Option(help="Graft onto these block-output layers instead (comma-separated names).", rich_help_panel="Exits")] = None,
+    head: Annotated[Optional[str], typer.Option(help="Exit head: light (pool -> dense -> dense) or conv (2 convs -> pool -> dense) (default light).", rich_help_panel="Exits")] = None,
+    out: Annotated[Optional[str], OUT_OPTION] = None,
+    exist_ok: Annotated[bool, EXIST_OK_OPTION] = False,
+    seed: Annotated[Optional[int], SEED_OPTION] = None,
+    config: Annotated[Optional[Path], CONFIG_OPTION] = None,
+    as_json: Annotated[bool, JSON_OPTION] = False,
+) -> None:
+    """Graft early exits onto a pretrained CNN and write a multi-exit bundle."""
+    with user_errors():
+        from ee_cli.attach import attach as run_attach
+        from ee_cli.config import AttachConfig, resolve
+
+        flags = dict(
+            backbone=backbone, weights=weights, input_size=input_size, num_classes=num_classes, classes=classes,
+            exits=_floats(exits, "--exits"), exit_layers=_names(exit_layers), head=head, out=out,
+            exist_ok=exist_ok or None, seed=seed,
+        )
+        settings = resolve(AttachConfig, "attach", config, flags)
+        with _status(f"Building {settings.backbone} and grafting exits", quiet=as_json):
+            result = run_attach(settings)
+    if as_json:
+        typer.echo(json.dumps({"bundle": str(result.bundle_path), **result.meta}, indent=2))
+        return
+    from ee_cli.render import attach_table
+
+    console = _console()
+    console.print(attach_table(result.meta))
+    console.print(f"Bundle written to [bold]{result.bundle_path}[/] ({result.meta['backbone']['name']}, {len(result.meta['exits'])} exits, untrained)")
+    console.print("Next: [bold cyan]ee personalise --data ./user_photos[/]")
+
+
+@contextmanager
+def _status(message: str, quiet: bool):
+    if quiet or not sys.stderr.isatty():
+        yield
+        return
+    from rich.console import Console
+
+    with Console(stderr=True).status(message):
+        yield

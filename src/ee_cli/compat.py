@@ -1,0 +1,112 @@
+"""The only module that imports TensorFlow, tf_keras, tfmot and LiteRT.
+
+Imports are lazy so that `ee --help` answers without loading TensorFlow. tf_keras (Keras 2) is
+the project's one Keras: tensorflow-model-optimization rejects Keras 3 models. Should tfmot learn
+Keras 3, switching is a change to this module alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import platform
+import sys
+import warnings
+
+
+def _prepare_environment() -> None:
+    os.environ["TF_USE_LEGACY_KERAS"] = "1"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def thread_count() -> int:
+    """TF's intra-op threads: EE_THREADS, else every core. Results are bit-identical per count."""
+    value = os.environ.get("EE_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else (os.cpu_count() or 1)
+
+
+@functools.cache
+def tf():
+    _prepare_environment()
+    with _native_logs_silenced():
+        import tensorflow
+
+        # Thread settings are refused once TF has run an op, so apply them right after the import.
+        tensorflow.config.threading.set_intra_op_parallelism_threads(thread_count())
+        tensorflow.config.threading.set_inter_op_parallelism_threads(min(2, thread_count()))
+        tensorflow.constant(0)  # initialise devices now, while their start-up chatter is silenced
+    tensorflow.get_logger().setLevel("ERROR")
+    warnings.filterwarnings("ignore", message="You are saving your model as an HDF5 file")
+    return tensorflow
+
+
+@contextlib.contextmanager
+def _native_logs_silenced():
+    """TF 2.21 logs through absl before TF_CPP_MIN_LOG_LEVEL applies (oneDNN, CUDA notices), straight
+    to file descriptor 2: point it at /dev/null while TF starts. EE_TF_LOGS=1 keeps them."""
+    if os.environ.get("EE_TF_LOGS"):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+@functools.cache
+def keras():
+    tf()
+    import tf_keras
+
+    return tf_keras
+
+
+@functools.cache
+def tfmot():
+    keras()
+    import tensorflow_model_optimization
+
+    return tensorflow_model_optimization
+
+
+def litert_interpreter_class():
+    from ai_edge_litert.interpreter import Interpreter
+
+    return Interpreter
+
+
+def seed_everything(seed: int) -> None:
+    """Python, numpy and TF seeds at once; training is then bit-identical at a fixed thread count."""
+    keras().utils.set_random_seed(seed)
+
+
+def clear_session() -> None:
+    keras().backend.clear_session()
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1,000 ImageNet class names, from Keras' cache or its download (reachable whenever the weights were)."""
+    import json
+
+    from tf_keras.src.applications.imagenet_utils import CLASS_INDEX_PATH
+
+    path = keras().utils.get_file("imagenet_class_index.json", CLASS_INDEX_PATH, cache_subdir="models")
+    with open(path) as handle:
+        index = json.load(handle)
+    return [index[str(i)][1] for i in range(1000)]
+
+
+def versions() -> dict[str, str]:
+    from ee_cli import __version__
+
+    found = {"ee": __version__, "python": platform.python_version()}
+    if "tensorflow" in sys.modules:
+        found["tensorflow"] = tf().__version__
+        found["tf_keras"] = keras().__version__
+    return found

@@ -1,0 +1,64 @@
+"""One frozen dataclass per command. Values resolve as: defaults < TOML file < command-line flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ee_cli.errors import UserError
+
+ConfigT = TypeVar("ConfigT")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttachConfig:
+    backbone: str = "resnet50"
+    weights: str | None = None  # None: imagenet for ImageNet backbones, random for cifar_resnet9
+    input_size: int | None = None  # None: the backbone's native size
+    num_classes: int | None = None
+    classes: str | None = None  # "a,b,c" or a file with one name per line
+    exits: tuple[float, ...] = (0.25, 0.5, 0.75)
+    exit_layers: tuple[str, ...] = ()
+    head: str = "light"
+    out: str | None = None
+    exist_ok: bool = False
+    seed: int = 0
+
+
+def resolve(cls: type[ConfigT], section: str, toml_path: Path | None, flags: dict[str, Any]) -> ConfigT:
+    """Build `cls` from its defaults, then `[section]` of the TOML file, then the flags given.
+
+    Flags whose value is None were not given on the command line and do not override anything.
+    """
+    names = {field.name for field in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    if toml_path is not None:
+        values.update(_read_section(toml_path, section, names))
+    values.update({key: value for key, value in flags.items() if value is not None})
+    for field in dataclasses.fields(cls):
+        if isinstance(field.default, tuple) and field.name in values:
+            values[field.name] = tuple(values[field.name])
+    return cls(**values)
+
+
+def _read_section(path: Path, section: str, names: set[str]) -> dict[str, Any]:
+    try:
+        document = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"config file {path} is not valid TOML: {error}") from None
+    table = document.get(section, {})
+    if not isinstance(table, dict):
+        raise UserError(f"config file {path}: [{section}] must be a table")
+    table = {key.replace("-", "_"): value for key, value in table.items()}
+    unknown = sorted(set(table) - names)
+    if unknown:
+        raise UserError(f"config file {path}: unknown key(s) in [{section}]: {', '.join(unknown)}")
+    return table
+
+
+def as_dict(config: Any) -> dict[str, Any]:
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in dataclasses.asdict(config).items()}

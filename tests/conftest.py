@@ -1,0 +1,72 @@
+"""Shared fixtures: a scratch workspace per test and an in-process CLI runner (Typer's testing docs)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+os.environ.setdefault("EE_THREADS", "2")  # results are bit-identical only at a fixed thread count
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch) -> Path:
+    """Run each test in its own folder, so bundles/ and runs/ land there."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def cli():
+    from ee_cli.cli import app
+
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(app, [str(arg) for arg in args])
+
+    return invoke
+
+
+def run_ee(*args: str, timeout: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The installed console script in a fresh process: what a user really sees."""
+    command = [sys.executable, "-m", "ee_cli", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def one_line_error(result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def random_pixels(count: int, size: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(0, 255, (count, size, size, 3)).astype("float32")
+
+
+def tiny_classifier(path: Path, *, softmax: bool = True, classifier: bool = True, num_classes: int = 3) -> Path:
+    """A small flat Functional CNN saved to `path`: conv blocks with a residual add, then a classifier."""
+    from ee_cli import compat
+
+    keras = compat.keras()
+    layers = keras.layers
+    pixels = keras.Input((16, 16, 3), name="image")
+    x = layers.Rescaling(1 / 255.0)(pixels)
+    x = layers.Conv2D(8, 3, padding="same", activation="relu", name="c1")(x)
+    x = layers.MaxPooling2D(name="p1")(x)
+    y = layers.Conv2D(8, 3, padding="same", activation="relu", name="c2")(x)
+    x = layers.Add(name="a1")([x, y])
+    x = layers.Conv2D(16, 3, padding="same", activation="relu", name="c3")(x)
+    x = layers.MaxPooling2D(name="p2")(x)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    if classifier:
+        x = layers.Dense(num_classes, activation="softmax" if softmax else None, name="classifier")(x)
+    model = keras.Model(pixels, x)
+    model.save(path)
+    return path
