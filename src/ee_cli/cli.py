@@ -138,3 +138,85 @@ def _status(message: str, quiet: bool):
 
     with Console(stderr=True).status(message):
         yield
+
+
+@app.command(
+    rich_help_panel="Pipeline",
+    epilog="Examples:  ee personalise --data ./user_photos   ·   ee personalise --data ./photos --labelled ./labelled --epochs 50   ·   ee personalise --data ./photos --resume",
+)
+def personalise(
+    data: Annotated[Optional[str], typer.Option(help="Folder of the person's photos (any nesting; JPEG, PNG, ...; unreadable files are skipped and counted).", rich_help_panel="Photos")] = None,
+    labelled: Annotated[Optional[str], typer.Option(help="Optional folder of labelled photos, one sub-folder per class.", rich_help_panel="Photos")] = None,
+    bundle: Annotated[Optional[str], typer.Option("--bundle", "--from", help="Bundle to personalise: an attached one, or a personalised one as more photos arrive (default: the latest written here).", rich_help_panel="Photos")] = None,
+    adapt_bn: Annotated[Optional[str], typer.Option(help="Re-estimate the first N BatchNorm layers' statistics on the photos: N, auto (the first half) or 0 (default auto).", rich_help_panel="Personalisation")] = None,
+    personal_classes: Annotated[Optional[str], typer.Option(help="auto (labelled classes, else those predicted for >= --class-share of the photos), all, or a,b,c (default auto).", rich_help_panel="Personalisation")] = None,
+    class_share: Annotated[Optional[float], typer.Option(help="Share of photos a class needs to count as personal (default 0.05).", rich_help_panel="Personalisation")] = None,
+    views: Annotated[Optional[int], typer.Option(help="Weak/strong view pairs cached per photo (default 2).", rich_help_panel="Training")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs over the cached features (default 30).", rich_help_panel="Training")] = None,
+    batch: Annotated[Optional[int], typer.Option(help="Batch size (default 64).", rich_help_panel="Training")] = None,
+    learning_rate: Annotated[Optional[float], typer.Option(help="Adam learning rate (default 1e-3).", rich_help_panel="Training")] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="Confidence for pseudo-labels and FixMatch targets (default 0.9).", rich_help_panel="Training")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="Distillation temperature (default 2).", rich_help_panel="Training")] = None,
+    distill_weight: Annotated[Optional[float], typer.Option(help="Weight of distillation from the teacher (default 1).", rich_help_panel="Training")] = None,
+    pseudo_weight: Annotated[Optional[float], typer.Option(help="Weight of the teacher's confident hard labels on strong views (default 1).", rich_help_panel="Training")] = None,
+    fixmatch_weight: Annotated[Optional[float], typer.Option(help="Weight of FixMatch consistency (default 1).", rich_help_panel="Training")] = None,
+    supervised_weight: Annotated[Optional[float], typer.Option(help="Weight of cross-entropy on labelled photos (default 1).", rich_help_panel="Training")] = None,
+    holdout: Annotated[Optional[float], typer.Option(help="Share of photos held out to decide which exits switch on (default 0.2).", rich_help_panel="Exits")] = None,
+    exit_target: Annotated[Optional[float], typer.Option(help="Held-out accuracy (or agreement with the teacher) an exit needs to switch on (default 0.8).", rich_help_panel="Exits")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Push photos through the backbone every step instead of caching features (for comparison).", rich_help_panel="Training")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the latest unfinished run with the same settings.", rich_help_panel="Run")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.", rich_help_panel="Run")] = False,
+    out: Annotated[Optional[str], OUT_OPTION] = None,
+    exist_ok: Annotated[bool, EXIST_OK_OPTION] = False,
+    seed: Annotated[Optional[int], SEED_OPTION] = None,
+    config: Annotated[Optional[Path], CONFIG_OPTION] = None,
+    as_json: Annotated[bool, JSON_OPTION] = False,
+) -> None:
+    """Train the exits of a bundle on one person's photos, mostly unlabelled (backbone frozen)."""
+    with user_errors():
+        from ee_cli.config import PersonaliseConfig, resolve
+        from ee_cli.personalise import personalise as run_personalise
+
+        flags = dict(
+            data=data, labelled=labelled, bundle=bundle, adapt_bn=adapt_bn, personal_classes=personal_classes,
+            class_share=class_share, views=views, epochs=epochs, batch=batch, learning_rate=learning_rate,
+            threshold=threshold, temperature=temperature, distill_weight=distill_weight, pseudo_weight=pseudo_weight,
+            fixmatch_weight=fixmatch_weight, supervised_weight=supervised_weight, holdout=holdout,
+            exit_target=exit_target, cache=False if no_cache else None, resume=resume or None, quiet=quiet or None,
+            out=out, exist_ok=exist_ok or None, seed=seed,
+        )
+        settings = resolve(PersonaliseConfig, "personalise", config, flags)
+        if settings.bundle is None and not as_json:
+            typer.echo("Using the latest bundle written here (bundles/latest.json); --bundle chooses another.", err=True)
+        with _progress(quiet=settings.quiet or as_json) as progress:
+            result = run_personalise(settings, progress)
+    if as_json:
+        typer.echo(json.dumps({"bundle": str(result.bundle_path), "run": str(result.run_dir), "metrics": result.metrics}, indent=2))
+        return
+    from ee_cli.render import personalise_report
+
+    console = _console()
+    console.print(personalise_report(result.meta, result.metrics))
+    console.print(f"Bundle written to [bold]{result.bundle_path}[/]; run details in {result.run_dir}")
+    console.print("Next: [bold cyan]ee evaluate --data ./labelled_test_photos[/]  or  [bold cyan]ee export --tflite[/]")
+
+
+@contextmanager
+def _progress(quiet: bool):
+    """A Rich progress bar per stage on stderr (stage, share done, loss and mask rate, time left)."""
+    if quiet or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bars = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=Console(stderr=True))
+    tasks: dict[str, int] = {}
+
+    def update(stage: str, fraction: float, info: str) -> None:
+        if stage not in tasks:
+            tasks[stage] = bars.add_task(stage, total=1.0, info="")
+        bars.update(tasks[stage], completed=min(1.0, fraction), info=info)
+
+    with bars:
+        yield update

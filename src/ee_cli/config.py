@@ -62,3 +62,31 @@ def _read_section(path: Path, section: str, names: set[str]) -> dict[str, Any]:
 
 def as_dict(config: Any) -> dict[str, Any]:
     return {key: list(value) if isinstance(value, tuple) else value for key, value in dataclasses.asdict(config).items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class PersonaliseConfig:
+    data: str | None = None  # folder of unlabelled photos
+    bundle: str | None = None  # None: the latest bundle written here
+    labelled: str | None = None  # folder with one sub-folder per class
+    out: str | None = None
+    exist_ok: bool = False
+    seed: int = 0
+    adapt_bn: str = "auto"  # N | auto | 0
+    personal_classes: str = "auto"  # auto | all | a,b,c
+    class_share: float = 0.05  # auto: a class is personal when this share of photos is predicted as it
+    views: int = 2  # weak and strong views cached per photo
+    epochs: int = 30
+    batch: int = 64
+    learning_rate: float = 1e-3
+    threshold: float = 0.9  # confidence for pseudo-labels and FixMatch targets
+    temperature: float = 2.0
+    distill_weight: float = 1.0
+    pseudo_weight: float = 1.0
+    fixmatch_weight: float = 1.0
+    supervised_weight: float = 1.0
+    holdout: float = 0.2  # share of the photos kept out of training to decide which exits switch on
+    exit_target: float = 0.8  # held-out accuracy (or agreement with the teacher) an exit needs to switch on
+    cache: bool = True
+    resume: bool = False
+    quiet: bool = False

@@ -25,3 +25,38 @@ def attach_table(meta: dict[str, Any]):
     final = meta["final"]
     table.add_row("final", "(classifier)", "", "100.0", f"{final['cumulative_mflops']:,.1f}", "frozen", style="dim")
     return table
+
+
+def personalise_report(meta: dict[str, Any], metrics: dict[str, Any]):
+    from rich.console import Group
+    from rich.table import Table
+
+    photos = metrics["photos"]
+    skipped = ", ".join(f"{n} {why}" for why, n in photos["skipped"].items()) or "none"
+    shares = ", ".join(f"{name} {100 * share:.0f}%" for name, share in metrics["class_shares"].items() if share >= 0.01)
+    adapted = metrics["adapted_bn"]
+    lines = [
+        f"Photos: {photos['unlabelled']} unlabelled, {photos['labelled']} labelled; skipped: {skipped}",
+        f"BatchNorm statistics re-estimated on {adapted['photos']} photos: {len(adapted['layers'])} of {adapted['of']} layers",
+        f"Predicted class shares: {shares}",
+        f"Personal classes: {', '.join(metrics['personal_classes'])}",
+    ]
+    if metrics["cache"]:
+        lines.append(f"Feature cache: {metrics['cache']['bytes'] / 1e6:.1f} MB, built in {metrics['cache']['build_seconds']:.1f} s; heads trained in {metrics['train_seconds']:.1f} s")
+    holdout = metrics["holdout"]
+    table = Table(title=f"Exits ({holdout['kind']} on {holdout['photos']} held-out photos)")
+    for column in ("exit", "depth %", "MFLOPs", "held-out", "mask rate", "on"):
+        table.add_column(column, justify="left" if column == "exit" else "right")
+    last = metrics["last_epoch"] or {}
+    for exit_ in [*meta["exits"], meta["final"] | {"enabled": True}]:
+        score = holdout["scores"].get(exit_["name"])
+        mask = last.get(f"{exit_['name']}/mask_rate")
+        table.add_row(
+            exit_["name"],
+            f"{100 * exit_['relative_depth']:.0f}",
+            f"{exit_['cumulative_mflops']:,.1f}",
+            "—" if score is None else f"{100 * score:.1f}%",
+            "—" if mask is None else f"{mask:.2f}",
+            "yes" if exit_["enabled"] else "no",
+        )
+    return Group(*lines, table)

@@ -1,0 +1,80 @@
+"""The feature cache: the frozen backbone runs once per photo and view; heads then train for many
+epochs on what it stored (pooled features for pool-first heads, feature maps otherwise).
+
+Arrays live on disk as .npy memory maps in the run directory (float16 features, float32 teacher
+logits), so they need not fit in memory, and a resumed run reuses them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ee_cli import augment, compat, photos
+
+KINDS = ("clean", "weak", "strong")
+TEACHER = "teacher"
+
+
+@dataclass
+class FeatureCache:
+    directory: Path
+    views: int
+    arrays: dict[tuple[str, str], np.ndarray]  # (head or "teacher", kind) -> (views, photos, ...)
+    seconds: float
+
+    @property
+    def bytes(self) -> int:
+        return sum(array.nbytes for array in self.arrays.values())
+
+    def get(self, name: str, kind: str, view, index) -> np.ndarray:
+        return np.asarray(self.arrays[(name, kind)][view, index], np.float32)
+
+
+def view_count(kind: str, views: int) -> int:
+    return 1 if kind == "clean" else views
+
+
+def build(directory: Path, feature_model, head_names: list[str], paths, size: int, views: int, seed: int, batch: int, progress=None) -> FeatureCache:
+    """Fill the cache, or open it if a finished one is there (same photos, views and seed)."""
+    key = {"photos": len(paths), "views": views, "seed": seed, "heads": head_names, "size": size}
+    done = directory / "complete.json"
+    if done.is_file() and json.loads(done.read_text())["key"] == key:
+        arrays = {(name, kind): np.load(directory / f"{name}.{kind}.npy", mmap_mode="r") for name in [*head_names, TEACHER] for kind in KINDS}
+        return FeatureCache(directory, views, arrays, json.loads(done.read_text())["seconds"])
+    directory.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    names = [*head_names, TEACHER]
+    arrays = {}
+    for name, output in zip(names, feature_model.outputs):
+        for kind in KINDS:
+            dtype = np.float32 if name == TEACHER else np.float16
+            shape = (view_count(kind, views), len(paths), *output.shape[1:])
+            arrays[(name, kind)] = np.lib.format.open_memmap(directory / f"{name}.{kind}.npy", "w+", dtype, shape)
+    passes = [(kind, view) for kind in KINDS for view in range(view_count(kind, views))]
+    tf = compat.tf()
+    for pass_number, (kind, view) in enumerate(passes):
+        start = 0
+        for images in photos.dataset(paths, size, batch):
+            count = int(images.shape[0])
+            indices = np.arange(start, start + count)
+            seeds = augment.photo_seeds(seed, view * 2 + (kind == "strong"), indices)
+            if kind == "weak":
+                images = augment.weak(images, seeds)
+            elif kind == "strong":
+                images = augment.strong(images, seeds)
+            outputs = feature_model(tf.cast(images, tf.float32), training=False)
+            for name, values in zip(names, outputs):
+                arrays[(name, kind)][view, start : start + count] = values.numpy()
+            start += count
+            if progress:
+                progress((pass_number + start / len(paths)) / len(passes))
+    for array in arrays.values():
+        array.flush()
+    seconds = time.perf_counter() - started
+    done.write_text(json.dumps({"key": key, "seconds": seconds}))
+    return FeatureCache(directory, views, arrays, seconds)

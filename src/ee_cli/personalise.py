@@ -1,0 +1,359 @@
+"""`ee personalise`: adapt early BatchNorm statistics, infer the person's classes, cache features,
+train the exit heads (frozen backbone), switch on the exits that are good enough, write a bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ee_cli import adapt, bundle, cache, compat, photos, runs, ssl
+from ee_cli.config import PersonaliseConfig, as_dict
+from ee_cli.errors import UserError
+from ee_cli.personal_model import GENERIC_OUTPUT, PersonalHead, build_personal_model
+
+Progress = Callable[[str, float, str], None]
+LOSS_TERMS = ("distill", "pseudo", "fixmatch", "supervised")
+
+
+@dataclass(frozen=True)
+class Roles:
+    """Indices into the photo list (unlabelled photos first, then labelled ones)."""
+
+    train_unlabelled: np.ndarray
+    train_labelled: np.ndarray
+    holdout_unlabelled: np.ndarray
+    holdout_labelled: np.ndarray
+    labels: np.ndarray  # personal-class index per photo, -1 when unlabelled
+
+
+@dataclass(frozen=True)
+class PersonaliseResult:
+    bundle_path: Path
+    run_dir: Path
+    meta: dict[str, Any]
+    metrics: dict[str, Any]
+
+
+def personalise(config: PersonaliseConfig, progress: Progress | None = None) -> PersonaliseResult:
+    progress = progress or (lambda stage, fraction, info: None)
+    if not config.data:
+        raise UserError("--data is required: a folder of the person's photos")
+    _check_numbers(config)
+    source, _ = bundle.input_bundle(config.bundle)
+    run_dir = _run_dir(config)
+    out = Path(config.out) if config.out else _planned_output(run_dir, source.path)
+    bundle.check_output(out, config.exist_ok)
+    meta = source.meta
+    class_names = meta["classes"]
+    unlabelled = photos.scan_unlabelled(Path(config.data))
+    labelled = photos.scan_labelled(Path(config.labelled), class_names) if config.labelled else None
+    paths = [*unlabelled.paths, *(labelled.paths if labelled else ())]
+    size = int(meta["input"]["shape"][0])
+    inference_batch = max(8, min(256, 2**18 // (size * size)))
+
+    compat.seed_everything(config.seed)
+    model = source.load_model()
+    bn_layers = adapt.backbone_batchnorms(model)
+    adapt_count = adapt.resolve_adapt_count(config.adapt_bn, len(bn_layers))
+    progress("Adapting BatchNorm statistics", 0.0, f"{adapt_count} of {len(bn_layers)} layers")
+    started = time.perf_counter()
+    adapted = adapt.adapt_batchnorm(model, lambda: photos.dataset(unlabelled.paths, size, inference_batch), adapt_count)
+    adapt_seconds = time.perf_counter() - started
+
+    generic_name = GENERIC_OUTPUT if GENERIC_OUTPUT in model.output_names else "final"
+    generic_logits = _predict(model, generic_name, unlabelled.paths, size, inference_batch)
+    shares = adapt.class_shares(generic_logits)
+    personal = _personal_classes(config, class_names, shares, labelled)
+    progress("Adapting BatchNorm statistics", 1.0, f"personal classes: {', '.join(class_names[i] for i in personal)}")
+
+    output_classes = meta.get("output_classes") or class_names
+    compat.seed_everything(config.seed)
+    personal_model, heads = build_personal_model(model, output_classes, class_names, personal)
+    roles = _roles(len(unlabelled), labelled, personal, config)
+    tails = [head.tail_model() for head in heads]
+    train_started = time.perf_counter()
+    if config.cache:
+        feature_model = compat.keras().Model(personal_model.inputs, [h.cache_tensor for h in heads] + [personal_model.get_layer(GENERIC_OUTPUT).output])
+        features = cache.build(
+            run_dir / "cache", feature_model, [h.name for h in heads], paths, size, config.views, config.seed,
+            inference_batch, lambda f: progress("Caching features", f, ""),
+        )
+        source_of_batches = CachedBatches(features, [h.name for h in heads], config.views)
+    else:
+        features = None
+        source_of_batches = LiveBatches(personal_model, heads, paths, size, config.seed)
+    history = train_heads(tails, source_of_batches, roles, np.array(personal), config, run_dir, progress)
+    train_seconds = time.perf_counter() - train_started
+
+    scores = _holdout_scores(personal_model, heads, paths, roles, np.array(personal), size, inference_batch)
+    metrics = {
+        "photos": {"unlabelled": len(unlabelled), "labelled": len(labelled) if labelled else 0, "skipped": _merge_skips(unlabelled, labelled)},
+        "adapted_bn": {"layers": adapted, "of": len(bn_layers), "photos": len(unlabelled), "seconds": round(adapt_seconds, 2)},
+        "class_shares": {class_names[i]: round(float(s), 4) for i, s in enumerate(shares)},
+        "personal_classes": [class_names[i] for i in personal],
+        "cache": None if features is None else {"bytes": features.bytes, "build_seconds": round(features.seconds, 2), "views": config.views},
+        "train_seconds": round(train_seconds, 2),
+        "epochs": config.epochs,
+        "last_epoch": history[-1] if history else None,
+        "holdout": scores,
+    }
+    new_meta = _personalised_meta(meta, source.path, config, personal, adapted, len(unlabelled), scores, metrics)
+    runs.write_json(run_dir / "metrics.json", metrics)
+    bundle.write_bundle(out, personal_model, new_meta, config.exist_ok)
+    runs.write_json(run_dir / "state.json", {"status": "done", "bundle": str(out)})
+    return PersonaliseResult(out, run_dir, new_meta, metrics)
+
+
+def _check_numbers(config: PersonaliseConfig) -> None:
+    checks = [
+        (config.views >= 1, "--views must be at least 1"),
+        (config.epochs >= 0, "--epochs must be 0 or more"),
+        (config.batch >= 2, "--batch must be at least 2"),
+        (0 <= config.holdout < 1, "--holdout must be in [0, 1)"),
+        (0 < config.threshold <= 1, "--threshold must be in (0, 1]"),
+        (0 < config.class_share < 1, "--class-share must be in (0, 1)"),
+        (config.temperature > 0, "--temperature must be positive"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+
+
+def _run_dir(config: PersonaliseConfig) -> Path:
+    """A new run directory, or with --resume the latest unfinished one (whose config must match)."""
+    resolved = {k: v for k, v in as_dict(config).items() if k not in ("resume", "quiet")}
+    if config.resume:
+        for candidate in sorted(runs.DEFAULT_ROOT.glob("personalise-*"), key=lambda p: runs._number(p.name, "personalise"), reverse=True):
+            state = candidate / "state.json"
+            if state.is_file() and json.loads(state.read_text())["status"] == "running":
+                if json.loads((candidate / "config.json").read_text()) != resolved:
+                    raise UserError(f"--resume: the unfinished run {candidate} was started with other settings")
+                return candidate
+        raise UserError("--resume: no unfinished personalise run in runs/")
+    run_dir = runs.new_run_dir("personalise")
+    runs.write_json(run_dir / "config.json", resolved)
+    runs.write_json(run_dir / "state.json", {"status": "running"})
+    return run_dir
+
+
+def _planned_output(run_dir: Path, source: Path) -> Path:
+    """The default output, fixed in the run dir on first use so that --resume writes the same one."""
+    planned = run_dir / "output.json"
+    if planned.is_file():
+        return Path(json.loads(planned.read_text())["out"])
+    stem = source.name if source.name.endswith("-personal") else f"{source.name}-personal"
+    out = bundle.default_output(stem)
+    runs.write_json(planned, {"out": str(out)})
+    return out
+
+
+def _predict(model, output: str, paths, size: int, batch: int) -> np.ndarray:
+    keras = compat.keras()
+    probe = keras.Model(model.inputs, model.get_layer(output).output)
+    return np.concatenate([probe(np.asarray(images, np.float32), training=False).numpy() for images in photos.dataset(paths, size, batch)])
+
+
+def _personal_classes(config, class_names: list[str], shares: np.ndarray, labelled) -> list[int]:
+    spec = config.personal_classes
+    if spec == "all":
+        return list(range(len(class_names)))
+    if spec == "auto":
+        if labelled is not None:
+            return sorted(set(labelled.labels))
+        return adapt.infer_classes(shares, config.class_share)
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    unknown = [name for name in names if name not in class_names]
+    if unknown or len(names) < 2:
+        raise UserError(f"--personal-classes: give auto, all, or at least 2 of the bundle's classes (unknown: {', '.join(unknown) or 'none'})")
+    return sorted(class_names.index(name) for name in names)
+
+
+def _roles(unlabelled_count: int, labelled, personal: list[int], config: PersonaliseConfig) -> Roles:
+    rng = np.random.default_rng([config.seed, 7])
+    order = rng.permutation(unlabelled_count)
+    held = int(round(config.holdout * unlabelled_count))
+    labels = np.full(unlabelled_count + (len(labelled) if labelled else 0), -1)
+    train_labelled = holdout_labelled = np.zeros(0, int)
+    if labelled is not None:
+        outside = sorted({labelled_class for labelled_class in labelled.labels} - set(personal))
+        if outside:
+            raise UserError("--personal-classes leaves out classes that have labelled photos")
+        labels[unlabelled_count:] = [personal.index(label) for label in labelled.labels]
+        labelled_order = unlabelled_count + rng.permutation(len(labelled))
+        held_labelled = int(round(config.holdout * len(labelled)))
+        holdout_labelled, train_labelled = np.sort(labelled_order[:held_labelled]), np.sort(labelled_order[held_labelled:])
+    return Roles(np.sort(order[held:]), train_labelled, np.sort(order[:held]), holdout_labelled, labels)
+
+
+class CachedBatches:
+    """Training batches read from the feature cache: one cached (weak, strong) pair per photo per epoch."""
+
+    def __init__(self, features: cache.FeatureCache, names: list[str], views: int):
+        self.features, self.names, self.views = features, names, views
+
+    def batch(self, indices: np.ndarray, epoch: int, rng: np.random.Generator, with_strong: bool = True):
+        view = rng.integers(self.views, size=len(indices))
+        weak = [self.features.get(name, "weak", view, indices) for name in self.names]
+        strong = [self.features.get(name, "strong", view, indices) for name in self.names] if with_strong else None
+        teacher = self.features.get(cache.TEACHER, "weak", view, indices)
+        return weak, strong, teacher
+
+
+class LiveBatches:
+    """The --no-cache comparison: every step pushes fresh views through the frozen backbone."""
+
+    def __init__(self, personal_model, heads: list[PersonalHead], paths, size: int, seed: int):
+        keras = compat.keras()
+        self.model = keras.Model(personal_model.inputs, [h.cache_tensor for h in heads] + [personal_model.get_layer(GENERIC_OUTPUT).output])
+        self.paths, self.size, self.seed = paths, size, seed
+
+    def batch(self, indices: np.ndarray, epoch: int, rng: np.random.Generator, with_strong: bool = True):
+        from ee_cli import augment
+
+        images = photos.load_array([self.paths[i] for i in indices], self.size).astype(np.float32)
+        weak_images = augment.weak(images, augment.photo_seeds(self.seed, 2 * epoch, indices))
+        weak = [np.asarray(x) for x in self.model(weak_images, training=False)]
+        strong = None
+        if with_strong:
+            strong_images = augment.strong(images, augment.photo_seeds(self.seed, 2 * epoch + 1, indices))
+            strong = [np.asarray(x) for x in self.model(strong_images, training=False)][:-1]
+        return weak[:-1], strong, weak[-1]
+
+
+def train_heads(tails, batches, roles: Roles, personal: np.ndarray, config: PersonaliseConfig, run_dir: Path, progress: Progress) -> list[dict]:
+    """Train every head's tail on its own features; checkpoint each epoch; resume where a run stopped."""
+    tf = compat.tf()
+    keras = compat.keras()
+    optimizer = keras.optimizers.Adam(config.learning_rate)
+    variables = [v for tail in tails for v in tail.trainable_variables]
+    optimizer.build(variables)
+    epoch_done = tf.Variable(0, dtype=tf.int64)
+    checkpoint = tf.train.Checkpoint(optimizer=optimizer, epoch=epoch_done, **{f"head_{i}": tail for i, tail in enumerate(tails)})
+    manager = tf.train.CheckpointManager(checkpoint, run_dir / "checkpoints", max_to_keep=1)
+    history_path = run_dir / "history.json"
+    history: list[dict] = []
+    if manager.latest_checkpoint:
+        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        history = json.loads(history_path.read_text())[: int(epoch_done.numpy())]
+    personal_tensor = tf.constant(personal, tf.int32)
+    step = _make_step(tails, optimizer, personal_tensor, config)
+    unlabelled = roles.train_unlabelled
+    steps_per_epoch = max(1, len(unlabelled) // config.batch)
+    for epoch in range(int(epoch_done.numpy()), config.epochs):
+        rng = np.random.default_rng([config.seed, epoch])
+        order = rng.permutation(unlabelled)
+        labelled_order = rng.permutation(roles.train_labelled) if len(roles.train_labelled) else None
+        sums: dict[str, float] = {}
+        for number in range(steps_per_epoch):
+            indices = order[number * config.batch : (number + 1) * config.batch]
+            weak, strong, teacher = batches.batch(indices, epoch, rng)
+            inputs = {"weak": weak, "strong": strong, "teacher": teacher}
+            if labelled_order is not None:
+                take = np.resize(np.roll(labelled_order, -number * config.batch), min(config.batch, len(labelled_order)))
+                labelled_weak, _, _ = batches.batch(take, epoch, rng, with_strong=False)
+                inputs["labelled"], inputs["labels"] = labelled_weak, roles.labels[take].astype(np.int32)
+            for key, value in step(inputs).items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+            progress("Training exit heads", (epoch + (number + 1) / steps_per_epoch) / config.epochs, _summary(sums, number + 1))
+        history.append({key: round(value / steps_per_epoch, 5) for key, value in sums.items()} | {"epoch": epoch + 1})
+        epoch_done.assign(epoch + 1)
+        runs.write_json(history_path, history)
+        manager.save()
+    return history
+
+
+def _summary(sums: dict[str, float], steps: int) -> str:
+    loss = sums.get("loss", 0.0) / steps
+    mask = np.mean([v for k, v in sums.items() if k.endswith("/mask_rate")] or [0.0]) / steps
+    return f"loss {loss:.3f} · mask rate {mask:.2f}"
+
+
+def _make_step(tails, optimizer, personal, config: PersonaliseConfig):
+    tf = compat.tf()
+    names = [tail.name.removesuffix("_tail") for tail in tails]
+    variables = [v for tail in tails for v in tail.trainable_variables]
+
+    def losses(inputs):
+        teacher = tf.gather(tf.convert_to_tensor(inputs["teacher"]), personal, axis=1)
+        report, total = {}, 0.0
+        for index, (name, tail) in enumerate(zip(names, tails)):
+            weak = tail(inputs["weak"][index], training=True)
+            strong = tail(inputs["strong"][index], training=True)
+            terms = {
+                "distill": ssl.distillation_loss(weak, teacher, config.temperature),
+                "pseudo": ssl.pseudo_label_loss(strong, teacher, config.threshold)[0],
+            }
+            terms["fixmatch"], mask_rate = ssl.fixmatch_loss(weak, strong, config.threshold)
+            if "labelled" in inputs:
+                terms["supervised"] = ssl.cross_entropy(tail(inputs["labelled"][index], training=True), inputs["labels"])
+            weights = {"distill": config.distill_weight, "pseudo": config.pseudo_weight, "fixmatch": config.fixmatch_weight, "supervised": config.supervised_weight}
+            head_loss = tf.add_n([weights[k] * v for k, v in terms.items()])
+            total += head_loss
+            report |= {f"{name}/{k}": v for k, v in terms.items()} | {f"{name}/mask_rate": mask_rate}
+        report["loss"] = total
+        return total, report
+
+    @tf.function
+    def step(inputs):
+        with tf.GradientTape() as tape:
+            total, report = losses(inputs)
+        optimizer.apply_gradients(zip(tape.gradient(total, variables), variables))
+        return report
+
+    return step
+
+
+def _holdout_scores(personal_model, heads, paths, roles: Roles, personal: np.ndarray, size: int, batch: int) -> dict[str, Any]:
+    """Per head, on held-out photos: accuracy where labels exist, else agreement with the teacher."""
+    labelled = len(roles.holdout_labelled) > 0
+    indices = roles.holdout_labelled if labelled else roles.holdout_unlabelled
+    if len(indices) == 0:
+        return {"kind": "none", "photos": 0, "scores": {}}
+    keras = compat.keras()
+    probe = keras.Model(personal_model.inputs, [personal_model.get_layer(h.name).output for h in heads] + [personal_model.get_layer(GENERIC_OUTPUT).output])
+    outputs = [probe(np.asarray(images, np.float32), training=False) for images in photos.dataset([paths[i] for i in indices], size, batch)]
+    logits = [np.concatenate([o[k].numpy() for o in outputs]) for k in range(len(heads) + 1)]
+    target = roles.labels[indices] if labelled else logits[-1][:, personal].argmax(1)
+    scores = {head.name: round(float(np.mean(logits[k].argmax(1) == target)), 4) for k, head in enumerate(heads)}
+    return {"kind": "accuracy" if labelled else "agreement with the teacher", "photos": int(len(indices)), "scores": scores}
+
+
+def _merge_skips(unlabelled, labelled) -> dict[str, int]:
+    merged = dict(unlabelled.skipped)
+    for reason, count in (labelled.skipped if labelled else {}).items():
+        merged[reason] = merged.get(reason, 0) + count
+    return merged
+
+
+def _personalised_meta(meta, source: Path, config, personal, adapted, photo_count, scores, metrics) -> dict[str, Any]:
+    names = [meta["classes"][i] for i in personal]
+    exits = []
+    for exit_ in meta["exits"]:
+        score = scores["scores"].get(exit_["name"])
+        enabled = score is not None and score >= config.exit_target
+        exits.append(exit_ | {"trained": True, "enabled": enabled, "holdout_score": score, "enabled_because": _why(score, config.exit_target)})
+    final = meta["final"] | {"trained": True, "personalised": True, "holdout_score": scores["scores"].get("final")}
+    keep = {k: v for k, v in meta.items() if k not in ("format_version", "model_file", "model_format")}
+    return keep | {
+        "personal_classes": names,
+        "output_classes": names,
+        "generic_output": GENERIC_OUTPUT,
+        "adapted_bn": {"layers": adapted, "photos": photo_count},
+        "exits": exits,
+        "final": final,
+        "holdout": {"kind": scores["kind"], "photos": scores["photos"]},
+        "personal_photos": {"data": str(Path(config.data).resolve()), "labelled": str(Path(config.labelled).resolve()) if config.labelled else None},
+        "provenance": [*meta["provenance"], bundle.provenance("personalise", as_dict(config), source)],
+    }
+
+
+def _why(score, target: float) -> str:
+    if score is None:
+        return "no held-out photos to judge it"
+    return f"held-out score {score:.3f} {'>=' if score >= target else '<'} target {target}"
