@@ -186,8 +186,6 @@ def personalise(
             out=out, exist_ok=exist_ok or None, seed=seed,
         )
         settings = resolve(PersonaliseConfig, "personalise", config, flags)
-        if settings.bundle is None and not as_json:
-            typer.echo("Using the latest bundle written here (bundles/latest.json); --bundle chooses another.", err=True)
         with _progress(quiet=settings.quiet or as_json) as progress:
             result = run_personalise(settings, progress)
     if as_json:
@@ -196,6 +194,8 @@ def personalise(
     from ee_cli.render import personalise_report
 
     console = _console()
+    taken = " (the latest bundle written here; --bundle chooses another)" if result.source_implicit else ""
+    console.print(f"Personalised [bold]{result.source}[/]{taken}")
     console.print(personalise_report(result.meta, result.metrics))
     console.print(f"Bundle written to [bold]{result.bundle_path}[/]; run details in {result.run_dir}")
     console.print("Next: [bold cyan]ee evaluate --data ./labelled_test_photos[/]  or  [bold cyan]ee export --tflite[/]")

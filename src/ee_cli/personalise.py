@@ -38,6 +38,8 @@ class PersonaliseResult:
     run_dir: Path
     meta: dict[str, Any]
     metrics: dict[str, Any]
+    source: Path
+    source_implicit: bool
 
 
 def personalise(config: PersonaliseConfig, progress: Progress | None = None) -> PersonaliseResult:
@@ -45,7 +47,7 @@ def personalise(config: PersonaliseConfig, progress: Progress | None = None) -> 
     if not config.data:
         raise UserError("--data is required: a folder of the person's photos")
     _check_numbers(config)
-    source, _ = bundle.input_bundle(config.bundle)
+    source, source_implicit = bundle.input_bundle(config.bundle)
     run_dir = _run_dir(config)
     out = Path(config.out) if config.out else _planned_output(run_dir, source.path)
     bundle.check_output(out, config.exist_ok)
@@ -107,7 +109,7 @@ def personalise(config: PersonaliseConfig, progress: Progress | None = None) -> 
     runs.write_json(run_dir / "metrics.json", metrics)
     bundle.write_bundle(out, personal_model, new_meta, config.exist_ok)
     runs.write_json(run_dir / "state.json", {"status": "done", "bundle": str(out)})
-    return PersonaliseResult(out, run_dir, new_meta, metrics)
+    return PersonaliseResult(out, run_dir, new_meta, metrics, source.path, source_implicit)
 
 
 def _check_numbers(config: PersonaliseConfig) -> None:

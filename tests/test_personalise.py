@@ -1,0 +1,180 @@
+"""`ee personalise` on generated photos with a small backbone."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import one_line_error
+from ee_cli import adapt, bundle, photos
+from ee_cli.attach import attach
+from ee_cli.config import AttachConfig, PersonaliseConfig
+from ee_cli.personalise import personalise
+from test_photos import messy_folder
+
+QUICK = ["--epochs", "2", "--batch", "16", "--views", "1", "--quiet"]
+
+
+def coloured_photos(root: Path, count: int = 48, size: int = 32, seed: int = 0) -> Path:
+    """Photos dominated by red, green or blue, a cheap stand-in for three classes."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        base = np.zeros((size, size, 3))
+        base[..., index % 3] = 180
+        pixels = (base + rng.normal(0, 40, (size, size, 3))).clip(0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(root / f"{index:03d}.png")
+    return root
+
+
+def labelled_folder(root: Path, classes: list[str], per_class: int = 6) -> Path:
+    for index, name in enumerate(classes):
+        coloured_photos(root / name, per_class, seed=index + 10)
+    return root
+
+
+@pytest.fixture
+def attached(workspace):
+    return attach(AttachConfig(backbone="cifar_resnet9", out="B", classes="r,g,b,x,y")).bundle_path
+
+
+def test_personalise_writes_a_personalised_bundle(workspace, attached, cli):
+    coloured_photos(workspace / "photos")
+    result = cli("personalise", "--data", "photos", "--personal-classes", "r,g,b", "--out", "P", *QUICK)
+    assert result.exit_code == 0, result.output
+    meta = json.loads((workspace / "P" / "ee.json").read_text())
+    assert meta["personal_classes"] == ["r", "g", "b"] and meta["output_classes"] == ["r", "g", "b"]
+    assert all(e["trained"] and "enabled_because" in e for e in meta["exits"])
+    assert len(meta["adapted_bn"]["layers"]) == 4 and meta["adapted_bn"]["photos"] == 48
+    assert meta["provenance"][-1]["command"] == "personalise"
+    model = bundle.read_bundle(workspace / "P").load_model()
+    assert model.output_names == ["exit_0", "exit_1", "exit_2", "final", "generic"]
+    assert [int(model.get_layer(n).output.shape[-1]) for n in model.output_names] == [3, 3, 3, 3, 5]
+    run = sorted((workspace / "runs").glob("personalise-*"))[-1]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["cache"]["bytes"] > 0 and metrics["holdout"]["photos"] == 10
+    assert set(metrics["last_epoch"]) >= {"exit_0/distill", "exit_0/fixmatch", "exit_0/mask_rate", "final/pseudo"}
+    assert json.loads((run / "config.json").read_text())["epochs"] == 2
+
+
+def test_backbone_weights_stay_bit_identical_and_only_early_bn_statistics_change(workspace, attached):
+    coloured_photos(workspace / "photos")
+    result = personalise(PersonaliseConfig(data="photos", bundle="B", out="P", epochs=1, batch=16, views=1, adapt_bn="3"))
+    source = bundle.read_bundle(attached).load_model()
+    adapted = bundle.read_bundle(result.bundle_path).load_model()
+    bn_names = [layer.name for layer in adapt.backbone_batchnorms(source)]
+    assert result.meta["adapted_bn"]["layers"] == bn_names[:3]
+    for layer in source.layers:
+        if layer.name.startswith("exit_") or layer.name == "final" or not layer.weights:
+            continue
+        for weight, before, after in zip(layer.weights, layer.get_weights(), adapted.get_layer(layer.name).get_weights()):
+            statistic = "moving_" in weight.name
+            if statistic and layer.name in bn_names[:3]:
+                assert not np.array_equal(before, after), weight.name
+            else:
+                np.testing.assert_array_equal(before, after, err_msg=weight.name)
+
+
+def test_adapted_statistics_are_exactly_those_of_the_photos(workspace, attached):
+    from ee_cli import compat
+
+    model = bundle.read_bundle(attached).load_model()
+    images = photos.load_array(photos.scan_unlabelled(coloured_photos(workspace / "photos", 20)).paths, 32)
+    adapt.adapt_batchnorm(model, lambda: [images[:7], images[7:]], 2)
+    first, second = adapt.backbone_batchnorms(model)[:2]
+    for layer in (first, second):
+        inputs = compat.keras().Model(model.inputs, layer.input)(images.astype(np.float32)).numpy().reshape(-1, layer.input.shape[-1])
+        np.testing.assert_allclose(layer.moving_mean.numpy(), inputs.mean(0), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(layer.moving_variance.numpy(), inputs.var(0), rtol=1e-3, atol=1e-4)
+
+
+def test_class_inference_keeps_classes_above_the_share():
+    shares = adapt.class_shares(np.array([[5, 0, 0], [4, 1, 0], [0, 9, 0], [0, 0, 1]], float))
+    np.testing.assert_allclose(shares, [0.5, 0.25, 0.25])
+    assert adapt.infer_classes(shares, 0.3) == [0, 1]  # never fewer than two
+    assert adapt.infer_classes(shares, 0.2) == [0, 1, 2]
+    assert adapt.resolve_adapt_count("auto", 8) == 4 and adapt.resolve_adapt_count("0", 8) == 0
+
+
+def test_labelled_photos_set_the_classes_and_train_with_labels(workspace, attached, cli):
+    coloured_photos(workspace / "photos")
+    labelled_folder(workspace / "labelled", ["r", "b"])
+    result = cli("personalise", "--data", "photos", "--labelled", "labelled", "--out", "P", *QUICK)
+    assert result.exit_code == 0, result.output
+    meta = json.loads((workspace / "P" / "ee.json").read_text())
+    assert meta["personal_classes"] == ["r", "b"] and meta["holdout"]["kind"] == "accuracy"
+    run = sorted((workspace / "runs").glob("personalise-*"))[-1]
+    assert "exit_0/supervised" in json.loads((run / "metrics.json").read_text())["last_epoch"]
+
+
+def test_messy_folder_personalises_with_skips_counted(workspace, attached, cli):
+    messy_folder(workspace / "photos", size=40)
+    coloured_photos(workspace / "photos" / "more", 12)
+    result = cli("personalise", "--data", "photos", "--out", "P", "--json", "--epochs", "1", "--batch", "4", "--views", "1")
+    assert result.exit_code == 0, result.output
+    skipped = json.loads(result.stdout)["metrics"]["photos"]
+    assert skipped["unlabelled"] == 17 and sum(skipped["skipped"].values()) == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ([], "--data is required"),
+        (["--data", "missing"], "does not exist"),
+        (["--data", "photos", "--bundle", "nowhere"], "not a bundle"),
+        (["--data", "photos", "--labelled", "wrong"], "match no class"),
+        (["--data", "photos", "--adapt-bn", "99"], "BatchNorm layers"),
+        (["--data", "photos", "--personal-classes", "r,zebra"], "personal-classes"),
+        (["--data", "photos", "--holdout", "1.5"], "--holdout"),
+        (["--data", "photos", "--resume"], "no unfinished"),
+        (["--data", "photos", "--out", "B"], "already exists"),
+    ],
+)
+def test_user_mistakes_are_one_line(workspace, attached, cli, args, expected):
+    coloured_photos(workspace / "photos", 6)
+    (workspace / "wrong" / "zebra").mkdir(parents=True)
+    assert expected in one_line_error(cli("personalise", *args))
+
+
+def test_no_cache_mode_trains_too(workspace, attached):
+    coloured_photos(workspace / "photos", 24)
+    result = personalise(PersonaliseConfig(data="photos", bundle="B", out="P", epochs=1, batch=8, cache=False, personal_classes="r,g,b"))
+    assert result.metrics["cache"] is None and result.metrics["last_epoch"]["loss"] > 0
+
+
+def _personalise_process(workspace: Path, *extra: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "ee_cli", "personalise", "--data", "photos", "--bundle", "B", "--personal-classes", "r,g,b",
+               "--epochs", "30", "--batch", "8", "--views", "1", "--quiet", "--seed", "3", *extra]
+    return subprocess.Popen(command, cwd=workspace, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ | {"EE_THREADS": "2"})
+
+
+def test_kill_9_then_resume_ends_bit_identical_to_an_uninterrupted_run(workspace, attached):
+    coloured_photos(workspace / "photos", 64)
+    assert _personalise_process(workspace, "--out", "straight").wait(timeout=300) == 0
+    victim = _personalise_process(workspace, "--out", "resumed")
+    history = workspace / "runs" / "personalise-2" / "history.json"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (history.is_file() and len(json.loads(history.read_text() or "[]")) >= 2):
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    done = len(json.loads(history.read_text()))
+    assert 2 <= done < 30, "the run was not interrupted mid-training"
+    assert not (workspace / "resumed").exists()
+    resumed = _personalise_process(workspace, "--out", "resumed", "--resume")
+    _, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr
+    straight = bundle.read_bundle(workspace / "straight").load_model()
+    again = bundle.read_bundle(workspace / "resumed").load_model()
+    for layer in straight.layers:
+        for a, b in zip(layer.get_weights(), again.get_layer(layer.name).get_weights()):
+            np.testing.assert_array_equal(a, b, err_msg=layer.name)
