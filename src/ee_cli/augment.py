@@ -1,90 +1,113 @@
 """Weak and strong views (FixMatch): weak = flip + pad-and-crop; strong = weak + 2 RandAugment-like
 colour/tone ops at random magnitudes + cutout.
 
-Every random draw is a stateless op seeded per photo, so a view depends only on (seed, view,
-photo index): a resumed run rebuilds exactly the same views.
+Each photo's random draws come from a generator seeded by (seed, view, photo index), so a view
+depends on nothing else — not on batch size or neighbours — and a resumed run rebuilds exactly
+the same views. The draws are made on the host; the image ops then run vectorised over the batch.
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 from ee_cli import compat
 
 STRONG_OPS = ("brightness", "contrast", "saturation", "hue", "posterize", "solarize", "autocontrast", "identity")
 
 
-def photo_seeds(seed: int, view: int, indices):
-    """A (batch, 2) int32 seed per photo."""
+def draws(seed: int, view: int, indices) -> dict[str, np.ndarray]:
+    """Per-photo random parameters, reproducible from (seed, view, index) alone."""
+    rows = []
+    for index in np.asarray(indices).ravel():
+        rng = np.random.default_rng([seed, view, int(index)])
+        rows.append(
+            (
+                rng.random() < 0.5,  # flip
+                rng.random(),  # crop offset y (share of the padding)
+                rng.random(),  # crop offset x
+                rng.integers(len(STRONG_OPS)),
+                rng.integers(len(STRONG_OPS)),
+                rng.uniform(0.05, 0.95),
+                rng.uniform(0.05, 0.95),
+                rng.random(),  # cutout y
+                rng.random(),  # cutout x
+            )
+        )
+    table = np.array(rows, np.float64).reshape(-1, 9)
+    keys = ("flip", "dy", "dx", "op0", "op1", "mag0", "mag1", "cy", "cx")
+    return {key: table[:, i] for i, key in enumerate(keys)}
+
+
+def weak(images, seed: int, view: int, indices):
+    return _weak(images, draws(seed, view, indices))
+
+
+def strong(images, seed: int, view: int, indices):
+    params = draws(seed, view, indices)
     tf = compat.tf()
-    indices = tf.cast(indices, tf.int32)
-    return tf.stack([tf.fill(tf.shape(indices), seed * 1009 + view), indices], axis=1)
-
-
-def weak(images, seeds):
-    tf = compat.tf()
-    return tf.map_fn(lambda args: _weak_one(*args), (tf.cast(images, tf.float32), seeds), fn_output_signature=tf.float32)
-
-
-def strong(images, seeds):
-    tf = compat.tf()
-    return tf.map_fn(lambda args: _strong_one(*args), (tf.cast(images, tf.float32), seeds), fn_output_signature=tf.float32)
-
-
-def _sub_seed(seed, salt: int):
-    tf = compat.tf()
-    return tf.stack([seed[0] * 7919 + salt, seed[1]])
-
-
-def _weak_one(image, seed):
-    tf = compat.tf()
-    image = tf.image.stateless_random_flip_left_right(image, _sub_seed(seed, 1))
-    pad = max(1, image.shape[0] // 8)
-    padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
-    return tf.image.stateless_random_crop(padded, tf.shape(image), _sub_seed(seed, 2))
-
-
-def _strong_one(image, seed):
-    tf = compat.tf()
-    image = _weak_one(image, seed)
+    images = _weak(images, params)
     for step in range(2):
-        choice = tf.random.stateless_uniform((), _sub_seed(seed, 10 + step), 0, len(STRONG_OPS), tf.int32)
-        magnitude = tf.random.stateless_uniform((), _sub_seed(seed, 20 + step), 0.05, 0.95)
-        branches = [lambda op=op: _apply(op, image, magnitude) for op in STRONG_OPS]
-        image = tf.switch_case(choice, branches)
-    return _cutout(image, seed)
+        op = tf.constant(params[f"op{step}"].astype(np.int32))
+        magnitude = tf.constant(params[f"mag{step}"].astype(np.float32))
+        candidates = tf.stack([_apply(name, images, magnitude) for name in STRONG_OPS], axis=1)  # (B, ops, H, W, C)
+        images = tf.gather(candidates, op, axis=1, batch_dims=1)
+    return _cutout(images, params)
 
 
-def _apply(op: str, image, magnitude):
-    """One tone/colour op on a float image in 0..255 at magnitude 0..1."""
+def _weak(images, params):
     tf = compat.tf()
-    unit = image / 255.0
+    images = tf.cast(images, tf.float32)
+    flip = tf.constant(params["flip"].astype(bool))[:, None, None, None]
+    images = tf.where(flip, tf.reverse(images, axis=[2]), images)
+    height, width = int(images.shape[1]), int(images.shape[2])
+    pad = max(1, height // 8)
+    padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
+    top = np.floor(params["dy"] * (2 * pad + 1)).astype(np.int32)
+    left = np.floor(params["dx"] * (2 * pad + 1)).astype(np.int32)
+    rows = tf.constant(top[:, None] + np.arange(height)[None, :])
+    cols = tf.constant(left[:, None] + np.arange(width)[None, :])
+    cropped = tf.gather(padded, rows, axis=1, batch_dims=1)
+    return tf.gather(cropped, cols, axis=2, batch_dims=1)
+
+
+def _apply(op: str, images, magnitude):
+    """One tone/colour op on float images in 0..255, a magnitude in 0..1 per image."""
+    tf = compat.tf()
+    unit = images / 255.0
+    m = magnitude[:, None, None, None]
     if op == "brightness":
-        unit = tf.image.adjust_brightness(unit, (magnitude - 0.5) * 0.6)
+        unit = unit + (m - 0.5) * 0.6
     elif op == "contrast":
-        unit = tf.image.adjust_contrast(unit, 0.3 + 1.4 * magnitude)
-    elif op == "saturation":
-        unit = tf.image.adjust_saturation(unit, 2.0 * magnitude)
-    elif op == "hue":
-        unit = tf.image.adjust_hue(unit, (magnitude - 0.5) * 0.3)
+        mean = tf.reduce_mean(unit, axis=[1, 2, 3], keepdims=True)
+        unit = (unit - mean) * (0.3 + 1.4 * m) + mean
+    elif op in ("saturation", "hue"):
+        hsv = tf.image.rgb_to_hsv(tf.clip_by_value(unit, 0.0, 1.0))
+        h, s, v = hsv[..., 0:1], hsv[..., 1:2], hsv[..., 2:3]
+        if op == "saturation":
+            s = tf.clip_by_value(s * 2.0 * m, 0.0, 1.0)
+        else:
+            h = tf.math.floormod(h + (m - 0.5) * 0.3, 1.0)
+        unit = tf.image.hsv_to_rgb(tf.concat([h, s, v], axis=-1))
     elif op == "posterize":
-        levels = tf.round(2.0 ** (2.0 + 4.0 * (1.0 - magnitude)))
+        levels = tf.round(2.0 ** (2.0 + 4.0 * (1.0 - m)))
         unit = tf.round(unit * levels) / levels
     elif op == "solarize":
-        unit = tf.where(unit < 1.0 - 0.5 * magnitude, unit, 1.0 - unit)
+        unit = tf.where(unit < 1.0 - 0.5 * m, unit, 1.0 - unit)
     elif op == "autocontrast":
-        low = tf.reduce_min(unit, axis=[0, 1], keepdims=True)
-        high = tf.reduce_max(unit, axis=[0, 1], keepdims=True)
+        low = tf.reduce_min(unit, axis=[1, 2], keepdims=True)
+        high = tf.reduce_max(unit, axis=[1, 2], keepdims=True)
         unit = (unit - low) / tf.maximum(high - low, 1e-3)
     return tf.clip_by_value(unit, 0.0, 1.0) * 255.0
 
 
-def _cutout(image, seed):
-    """Grey out a square of a third of the side at a random place."""
+def _cutout(images, params):
+    """Grey out a square of a third of the side at a random place in each photo."""
     tf = compat.tf()
-    height, width = image.shape[0], image.shape[1]
+    height, width = int(images.shape[1]), int(images.shape[2])
     side = max(1, height // 3)
-    top = tf.random.stateless_uniform((), _sub_seed(seed, 30), 0, height - side + 1, tf.int32)
-    left = tf.random.stateless_uniform((), _sub_seed(seed, 31), 0, width - side + 1, tf.int32)
-    rows = tf.range(height)[:, None]
-    cols = tf.range(width)[None, :]
+    top = np.floor(params["cy"] * (height - side + 1))[:, None, None]
+    left = np.floor(params["cx"] * (width - side + 1))[:, None, None]
+    rows = np.arange(height)[None, :, None]
+    cols = np.arange(width)[None, None, :]
     inside = (rows >= top) & (rows < top + side) & (cols >= left) & (cols < left + side)
-    return tf.where(inside[:, :, None], 127.5, image)
+    return tf.where(tf.constant(inside[..., None]), 127.5, images)

@@ -62,11 +62,10 @@ def build(directory: Path, feature_model, head_names: list[str], paths, size: in
         for images in photos.dataset(paths, size, batch):
             count = int(images.shape[0])
             indices = np.arange(start, start + count)
-            seeds = augment.photo_seeds(seed, view * 2 + (kind == "strong"), indices)
             if kind == "weak":
-                images = augment.weak(images, seeds)
+                images = augment.weak(images, seed, 2 * view, indices)
             elif kind == "strong":
-                images = augment.strong(images, seeds)
+                images = augment.strong(images, seed, 2 * view + 1, indices)
             outputs = feature_model(tf.cast(images, tf.float32), training=False)
             for name, values in zip(names, outputs):
                 arrays[(name, kind)][view, start : start + count] = values.numpy()

@@ -219,11 +219,11 @@ class LiveBatches:
         from ee_cli import augment
 
         images = photos.load_array([self.paths[i] for i in indices], self.size).astype(np.float32)
-        weak_images = augment.weak(images, augment.photo_seeds(self.seed, 2 * epoch, indices))
+        weak_images = augment.weak(images, self.seed, 2 * epoch, indices)
         weak = [np.asarray(x) for x in self.model(weak_images, training=False)]
         strong = None
         if with_strong:
-            strong_images = augment.strong(images, augment.photo_seeds(self.seed, 2 * epoch + 1, indices))
+            strong_images = augment.strong(images, self.seed, 2 * epoch + 1, indices)
             strong = [np.asarray(x) for x in self.model(strong_images, training=False)][:-1]
         return weak[:-1], strong, weak[-1]
 
