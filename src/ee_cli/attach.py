@@ -93,6 +93,7 @@ def describe(backbone: backbones.Backbone, exits: list[graft.GraftedExit], head:
                 "relative_depth": round(grafted.point.relative_depth, 4),
                 "feature_shape": list(grafted.point.shape),
                 "cumulative_macs": grafted.point.macs + grafted.head_macs,
+                "head_macs": grafted.head_macs,
                 "cumulative_mflops": round(flops.mflops(grafted.point.macs + grafted.head_macs), 3),
                 "head": head,
                 "head_params": grafted.head_params,

@@ -16,7 +16,7 @@ import numpy as np
 
 from ee_cli import augment, compat, photos
 
-KINDS = ("clean", "weak", "strong")
+KINDS = ("weak", "strong")
 TEACHER = "teacher"
 
 
@@ -35,10 +35,6 @@ class FeatureCache:
         return np.asarray(self.arrays[(name, kind)][view, index], np.float32)
 
 
-def view_count(kind: str, views: int) -> int:
-    return 1 if kind == "clean" else views
-
-
 def build(directory: Path, feature_model, head_names: list[str], paths, size: int, views: int, seed: int, batch: int, progress=None) -> FeatureCache:
     """Fill the cache, or open it if a finished one is there (same photos, views and seed)."""
     key = {"photos": len(paths), "views": views, "seed": seed, "heads": head_names, "size": size}
@@ -53,9 +49,9 @@ def build(directory: Path, feature_model, head_names: list[str], paths, size: in
     for name, output in zip(names, feature_model.outputs):
         for kind in KINDS:
             dtype = np.float32 if name == TEACHER else np.float16
-            shape = (view_count(kind, views), len(paths), *output.shape[1:])
+            shape = (views, len(paths), *output.shape[1:])
             arrays[(name, kind)] = np.lib.format.open_memmap(directory / f"{name}.{kind}.npy", "w+", dtype, shape)
-    passes = [(kind, view) for kind in KINDS for view in range(view_count(kind, views))]
+    passes = [(kind, view) for kind in KINDS for view in range(views)]
     tf = compat.tf()
     for pass_number, (kind, view) in enumerate(passes):
         start = 0
@@ -64,7 +60,7 @@ def build(directory: Path, feature_model, head_names: list[str], paths, size: in
             indices = np.arange(start, start + count)
             if kind == "weak":
                 images = augment.weak(images, seed, 2 * view, indices)
-            elif kind == "strong":
+            else:
                 images = augment.strong(images, seed, 2 * view + 1, indices)
             outputs = feature_model(tf.cast(images, tf.float32), training=False)
             for name, values in zip(names, outputs):

@@ -1,0 +1,138 @@
+"""The `personalise` issue's acceptance on CIFAR-10 users, in one run.
+
+    python -m bench.personalise_acceptance --generic ~/.cache/ee/models/cifar_resnet9.h5 [--seeds 0,1,2]
+
+Users: 3 classes, 1,500 unlabelled train photos, a colour cast the generic model never saw, tested
+on all their test photos (1,000 per class). Compared at 0 and 10 labels per class: the generic
+model; the generic model restricted to the true classes (free); BN statistics only with inferred
+classes (no training); `ee personalise` (final exit and every early exit); and, once, whole-network
+FixMatch fine-tuning over the same photos and epochs. Writes bench/results/personalise-<date>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+from bench.whole_network import finetune_whole_network
+from datasets import cifar10, scenarios
+from ee_cli import adapt, bundle, compat
+from ee_cli.attach import attach
+from ee_cli.config import AttachConfig, PersonaliseConfig
+from ee_cli.personalise import personalise
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def predict(model, output: str, images: np.ndarray) -> np.ndarray:
+    probe = compat.keras().Model(model.inputs, model.get_layer(output).output)
+    return np.concatenate([probe(images[i : i + 500].astype(np.float32), training=False).numpy() for i in range(0, len(images), 500)])
+
+
+def restricted_accuracy(logits: np.ndarray, classes, y: np.ndarray) -> float:
+    classes = np.asarray(classes)
+    return float(np.mean(classes[logits[:, classes].argmax(1)] == y))
+
+
+def bn_sweep(attached: Path, user: scenarios.User) -> list[dict]:
+    """BN statistics only, no training: for N adapted layers, accuracy with inferred and true classes."""
+    rows = []
+    for count in range(0, 9):
+        model = bundle.read_bundle(attached).load_model()
+        adapt.adapt_batchnorm(model, lambda: [user.unlabelled[i : i + 500] for i in range(0, len(user.unlabelled), 500)], count)
+        inferred = adapt.infer_classes(adapt.class_shares(predict(model, "final", user.unlabelled)), 0.05)
+        logits = predict(model, "final", user.test)
+        rows.append({
+            "adapted": count,
+            "inferred_classes": inferred,
+            "inferred_exactly": inferred == list(user.classes),
+            "accuracy_inferred": restricted_accuracy(logits, inferred, user.test_y),
+            "accuracy_true_classes": restricted_accuracy(logits, user.classes, user.test_y),
+        })
+    return rows
+
+
+def run_user(generic: Path, data: dict, seed: int, labels: int, epochs: int, work: Path, whole_network: bool) -> dict:
+    user = scenarios.make_user(data, seed, k=3, condition="colour_cast", unlabelled=1500, labelled_per_class=labels)
+    folders = scenarios.write_user(user, work / f"user{seed}-L{labels}")
+    attached = work / f"attached{seed}-L{labels}"
+    attach(AttachConfig(backbone=str(generic), classes=",".join(cifar10.CLASSES), exits=(0.2, 0.4, 0.8), out=str(attached), seed=seed))
+    generic_model = bundle.read_bundle(attached).load_model()
+    generic_logits = predict(generic_model, "final", user.test)
+    row = {
+        "seed": seed, "labels_per_class": labels, "classes": list(user.classes), "condition": user.condition,
+        "generic": float(np.mean(generic_logits.argmax(1) == user.test_y)),
+        "restricted_true_classes": restricted_accuracy(generic_logits, user.classes, user.test_y),
+    }
+    if labels == 0:
+        row["bn_sweep"] = bn_sweep(attached, user)
+        auto = next(r for r in row["bn_sweep"] if r["adapted"] == 4)
+        row["bn_only_inferred"] = auto["accuracy_inferred"]
+    started = time.perf_counter()
+    result = personalise(PersonaliseConfig(
+        data=str(folders["unlabelled"]), labelled=str(folders["labelled"]) if labels else None, bundle=str(attached),
+        out=str(work / f"personal{seed}-L{labels}"), epochs=epochs, seed=seed, quiet=True,
+    ))
+    row["personalise_seconds"] = time.perf_counter() - started
+    row["personalise_train_seconds"] = result.metrics["train_seconds"]
+    row["cache"] = result.metrics["cache"]
+    personal = [cifar10.CLASSES.index(name) for name in result.meta["personal_classes"]]
+    row["personal_classes"] = personal
+    model = bundle.read_bundle(result.bundle_path).load_model()
+    for output in [e["name"] for e in result.meta["exits"]] + ["final"]:
+        predictions = np.asarray(personal)[predict(model, output, user.test).argmax(1)]
+        row[f"ee_{output}"] = float(np.mean(predictions == user.test_y))
+    row["exits_enabled"] = [e["name"] for e in result.meta["exits"] if e["enabled"]]
+    if whole_network:
+        labelled_y = np.array([personal.index(c) for c in user.labelled_y], np.int32)
+        model, seconds = finetune_whole_network(str(generic), user.unlabelled, user.labelled, labelled_y, personal, epochs, seed=seed)
+        logits = predict(model, model.layers[-1].name, user.test)
+        row["whole_network"] = {"seconds": seconds, "accuracy": float(np.mean(np.asarray(personal)[logits[:, personal].argmax(1)] == user.test_y)),
+                                "exits_only_seconds_same_photos_epochs": row["personalise_train_seconds"]}
+    return row
+
+
+def summarise(rows: list[dict]) -> str:
+    lines = ["| labels/class | generic | restricted (true classes) | BN only, inferred classes | ee final exit | exit_0 | exit_1 | exit_2 |", "|---|---|---|---|---|---|---|---|"]
+    for labels in sorted({r["labels_per_class"] for r in rows}):
+        group = [r for r in rows if r["labels_per_class"] == labels]
+
+        def cell(key):
+            values = [100 * r[key] for r in group if key in r]
+            return f"{np.mean(values):.1f} ± {np.std(values):.1f}" if values else "—"
+
+        lines.append(f"| {labels} | {cell('generic')} | {cell('restricted_true_classes')} | {cell('bn_only_inferred')} | {cell('ee_final')} | {cell('ee_exit_0')} | {cell('ee_exit_1')} | {cell('ee_exit_2')} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--generic", type=Path, required=True)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--labels", default="0,10")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--whole-network", action="store_true", help="also fine-tune the whole network once (seed 0, 0 labels)")
+    args = parser.parse_args()
+    data = cifar10.load()
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for labels in [int(x) for x in args.labels.split(",")]:
+            for seed in [int(x) for x in args.seeds.split(",")]:
+                rows.append(run_user(args.generic, data, seed, labels, args.epochs, Path(scratch), args.whole_network and seed == 0))
+                print(json.dumps({k: v for k, v in rows[-1].items() if k != "bn_sweep"}), flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    stem = RESULTS / f"personalise-{date.today().isoformat()}"
+    stem.with_suffix(".json").write_text(json.dumps({"generic_model": str(args.generic), "epochs": args.epochs, "rows": rows}, indent=2) + "\n")
+    table = summarise(rows)
+    stem.with_suffix(".md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
