@@ -1,0 +1,122 @@
+"""The exit policy: confidence thresholds per exit, searched over cached probabilities.
+
+MSDNet's pattern: run the model once, keep every exit's probabilities, then sweep. A photo leaves
+at the first exit whose confidence reaches that exit's threshold, else at the final exit.
+Thresholds are chosen one exit at a time, earliest first; for each exit every distinct threshold is
+scored at once from cumulative sums over photos sorted by confidence, so the search is exact and
+costs a sort per exit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+NEVER = 1.01  # a threshold no confidence reaches: the exit is off
+
+
+def confidence(probabilities: np.ndarray, criterion: str = "maxprob") -> np.ndarray:
+    """Per photo: the top probability, or 1 - entropy / log(classes)."""
+    if criterion == "maxprob":
+        return probabilities.max(axis=1)
+    if criterion == "entropy":
+        p = np.clip(probabilities, 1e-12, 1.0)
+        return 1.0 - (-(p * np.log(p)).sum(axis=1)) / np.log(p.shape[1])
+    raise ValueError(f"unknown criterion {criterion!r}")
+
+
+def exit_taken(confidences: np.ndarray, thresholds) -> np.ndarray:
+    """Index of the exit each photo leaves at; len(thresholds) means the final exit.
+
+    `confidences` is (exits, photos) for the early exits only."""
+    taken = np.full(confidences.shape[1], len(thresholds))
+    for index in reversed(range(len(thresholds))):
+        taken = np.where(confidences[index] >= thresholds[index], index, taken)
+    return taken
+
+
+@dataclass(frozen=True)
+class Outcome:
+    correct: np.ndarray  # per photo
+    accuracy: float
+    mean_cost: float
+    shares: np.ndarray  # share of photos leaving at each exit, then the final one
+
+
+def outcome(taken: np.ndarray, correct: np.ndarray, costs: np.ndarray) -> Outcome:
+    """`correct` is (exits + 1, photos); `costs` the cost of leaving at each exit and at the final."""
+    per_photo = correct[taken, np.arange(correct.shape[1])]
+    shares = np.bincount(taken, minlength=correct.shape[0]) / max(1, correct.shape[1])
+    return Outcome(per_photo, float(per_photo.mean()), float(costs[taken].mean()), shares)
+
+
+# A constraint sees, for every candidate, the mean and standard error of (policy - reference)
+# correctness over photos, and says which candidates are acceptable.
+Constraint = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def max_drop(drop: float, z: float) -> Constraint:
+    """Accuracy at most `drop` below the reference, with a one-sided margin of z standard errors."""
+    return lambda mean, se: -mean + z * se <= drop + 1e-12
+
+
+def at_least(z: float) -> Constraint:
+    """Accuracy at least the reference's, with a one-sided margin of z standard errors."""
+    return lambda mean, se: mean - z * se >= -1e-12
+
+
+def greedy_thresholds(confidences: np.ndarray, correct: np.ndarray, reference: np.ndarray, constraint: Constraint) -> np.ndarray:
+    """For each exit in turn (later ones off), the lowest threshold that keeps `constraint`."""
+    exits, photos = confidences.shape
+    thresholds = np.full(exits, NEVER)
+    final = correct[-1].astype(float)
+    reference = reference.astype(float)
+    for index in range(exits):
+        taken = exit_taken(confidences, thresholds)
+        undecided = np.flatnonzero(taken == exits)
+        decided_diff = np.where(taken < exits, correct[taken, np.arange(photos)] - reference, 0.0)
+        order = undecided[np.argsort(-confidences[index, undecided], kind="stable")]
+        # Candidate m: the m most confident undecided photos leave here, the rest at the final exit.
+        leave = correct[index, order] - reference[order]
+        stay = final[order] - reference[order]
+        base_sum, base_sq = decided_diff.sum() + stay.sum(), (decided_diff**2).sum() + (stay**2).sum()
+        gained = np.concatenate([[0.0], np.cumsum(leave - stay)])
+        gained_sq = np.concatenate([[0.0], np.cumsum(leave**2 - stay**2)])
+        mean = (base_sum + gained) / photos
+        variance = np.maximum((base_sq + gained_sq) / photos - mean**2, 0.0)
+        ok = constraint(mean, np.sqrt(variance / photos))
+        sorted_conf = confidences[index, order]
+        # A threshold can only cut between distinct confidences (ties leave together).
+        valid = np.ones(len(order) + 1, bool)
+        valid[1:-1] = sorted_conf[:-1] > sorted_conf[1:]
+        feasible = np.flatnonzero(ok & valid)
+        best = feasible.max() if len(feasible) else 0
+        thresholds[index] = NEVER if best == 0 else sorted_conf[best - 1]
+    return thresholds
+
+
+def oracle(correct: np.ndarray, costs: np.ndarray) -> Outcome:
+    """The physical limit: each photo leaves at the earliest exit that is right (else the final)."""
+    right = correct.astype(bool)
+    first = np.where(right.any(axis=0), right.argmax(axis=0), correct.shape[0] - 1)
+    return outcome(first, correct, costs)
+
+
+def bootstrap_interval(differences: np.ndarray, seed: int = 0, resamples: int = 2000, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of paired per-photo differences."""
+    rng = np.random.default_rng(seed)
+    n = len(differences)
+    if n == 0:
+        return (float("nan"), float("nan"))
+    means = differences[rng.integers(0, n, size=(resamples, n))].mean(axis=1)
+    tail = (1 - level) / 2
+    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+
+
+def split(count: int, calibrate_share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint calibration and report indices."""
+    order = np.random.default_rng([seed, 11]).permutation(count)
+    cut = int(round(calibrate_share * count))
+    return np.sort(order[:cut]), np.sort(order[cut:])

@@ -1,0 +1,95 @@
+"""Threshold maths on hand-made arrays."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ee_cli import policy
+
+
+def test_exit_taken_uses_the_first_confident_exit():
+    confidences = np.array([[0.9, 0.2, 0.5], [0.95, 0.8, 0.1]])
+    np.testing.assert_array_equal(policy.exit_taken(confidences, [0.5, 0.7]), [0, 1, 0])
+    np.testing.assert_array_equal(policy.exit_taken(confidences, [policy.NEVER, 0.7]), [1, 1, 2])
+
+
+def test_confidence_criteria():
+    p = np.array([[1.0, 0.0], [0.5, 0.5]])
+    np.testing.assert_allclose(policy.confidence(p, "maxprob"), [1.0, 0.5])
+    np.testing.assert_allclose(policy.confidence(p, "entropy"), [1.0, 0.0], atol=1e-9)
+
+
+def test_greedy_takes_every_photo_when_the_exit_is_always_right():
+    confidences = np.array([[0.9, 0.8, 0.7, 0.6]])
+    correct = np.array([[1, 1, 1, 1], [1, 1, 1, 1]])
+    thresholds = policy.greedy_thresholds(confidences, correct, correct[-1], policy.max_drop(0.0, 0.0))
+    assert thresholds[0] == pytest.approx(0.6)
+
+
+def test_greedy_stops_before_the_first_mistake_at_zero_drop():
+    confidences = np.array([[0.9, 0.8, 0.7, 0.6]])
+    correct = np.array([[1, 1, 0, 1], [1, 1, 1, 1]])
+    thresholds = policy.greedy_thresholds(confidences, correct, correct[-1], policy.max_drop(0.0, 0.0))
+    assert thresholds[0] == pytest.approx(0.8)
+    # Allowing a quarter-point drop lets the mistake through, and the right photo after it.
+    loose = policy.greedy_thresholds(confidences, correct, correct[-1], policy.max_drop(0.25, 0.0))
+    assert loose[0] == pytest.approx(0.6)
+
+
+def test_ties_leave_together():
+    confidences = np.array([[0.9, 0.7, 0.7, 0.5]])
+    correct = np.array([[1, 1, 0, 1], [1, 1, 1, 1]])
+    # Cutting between the two 0.7s is impossible: either both leave (one mistake) or neither.
+    thresholds = policy.greedy_thresholds(confidences, correct, correct[-1], policy.max_drop(0.0, 0.0))
+    assert thresholds[0] == pytest.approx(0.9)
+
+
+def test_an_exit_that_is_never_confident_stays_off():
+    confidences = np.array([[0.1, 0.1, 0.1], [0.99, 0.99, 0.2]])
+    correct = np.array([[0, 0, 0], [1, 1, 0], [1, 1, 1]])
+    thresholds = policy.greedy_thresholds(confidences, correct, correct[-1], policy.max_drop(0.0, 0.0))
+    assert thresholds[0] == policy.NEVER and thresholds[1] == pytest.approx(0.99)
+    taken = policy.exit_taken(confidences, thresholds)
+    np.testing.assert_array_equal(taken, [1, 1, 2])
+
+
+def test_margin_makes_the_policy_more_careful():
+    rng = np.random.default_rng(0)
+    confidences = rng.random((1, 400))
+    correct = np.vstack([rng.random(400) < confidences[0], np.ones(400)]).astype(int)
+    plain = policy.greedy_thresholds(confidences, correct, correct[-1], policy.max_drop(0.05, 0.0))
+    careful = policy.greedy_thresholds(confidences, correct, correct[-1], policy.max_drop(0.05, 1.645))
+    assert careful[0] > plain[0]
+
+
+def test_match_reference_needs_accuracy_at_least_the_reference():
+    confidences = np.array([[0.9, 0.8, 0.7, 0.6]])
+    correct = np.array([[1, 1, 0, 0], [1, 1, 1, 1]])
+    generic = np.array([1, 1, 1, 0])  # the reference is worse than the final exit on the last photo
+    thresholds = policy.greedy_thresholds(confidences, correct, generic, policy.at_least(0.0))
+    taken = policy.exit_taken(confidences, thresholds)
+    result = policy.outcome(taken, correct, np.array([1.0, 4.0]))
+    # Three photos may leave early: the third is wrong there, but the generic model misses one too.
+    assert result.accuracy >= generic.mean() and thresholds[0] == pytest.approx(0.7)
+
+
+def test_oracle_leaves_at_the_earliest_right_exit():
+    correct = np.array([[0, 1, 0], [1, 1, 0], [1, 0, 1]])
+    result = policy.oracle(correct, np.array([1.0, 2.0, 4.0]))
+    np.testing.assert_allclose(result.shares, [1 / 3, 1 / 3, 1 / 3])
+    assert result.accuracy == pytest.approx(1.0) and result.mean_cost == pytest.approx(7 / 3)
+
+
+def test_calibration_and_report_splits_are_disjoint_and_cover_everything():
+    calibrate, report = policy.split(1001, 0.5, seed=3)
+    assert len(np.intersect1d(calibrate, report)) == 0
+    assert len(calibrate) + len(report) == 1001 and set(calibrate) | set(report) == set(range(1001))
+    again, _ = policy.split(1001, 0.5, seed=3)
+    np.testing.assert_array_equal(calibrate, again)
+
+
+def test_bootstrap_interval_brackets_the_mean():
+    differences = np.array([0.0] * 90 + [1.0] * 10)
+    low, high = policy.bootstrap_interval(differences)
+    assert low < 0.1 < high and high - low < 0.15
