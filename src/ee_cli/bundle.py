@@ -80,13 +80,17 @@ def check_output(out: Path, exist_ok: bool) -> None:
         raise UserError(f"{out} exists and is not a bundle: refusing to replace it even with --exist-ok")
 
 
-def write_bundle(out: Path, model, meta: dict[str, Any], exist_ok: bool) -> Path:
+def write_bundle(out: Path, model, meta: dict[str, Any], exist_ok: bool, model_file: Path | None = None) -> Path:
+    """Write `model` (or link/copy an existing `model_file`, unchanged) and `ee.json`, atomically."""
     check_output(out, exist_ok)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private; a bundle is an ordinary folder
-        model.save(staging / MODEL_FILE, include_optimizer=False, save_format="h5")
+        if model_file is not None:
+            _link_or_copy(model_file, staging / MODEL_FILE)
+        else:
+            model.save(staging / MODEL_FILE, include_optimizer=False, save_format="h5")
         full_meta = {"format_version": FORMAT_VERSION, "model_file": MODEL_FILE, "model_format": MODEL_FORMAT, **meta}
         write_json(staging / META_FILE, full_meta)
         _move_into_place(staging, out)
@@ -95,6 +99,13 @@ def write_bundle(out: Path, model, meta: dict[str, Any], exist_ok: bool) -> Path
         raise
     record_latest(out, meta.get("provenance", [{}])[-1].get("command", ""))
     return out
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)  # bundles never modify their files, so sharing one is safe
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def _umask() -> int:
@@ -121,7 +132,7 @@ def record_latest(path: Path, command: str) -> None:
 def provenance(command: str, config: dict[str, Any], source: Path | None) -> dict[str, Any]:
     return {
         "command": command,
-        "from": str(source) if source else None,
+        "from": str(Path(source).resolve()) if source else None,
         "config": config,
         "seed": config.get("seed"),
         "time": now(),

@@ -220,3 +220,52 @@ def _progress(quiet: bool):
 
     with bars:
         yield update
+
+
+@app.command(
+    rich_help_panel="Pipeline",
+    epilog="Examples:  ee evaluate --data ./test_photos   ·   ee evaluate --data ./test_photos --use match-generic   ·   ee evaluate --data ./test_photos --calibrate-on ./more_unlabelled --use label-free",
+)
+def evaluate(
+    data: Annotated[Optional[str], typer.Option(help="Labelled photos, one sub-folder per class (an unlabelled folder gives agreement with the final exit instead of accuracy).", rich_help_panel="Photos")] = None,
+    bundle: Annotated[Optional[str], typer.Option(help="Bundle to profile (default: the latest written here).", rich_help_panel="Photos")] = None,
+    calibrate_split: Annotated[Optional[float], typer.Option(help="Share of the photos that calibrates thresholds; the rest reports (default 0.5).", rich_help_panel="Policy")] = None,
+    max_drop: Annotated[Optional[float], typer.Option(help="Points of accuracy the 'keep' policy may lose against the final exit (default 0.5).", rich_help_panel="Policy")] = None,
+    use: Annotated[Optional[str], typer.Option(help="Thresholds to put in the bundle: keep | match-generic | match-restricted | label-free (default keep).", rich_help_panel="Policy")] = None,
+    margin_z: Annotated[Optional[float], typer.Option(help="Calibration margin: standard errors of the paired difference the policy must clear (default 1.645, one-sided 95%).", rich_help_panel="Policy")] = None,
+    criterion: Annotated[Optional[str], typer.Option(help="Exit confidence: maxprob or entropy (default maxprob).", rich_help_panel="Policy")] = None,
+    calibrate_on: Annotated[Optional[str], typer.Option(help="Held-out unlabelled photos to calibrate without labels (agreement with the final exit).", rich_help_panel="Policy")] = None,
+    generic_bundle: Annotated[Optional[str], typer.Option(help="The generic model's bundle for the baselines (default: from provenance).", rich_help_panel="Policy")] = None,
+    latency_runs: Annotated[Optional[int], typer.Option(help="Timed runs per exit after 5 warm-up runs (default 30).", rich_help_panel="Run")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.", rich_help_panel="Run")] = False,
+    out: Annotated[Optional[str], OUT_OPTION] = None,
+    exist_ok: Annotated[bool, EXIST_OK_OPTION] = False,
+    seed: Annotated[Optional[int], SEED_OPTION] = None,
+    config: Annotated[Optional[Path], CONFIG_OPTION] = None,
+    as_json: Annotated[bool, JSON_OPTION] = False,
+) -> None:
+    """Profile every exit on labelled photos and calibrate the exit thresholds."""
+    with user_errors():
+        from ee_cli.config import EvaluateConfig, resolve
+        from ee_cli.evaluate import evaluate as run_evaluate
+
+        flags = dict(
+            data=data, bundle=bundle, calibrate_split=calibrate_split, max_drop=max_drop, use=use, margin_z=margin_z,
+            criterion=criterion, calibrate_on=calibrate_on, generic_bundle=generic_bundle, latency_runs=latency_runs,
+            quiet=quiet or None, out=out, exist_ok=exist_ok or None, seed=seed,
+        )
+        settings = resolve(EvaluateConfig, "evaluate", config, flags)
+        with _progress(quiet=settings.quiet or as_json) as progress:
+            result = run_evaluate(settings, progress)
+    if as_json:
+        typer.echo(json.dumps({"bundle": str(result.bundle_path), "run": str(result.run_dir), "metrics": result.metrics}, indent=2))
+        return
+    from ee_cli.render import evaluate_report
+
+    console = _console()
+    taken = " (the latest bundle written here; --bundle chooses another)" if result.source_implicit else ""
+    console.print(f"Profiled [bold]{result.source}[/]{taken}")
+    console.print(evaluate_report(result.metrics))
+    console.print(f"Plot: {result.plot}   Details: {result.run_dir}")
+    console.print(f"Bundle with the '{result.metrics['used']}' thresholds written to [bold]{result.bundle_path}[/]")
+    console.print("Next: [bold cyan]ee export --tflite[/]")

@@ -90,3 +90,21 @@ class PersonaliseConfig:
     cache: bool = True
     resume: bool = False
     quiet: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+    data: str | None = None  # labelled folder (one sub-folder per class), or unlabelled photos
+    bundle: str | None = None
+    out: str | None = None
+    exist_ok: bool = False
+    seed: int = 0
+    calibrate_split: float = 0.5  # share of the photos that calibrates thresholds; the rest reports
+    max_drop: float = 0.5  # points of accuracy the "keep" operating point may lose to the final exit
+    use: str = "keep"  # operating point whose thresholds go into the bundle: keep | match-generic | match-restricted | label-free
+    margin_z: float = 1.645  # one-sided margin in standard errors of the paired difference (95 %)
+    criterion: str = "maxprob"  # maxprob | entropy
+    calibrate_on: str | None = None  # held-out unlabelled photos for label-free calibration
+    generic_bundle: str | None = None  # default: the bundle this one was made from (its provenance)
+    latency_runs: int = 30
+    quiet: bool = False

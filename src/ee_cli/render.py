@@ -60,3 +60,32 @@ def personalise_report(meta: dict[str, Any], metrics: dict[str, Any]):
             "yes" if exit_["enabled"] else "no",
         )
     return Group(*lines, table)
+
+
+def evaluate_report(metrics: dict[str, Any]):
+    from rich.console import Group
+    from rich.table import Table
+
+    measure = metrics["measure"]
+    exits = Table(title=f"Exits on {metrics['photos']['report']} report photos ({measure})")
+    for column in ("exit", "depth %", "MFLOPs", measure.split(" ")[0], "p50 ms", "p90 ms", "threshold", "leaves here"):
+        exits.add_column(column, justify="left" if column == "exit" else "right")
+    for row in metrics["exits"]:
+        threshold = row["threshold"]
+        exits.add_row(
+            row["exit"], f"{100 * row['relative_depth']:.0f}", f"{row['cumulative_mflops']:,.1f}", f"{100 * row['accuracy']:.1f}%",
+            f"{row['latency_p50_ms']:.2f}", f"{row['latency_p90_ms']:.2f}",
+            "—" if threshold is None else ("off" if threshold > 1 else f"{threshold:.3f}"), f"{100 * row['share_leaving']:.0f}%",
+        )
+    points = Table(title="Operating points (calibrated on one split, reported on the other)")
+    for column in ("policy", "vs", measure.split(" ")[0], "drop (95% CI), pts", "mean MFLOPs", "cut"):
+        points.add_column(column, justify="left" if column in ("policy", "vs") else "right")
+    for name, point in metrics["operating_points"].items():
+        low, high = point["drop_ci95_points"]
+        marker = " ←" if name == metrics["used"] else ""
+        points.add_row(f"{name}{marker}", f"{point['reference']} {100 * point['reference_accuracy']:.1f}%", f"{100 * point['accuracy']:.1f}%",
+                       f"{point['drop_points']:+.2f} ({low:+.2f}, {high:+.2f})", f"{point['mean_mflops']:,.1f}", f"{point['cut']:.2f}×")
+    oracle = metrics["oracle"]
+    points.add_row("oracle", "—", f"{100 * oracle['accuracy']:.1f}%", "", f"{oracle['mean_mflops']:,.1f}", f"{oracle['cut']:.2f}×", style="dim")
+    lines = [f"{name} model: {100 * b['accuracy']:.1f}%" for name, b in metrics["baselines"].items()]
+    return Group(exits, points, *lines)

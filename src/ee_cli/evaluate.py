@@ -1,0 +1,299 @@
+"""`ee evaluate`: the profiler and orchestrator — what each exit is worth on a person's photos,
+and the exit thresholds that keep accuracy while cutting compute.
+
+The model runs once over the photos; every exit's probabilities are cached; thresholds are then
+searched on a calibration split and reported on a disjoint report split (MSDNet's cache-then-sweep).
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ee_cli import bundle, compat, photos, policy, runs
+from ee_cli.config import EvaluateConfig, as_dict
+from ee_cli.errors import UserError
+from ee_cli.personal_model import GENERIC_OUTPUT
+
+OPERATING_POINTS = ("keep", "match-generic", "match-restricted", "label-free")
+
+
+@dataclass(frozen=True)
+class Photos:
+    paths: tuple[Path, ...]
+    labels: np.ndarray | None  # class names per photo, None for unlabelled photos
+    skipped: int
+
+
+@dataclass(frozen=True)
+class EvaluateResult:
+    bundle_path: Path
+    run_dir: Path
+    metrics: dict[str, Any]
+    plot: Path
+    source: Path
+    source_implicit: bool
+
+
+def evaluate(config: EvaluateConfig, progress=None) -> EvaluateResult:
+    progress = progress or (lambda stage, fraction, info: None)
+    _check(config)
+    source, implicit = bundle.input_bundle(config.bundle)
+    meta = source.meta
+    out = Path(config.out) if config.out else bundle.default_output(f"{source.path.name.removesuffix('-calibrated')}-calibrated")
+    bundle.check_output(out, config.exist_ok)
+    found = _read_photos(Path(config.data), meta)
+    _refuse_training_photos(Path(config.data), meta)
+    size = int(meta["input"]["shape"][0])
+    model = source.load_model()
+    exit_names = [e["name"] for e in meta["exits"]]
+    outputs = [*exit_names, "final"]
+    output_classes = np.array(meta.get("output_classes") or meta["classes"])
+    progress("Running the model once over the photos", 0.0, "")
+    probabilities = _probabilities(model, outputs, found.paths, size)
+    predictions = np.stack([output_classes[p.argmax(axis=1)] for p in probabilities])
+    labelled = found.labels is not None
+    truth = found.labels if labelled else predictions[-1]
+    correct = (predictions == truth[None, :]).astype(np.int8)
+    confidences = np.stack([policy.confidence(p, config.criterion) for p in probabilities[:-1]])
+    costs = _costs(meta)
+    calibrate, report = policy.split(len(found.paths), config.calibrate_split, config.seed)
+    references = {"final": correct[-1]}
+    baselines = {}
+    if labelled:
+        baselines = _baselines(config, source, meta, found, size)
+        references |= {name: values["correct"] for name, values in baselines.items()}
+    progress("Running the model once over the photos", 1.0, "")
+    points = _operating_points(config, confidences, correct, references, calibrate, report, costs, labelled, model, outputs, size, output_classes)
+    if config.use not in points:
+        raise UserError(f"--use {config.use}: that operating point needs {'labelled photos' if config.use.startswith('match') else '--calibrate-on'}")
+    progress("Measuring latency", 0.0, "")
+    latency = _latency(model, exit_names, size, config.latency_runs)
+    progress("Measuring latency", 1.0, "")
+    per_exit = _per_exit(meta, outputs, correct, report, costs, latency, points[config.use]["thresholds"], confidences)
+    oracle = policy.oracle(correct[:, report], costs)
+    run_dir = runs.new_run_dir("evaluate")
+    metrics = {
+        "bundle": str(source.path),
+        "photos": {"count": len(found.paths), "skipped": found.skipped, "calibrate": len(calibrate), "report": len(report)},
+        "measure": "accuracy" if labelled else "agreement with the final exit",
+        "final_accuracy": float(correct[-1, report].mean()),
+        "baselines": {name: {k: v for k, v in values.items() if k != "correct"} | {"accuracy": float(values["correct"][report].mean())} for name, values in baselines.items()},
+        "exits": per_exit,
+        "operating_points": points,
+        "used": config.use,
+        "oracle": {"accuracy": oracle.accuracy, "mean_mflops": oracle.mean_cost * 2 / 1e6, "cut": costs[-1] / oracle.mean_cost, "shares": oracle.shares.tolist()},
+        "latency_ms": latency,
+    }
+    plot = run_dir / "accuracy_vs_cost.png"
+    from ee_cli.plots import plot_operating_curve
+
+    sweep = _shared_threshold_sweep(confidences[:, report], correct[:, report], costs, latency)
+    plot_operating_curve(plot, sweep, metrics)
+    runs.write_json(run_dir / "metrics.json", metrics)
+    runs.write_json(run_dir / "config.json", as_dict(config))
+    _write_csv(run_dir / "exits.csv", per_exit)
+    new_meta = _calibrated_meta(meta, source.path, config, points[config.use])
+    bundle.write_bundle(out, None, new_meta, config.exist_ok, model_file=source.path / meta["model_file"])
+    return EvaluateResult(out, run_dir, metrics, plot, source.path, implicit)
+
+
+def _check(config: EvaluateConfig) -> None:
+    if not config.data:
+        raise UserError("--data is required: a folder of labelled photos (one sub-folder per class) or of unlabelled photos")
+    if not 0 < config.calibrate_split < 1:
+        raise UserError("--calibrate-split must be in (0, 1)")
+    if config.use not in OPERATING_POINTS:
+        raise UserError(f"--use must be one of {', '.join(OPERATING_POINTS)}")
+    if config.criterion not in ("maxprob", "entropy"):
+        raise UserError("--criterion must be maxprob or entropy")
+    if config.max_drop < 0:
+        raise UserError("--max-drop must be 0 or more (points of accuracy)")
+
+
+def _read_photos(root: Path, meta) -> Photos:
+    """Labelled when every sub-folder is named after a class; unlabelled when none is."""
+    if not root.is_dir():
+        raise UserError(f"photo folder {root} does not exist")
+    classes = meta["classes"]
+    folders = [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    matching = [name for name in folders if name in classes]
+    if matching and len(matching) < len(folders):
+        strangers = sorted(set(folders) - set(matching))
+        raise UserError(f"{root}: sub-folder(s) {', '.join(strangers[:5])} match no class of the bundle")
+    if matching:
+        found = photos.scan_labelled(root, classes)
+        return Photos(found.paths, np.array([classes[i] for i in found.labels]), found.skipped_total)
+    found = photos.scan_unlabelled(root)
+    return Photos(found.paths, None, found.skipped_total)
+
+
+def _refuse_training_photos(root: Path, meta) -> None:
+    used = meta.get("personal_photos") or {}
+    if str(root.resolve()) in {used.get("data"), used.get("labelled")}:
+        raise UserError(f"{root} personalised this bundle: evaluate on photos it has not seen")
+
+
+def _probabilities(model, outputs: list[str], paths, size: int) -> list[np.ndarray]:
+    keras = compat.keras()
+    probe = keras.Model(model.inputs, [model.get_layer(name).output for name in outputs])
+    batch = max(8, min(256, 2**18 // (size * size)))
+    collected = [[] for _ in outputs]
+    for images in photos.dataset(paths, size, batch):
+        results = probe(np.asarray(images, np.float32), training=False)
+        for store, logits in zip(collected, results if isinstance(results, (list, tuple)) else [results]):
+            store.append(compat.tf().nn.softmax(logits).numpy())
+    return [np.concatenate(store) for store in collected]
+
+
+def _costs(meta) -> np.ndarray:
+    """MACs of leaving at each exit (every earlier head runs too) and at the final exit."""
+    heads = [e.get("head_macs", 0) for e in meta["exits"]]
+    exits = [e["cumulative_macs"] + sum(heads[:i]) for i, e in enumerate(meta["exits"])]
+    return np.array([*exits, meta["final"]["cumulative_macs"] + sum(heads)], float)
+
+
+def _generic_source(config, source, meta) -> tuple[Any, str]:
+    """The generic model's bundle: given, else the first bundle in this one's provenance."""
+    if config.generic_bundle:
+        return bundle.read_bundle(Path(config.generic_bundle)), "given"
+    for step in meta["provenance"]:
+        if step.get("from") and Path(step["from"]).is_dir():
+            return bundle.read_bundle(Path(step["from"])), "provenance"
+    return source, "this bundle"
+
+
+def _baselines(config, source, meta, found: Photos, size: int) -> dict[str, dict]:
+    """The generic model, and the generic model restricted to the person's classes (free)."""
+    generic_bundle, how = _generic_source(config, source, meta)
+    model = generic_bundle.load_model()
+    output = GENERIC_OUTPUT if GENERIC_OUTPUT in model.output_names else "final"
+    logits = _probabilities(model, [output], found.paths, size)[0]
+    classes = np.array(generic_bundle.meta["classes"])
+    personal = meta.get("personal_classes") or list(classes)
+    keep = np.isin(classes, personal)
+    restricted = classes[np.where(keep[None, :], logits, -np.inf).argmax(axis=1)]
+    note = f"{generic_bundle.path} ({how})"
+    return {
+        "generic": {"correct": (classes[logits.argmax(axis=1)] == found.labels).astype(np.int8), "model": note},
+        "restricted": {"correct": (restricted == found.labels).astype(np.int8), "model": note, "classes": list(personal)},
+    }
+
+
+def _operating_points(config, confidences, correct, references, calibrate, report, costs, labelled, model, outputs, size, output_classes) -> dict[str, dict]:
+    z = config.margin_z
+    wanted = {"keep": ("final", policy.max_drop(config.max_drop / 100, z))}
+    if labelled:
+        wanted |= {"match-generic": ("generic", policy.at_least(z)), "match-restricted": ("restricted", policy.at_least(z))}
+    points = {}
+    for name, (reference, constraint) in wanted.items():
+        thresholds = policy.greedy_thresholds(confidences[:, calibrate], correct[:, calibrate], references[reference][calibrate], constraint)
+        points[name] = _report(name, reference, thresholds, confidences, correct, references[reference], report, costs)
+    if config.calibrate_on:
+        points["label-free"] = _label_free(config, model, outputs, size, output_classes, confidences, correct, report, costs)
+    return points
+
+
+def _report(name, reference_name, thresholds, confidences, correct, reference, report, costs) -> dict[str, Any]:
+    taken = policy.exit_taken(confidences[:, report], thresholds)
+    result = policy.outcome(taken, correct[:, report], costs)
+    differences = reference[report].astype(float) - result.correct
+    low, high = policy.bootstrap_interval(differences)
+    return {
+        "reference": reference_name,
+        "thresholds": [float(t) for t in thresholds],
+        "accuracy": result.accuracy,
+        "reference_accuracy": float(reference[report].mean()),
+        "drop_points": 100 * float(differences.mean()),
+        "drop_ci95_points": [100 * low, 100 * high],
+        "mean_mflops": result.mean_cost * 2 / 1e6,
+        "cut": float(costs[-1] / result.mean_cost),
+        "shares": result.shares.tolist(),
+    }
+
+
+def _label_free(config, model, outputs, size, output_classes, confidences, correct, report, costs) -> dict[str, Any]:
+    """Calibrate on held-out unlabelled photos by agreement with the final exit, as a phone would."""
+    held = photos.scan_unlabelled(Path(config.calibrate_on))
+    probabilities = _probabilities(model, outputs, held.paths, size)
+    predictions = np.stack([output_classes[p.argmax(axis=1)] for p in probabilities])
+    agree = (predictions == predictions[-1][None, :]).astype(np.int8)
+    held_conf = np.stack([policy.confidence(p, config.criterion) for p in probabilities[:-1]])
+    thresholds = policy.greedy_thresholds(held_conf, agree, agree[-1], policy.max_drop(config.max_drop / 100, config.margin_z))
+    point = _report("label-free", "final", thresholds, confidences, correct, correct[-1], report, costs)
+    return point | {"calibration_photos": len(held.paths)}
+
+
+def _latency(model, exit_names: list[str], size: int, runs_count: int) -> dict[str, dict]:
+    """Keras latency of the network up to each exit (every earlier head included), batch 1."""
+    keras, tf = compat.keras(), compat.tf()
+    sample = tf.constant(np.random.default_rng(0).uniform(0, 255, (1, size, size, 3)).astype(np.float32))
+    measured = {}
+    for index, name in enumerate([*exit_names, "final"]):
+        wanted = exit_names[: index + 1] if name != "final" else [*exit_names, "final"]
+        prefix = keras.Model(model.inputs, [model.get_layer(n).output for n in wanted])
+        run = tf.function(lambda x, prefix=prefix: prefix(x, training=False))
+        for _ in range(5):
+            run(sample)
+        times = []
+        for _ in range(runs_count):
+            started = time.perf_counter()
+            [t.numpy() for t in tf.nest.flatten(run(sample))]
+            times.append(1000 * (time.perf_counter() - started))
+        measured[name] = {"p50": float(np.percentile(times, 50)), "p90": float(np.percentile(times, 90)), "threads": compat.thread_count()}
+    return measured
+
+
+def _per_exit(meta, outputs, correct, report, costs, latency, thresholds, confidences) -> list[dict]:
+    taken = policy.exit_taken(confidences[:, report], thresholds)
+    shares = np.bincount(taken, minlength=len(outputs)) / len(report)
+    depth = [e["relative_depth"] for e in meta["exits"]] + [1.0]
+    return [
+        {
+            "exit": name,
+            "relative_depth": depth[i],
+            "accuracy": float(correct[i, report].mean()),
+            "cumulative_mflops": float(costs[i] * 2 / 1e6),
+            "latency_p50_ms": latency[name]["p50"],
+            "latency_p90_ms": latency[name]["p90"],
+            "threshold": float(thresholds[i]) if i < len(thresholds) else None,
+            "share_leaving": float(shares[i]),
+        }
+        for i, name in enumerate(outputs)
+    ]
+
+
+def _shared_threshold_sweep(confidences, correct, costs, latency) -> list[dict]:
+    """One shared threshold for every exit, from 0 to 1: the curve the plot draws."""
+    latencies = np.array([v["p50"] for v in latency.values()])
+    points = []
+    for threshold in np.linspace(0, 1, 101):
+        taken = policy.exit_taken(confidences, [threshold] * len(confidences))
+        result = policy.outcome(taken, correct, costs)
+        points.append({"threshold": float(threshold), "accuracy": result.accuracy, "mean_mflops": result.mean_cost * 2 / 1e6, "latency_ms": float(latencies[taken].mean())})
+    return points
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _calibrated_meta(meta, source: Path, config, point: dict) -> dict[str, Any]:
+    exits = [
+        e | {"threshold": None if t >= policy.NEVER else t, "enabled": t < policy.NEVER}
+        for e, t in zip(meta["exits"], point["thresholds"])
+    ]
+    keep = {k: v for k, v in meta.items() if k not in ("format_version", "model_file", "model_format")}
+    return keep | {
+        "exits": exits,
+        "policy": {"operating_point": config.use, "criterion": config.criterion, **{k: point[k] for k in ("accuracy", "reference", "mean_mflops", "cut")}},
+        "provenance": [*meta["provenance"], bundle.provenance("evaluate", as_dict(config), source)],
+    }
