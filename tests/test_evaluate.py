@@ -1,0 +1,83 @@
+"""`ee evaluate` on a tiny personalised bundle and generated photos."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from conftest import one_line_error
+from ee_cli import bundle
+from ee_cli.attach import attach
+from ee_cli.config import AttachConfig, PersonaliseConfig
+from ee_cli.personalise import personalise
+from test_personalise import coloured_photos, labelled_folder
+
+
+@pytest.fixture
+def personalised(workspace):
+    attach(AttachConfig(backbone="cifar_resnet9", out="B", classes="r,g,b,x,y"))
+    coloured_photos(workspace / "photos", 30)
+    personalise(PersonaliseConfig(data="photos", bundle="B", out="P", epochs=2, batch=8, views=1, personal_classes="r,g,b"))
+    labelled_folder(workspace / "test", ["r", "g", "b"], per_class=12)
+    return workspace / "P"
+
+
+def test_evaluate_profiles_exits_and_writes_a_calibrated_bundle(workspace, personalised, cli):
+    result = cli("evaluate", "--data", "test", "--out", "C", "--latency-runs", "2", "--use", "match-generic")
+    assert result.exit_code == 0, result.output
+    assert "Operating points" in result.stdout and "oracle" in result.stdout
+    run = sorted((workspace / "runs").glob("evaluate-*"))[-1]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["photos"] == {"count": 36, "skipped": 0, "calibrate": 18, "report": 18}
+    assert set(metrics["operating_points"]) == {"keep", "match-generic", "match-restricted"}
+    assert {"generic", "restricted"} == set(metrics["baselines"])
+    rows = list(csv.DictReader((run / "exits.csv").open()))
+    assert [r["exit"] for r in rows] == ["exit_0", "exit_1", "exit_2", "final"]
+    assert (run / "accuracy_vs_cost.png").stat().st_size > 10_000
+    calibrated = json.loads((workspace / "C" / "ee.json").read_text())
+    chosen = metrics["operating_points"]["match-generic"]["thresholds"]
+    for exit_, threshold in zip(calibrated["exits"], chosen):
+        assert exit_["enabled"] == (threshold <= 1) and (exit_["threshold"] is None or exit_["threshold"] == threshold)
+    assert calibrated["policy"]["operating_point"] == "match-generic"
+    assert (workspace / "C" / "model.h5").read_bytes() == (personalised / "model.h5").read_bytes()
+    assert json.loads((personalised / "ee.json").read_text())["exits"][0]["threshold"] is None  # input untouched
+
+
+def test_unlabelled_photos_give_agreement_clearly_labelled(workspace, personalised, cli):
+    coloured_photos(workspace / "loose", 10, seed=9)
+    result = cli("evaluate", "--data", "loose", "--out", "C", "--latency-runs", "1", "--json")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)["metrics"]
+    assert metrics["measure"] == "agreement with the final exit" and metrics["exits"][-1]["accuracy"] == 1.0
+    assert "match-generic" not in metrics["operating_points"]
+
+
+def test_label_free_calibration(workspace, personalised, cli):
+    coloured_photos(workspace / "held", 20, seed=11)
+    result = cli("evaluate", "--data", "test", "--calibrate-on", "held", "--use", "label-free", "--out", "C", "--latency-runs", "1", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["metrics"]["operating_points"]["label-free"]["calibration_photos"] == 20
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--data", "empty"], "no readable photos"),
+        (["--data", "mixed"], "match no class"),
+        (["--data", "photos"], "personalised this bundle"),
+        (["--data", "test", "--bundle", "future"], "upgrade ee"),
+        (["--data", "test", "--calibrate-split", "1"], "--calibrate-split"),
+        (["--data", "test", "--use", "fastest"], "--use"),
+        (["--data", "test", "--out", "P"], "already exists"),
+    ],
+)
+def test_user_mistakes_are_one_line(workspace, personalised, cli, args, expected):
+    (workspace / "empty").mkdir()
+    labelled_folder(workspace / "mixed", ["r", "zebra"], per_class=1)
+    (workspace / "future").mkdir()
+    meta = json.loads((personalised / "ee.json").read_text()) | {"format_version": 99}
+    (workspace / "future" / "ee.json").write_text(json.dumps(meta))
+    assert expected in one_line_error(cli("evaluate", *args))
