@@ -269,3 +269,84 @@ def evaluate(
     console.print(f"Plot: {result.plot}   Details: {result.run_dir}")
     console.print(f"Bundle with the '{result.metrics['used']}' thresholds written to [bold]{result.bundle_path}[/]")
     console.print("Next: [bold cyan]ee export --tflite[/]")
+
+
+@app.command(
+    name="export",
+    rich_help_panel="Pipeline",
+    epilog="Examples:  ee export --tflite   ·   ee export --tflite --quant none   ·   ee export --tflite --quant int8_full --calibration ./photos --validate ./test_photos",
+)
+def export_command(
+    tflite: Annotated[bool, typer.Option("--tflite", help="Export TFLite files (the only format so far; required).", rich_help_panel="Format")] = False,
+    quant: Annotated[Optional[str], typer.Option(help="none | fp16 | dynamic | int8 (float fallback) | int8_full (integer only) (default int8_full: smallest and fastest on phone CPUs, raw uint8 pixels in).", rich_help_panel="Format")] = None,
+    input_type: Annotated[Optional[str], typer.Option(help="int8_full input and output type: uint8 or int8 (default uint8).", rich_help_panel="Format")] = None,
+    bundle: Annotated[Optional[str], typer.Option(help="Bundle to export (default: the latest written here).", rich_help_panel="Format")] = None,
+    calibration: Annotated[Optional[str], typer.Option(help="Photos for int8 calibration (default: the person's photos recorded in the bundle; at least 100).", rich_help_panel="Photos")] = None,
+    validate: Annotated[Optional[str], typer.Option(help="Held-out photos to validate against Keras (labelled adds accuracy; default: calibration-folder photos not used to calibrate).", rich_help_panel="Photos")] = None,
+    max_accuracy_drop: Annotated[Optional[float], typer.Option(help="Fail (exit 1) if an exit loses more points than this against float Keras (default 1).", rich_help_panel="Photos")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="LiteRT threads for validation (default 1).", rich_help_panel="Run")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.", rich_help_panel="Run")] = False,
+    out: Annotated[Optional[str], typer.Option("--out", help="Output folder (default: exports/<bundle>-<mode>, numbered if taken).", rich_help_panel="Output")] = None,
+    exist_ok: Annotated[bool, EXIST_OK_OPTION] = False,
+    seed: Annotated[Optional[int], SEED_OPTION] = None,
+    config: Annotated[Optional[Path], CONFIG_OPTION] = None,
+    as_json: Annotated[bool, JSON_OPTION] = False,
+) -> None:
+    """Export a bundle as quantised multi-exit TFLite files with a staged early-exit cascade."""
+    with user_errors():
+        if not tflite:
+            raise UserError("say which format: --tflite (the only one so far)")
+        from ee_cli.config import ExportConfig, resolve
+        from ee_cli.export import ValidationFailed
+        from ee_cli.export import export as run_export
+
+        flags = dict(
+            quant=quant, input_type=input_type, bundle=bundle, calibration=calibration, validate=validate,
+            max_accuracy_drop=max_accuracy_drop, threads=threads, quiet=quiet or None, out=out,
+            exist_ok=exist_ok or None, seed=seed,
+        )
+        settings = resolve(ExportConfig, "export", config, flags)
+        try:
+            with _progress(quiet=settings.quiet or as_json) as progress:
+                result = run_export(settings, progress)
+        except ValidationFailed as failure:
+            typer.echo(f"validation failed: {failure}", err=True)
+            raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps({"out": str(result.out), "manifest": result.manifest}, indent=2))
+        return
+    from ee_cli.render import export_report
+
+    console = _console()
+    taken = " (the latest bundle written here; --bundle chooses another)" if result.source_implicit else ""
+    console.print(f"Exported [bold]{result.source}[/]{taken}")
+    console.print(export_report(result.manifest))
+    console.print(f"Files in [bold]{result.out}[/]")
+    console.print(f"Next: [bold cyan]ee run --tflite {result.out} --data ./test_photos[/]")
+
+
+@app.command(
+    name="run",
+    rich_help_panel="On device",
+    epilog="Example:  ee run --tflite exports/my-int8_full --data ./test_photos --threads 1",
+)
+def run_command(
+    tflite: Annotated[Optional[str], typer.Option("--tflite", help="An `ee export` folder.")] = None,
+    data: Annotated[Optional[str], typer.Option(help="Photos: labelled (one sub-folder per class) for accuracy, or unlabelled.")] = None,
+    threads: Annotated[int, typer.Option(help="LiteRT threads.")] = 1,
+    limit: Annotated[Optional[int], typer.Option(help="Use at most this many photos.")] = None,
+    as_json: Annotated[bool, JSON_OPTION] = False,
+) -> None:
+    """Run the exported early-exit cascade in LiteRT photo by photo: accuracy, exit histogram, real latency."""
+    with user_errors():
+        from ee_cli.engine import run_cascade
+
+        if not tflite or not data:
+            raise UserError("--tflite DIR and --data DIR are required")
+        report = run_cascade(Path(tflite), Path(data), threads, limit)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    from ee_cli.render import run_report
+
+    _console().print(run_report(report))

@@ -29,7 +29,7 @@ def thread_count() -> int:
 @functools.cache
 def tf():
     _prepare_environment()
-    with _native_logs_silenced():
+    with native_logs_silenced():
         import tensorflow
 
         # Thread settings are refused once TF has run an op, so apply them right after the import.
@@ -42,9 +42,10 @@ def tf():
 
 
 @contextlib.contextmanager
-def _native_logs_silenced():
-    """TF 2.21 logs through absl before TF_CPP_MIN_LOG_LEVEL applies (oneDNN, CUDA notices), straight
-    to file descriptor 2: point it at /dev/null while TF starts. EE_TF_LOGS=1 keeps them."""
+def native_logs_silenced():
+    """TF 2.21 and LiteRT log through absl regardless of TF_CPP_MIN_LOG_LEVEL (oneDNN, CUDA and
+    XNNPACK notices), straight to file descriptor 2: point it at /dev/null while they start.
+    EE_TF_LOGS=1 keeps them."""
     if os.environ.get("EE_TF_LOGS"):
         yield
         return

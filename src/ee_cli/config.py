@@ -108,3 +108,20 @@ class EvaluateConfig:
     generic_bundle: str | None = None  # default: the bundle this one was made from (its provenance)
     latency_runs: int = 30
     quiet: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    bundle: str | None = None
+    out: str | None = None  # folder for the .tflite files (default: exports/<bundle name>-<mode>)
+    exist_ok: bool = False
+    seed: int = 0
+    quant: str = "int8_full"  # none | fp16 | dynamic | int8 | int8_full
+    input_type: str = "uint8"  # int8_full only: uint8 | int8 (raw pixels either way)
+    calibration: str | None = None  # photos for int8 calibration (default: the bundle's personal photos)
+    calibration_photos: int = 200
+    validate: str | None = None  # held-out photos for validation (labelled adds accuracy)
+    validation_photos: int = 300
+    max_accuracy_drop: float = 1.0  # points: fail if a quantised exit loses more than this against float Keras
+    threads: int = 1
+    quiet: bool = False

@@ -89,3 +89,44 @@ def evaluate_report(metrics: dict[str, Any]):
     points.add_row("oracle", "—", f"{100 * oracle['accuracy']:.1f}%", "", f"{oracle['mean_mflops']:,.1f}", f"{oracle['cut']:.2f}×", style="dim")
     lines = [f"{name} model: {100 * b['accuracy']:.1f}%" for name, b in metrics["baselines"].items()]
     return Group(exits, points, *lines)
+
+
+def export_report(manifest: dict[str, Any]):
+    from rich.console import Group
+    from rich.table import Table
+
+    files = Table(title=f"TFLite files ({manifest['quant']}; input {manifest['input']['dtype']}, scale {manifest['input']['scale']:.4g}, zero point {manifest['input']['zero_point']})")
+    files.add_column("file")
+    files.add_column("size", justify="right")
+    for name, size in manifest["files"].items():
+        files.add_row(name, f"{size / 1024:,.1f} kB")
+    files.add_row("total", f"{manifest['total_bytes'] / 1024:,.1f} kB", style="bold")
+    validation = manifest["validation"]
+    checks = Table(title=f"Validation against float Keras on {validation['on']}")
+    for column in ("exit", "top-1 agreement", "max |Δp|", "accuracy Δ (pts)"):
+        checks.add_column(column, justify="left" if column == "exit" else "right")
+    for name, entry in validation["exits"].items():
+        delta = entry.get("accuracy_delta_points")
+        checks.add_row(name, f"{100 * entry['top1_agreement']:.1f}%", f"{entry['max_probability_difference']:.4f}", "—" if delta is None else f"{delta:+.2f}")
+    cascade = manifest["cascade"]
+    lines = [f"Cascade: {len(cascade['signatures'])} stages, stopping after {', '.join(cascade['stops_after'])}; weights {cascade['weights']}",
+             "Validation: passed" if validation["passed"] else f"Validation FAILED: {validation['failure']}"]
+    return Group(files, checks, *lines)
+
+
+def run_report(report: dict[str, Any]):
+    from rich.console import Group
+    from rich.table import Table
+
+    table = Table(title=f"Early-exit cascade in LiteRT ({report['threads']} thread(s), {report['photos']} photos, {report['quant']})")
+    for column in ("exit", "photos leaving", "share"):
+        table.add_column(column, justify="left" if column == "exit" else "right")
+    for name, count in report["histogram"].items():
+        table.add_row(name, str(count), f"{100 * count / report['photos']:.0f}%")
+    lines = [
+        f"Cascade latency per photo: mean {report['cascade_ms']['mean']:.3f} ms, p90 {report['cascade_ms']['p90']:.3f} ms",
+        f"Full model (final.tflite): mean {report['full_ms']['mean']:.3f} ms, p90 {report['full_ms']['p90']:.3f} ms  →  speed-up {report['speedup']:.2f}×",
+    ]
+    if report.get("accuracy") is not None:
+        lines.append(f"Accuracy: cascade {100 * report['accuracy']:.2f}%, full model {100 * report['full_accuracy']:.2f}%")
+    return Group(table, *lines)

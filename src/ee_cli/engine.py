@@ -1,0 +1,73 @@
+"""`ee run`: the exported cascade on photos, photo by photo, in LiteRT — the real early-exit latency
+beside the plain model's, measured in the same process with the same threads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ee_cli import litert, photos
+from ee_cli.errors import UserError
+
+
+def run_cascade(folder: Path, data: Path, threads: int, limit: int | None = None) -> dict[str, Any]:
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.is_file():
+        raise UserError(f"{folder} is not an `ee export` folder (no manifest.json)")
+    manifest = json.loads(manifest_path.read_text())
+    classes = manifest["classes"]
+    images, labels = _photos(data, classes, int(manifest["input"]["shape"][1]), limit)
+    thresholds = manifest["cascade"]["thresholds"]
+    engine = litert.CascadeEngine(folder / "cascade.tflite", thresholds, threads)
+    full = litert.Runner(litert.interpreter(folder / "final.tflite", threads), "serving_default")
+    for image in images[:10]:  # warm up both
+        engine.classify(image)
+        full(image[None])
+    cascade = engine.run(images)
+    full_seconds, full_predictions = [], []
+    import time
+
+    for image in images:
+        quantised = full.quantise(image[None])
+        started = time.perf_counter()
+        raw = full.raw(quantised)
+        full_seconds.append(time.perf_counter() - started)
+        full_predictions.append(litert.dequantise(raw["probabilities"], full.outputs["probabilities"])[0].argmax())
+    names = manifest["cascade"]["stops_after"]
+    predictions = np.array([p.argmax() for p in cascade.probabilities])
+    report = {
+        "tflite": str(folder),
+        "quant": manifest["quant"],
+        "threads": threads,
+        "photos": len(images),
+        "histogram": {name: int(np.sum(cascade.exit_index == i)) for i, name in enumerate(names)},
+        "cascade_ms": _stats(cascade.seconds),
+        "full_ms": _stats(np.array(full_seconds)),
+        "accuracy": None,
+    }
+    report["speedup"] = report["full_ms"]["mean"] / report["cascade_ms"]["mean"]
+    if labels is not None:
+        report["accuracy"] = float(np.mean(np.array(classes)[predictions] == labels))
+        report["full_accuracy"] = float(np.mean(np.array(classes)[np.array(full_predictions)] == labels))
+    return report
+
+
+def _stats(seconds: np.ndarray) -> dict[str, float]:
+    return {"mean": 1000 * float(seconds.mean()), "p50": 1000 * float(np.percentile(seconds, 50)), "p90": 1000 * float(np.percentile(seconds, 90))}
+
+
+def _photos(data: Path, classes: list[str], size: int, limit: int | None):
+    if not data.is_dir():
+        raise UserError(f"photo folder {data} does not exist")
+    folders = [p for p in data.iterdir() if p.is_dir()]
+    if folders and all(p.name in classes for p in folders):
+        found = photos.scan_labelled(data, classes)
+        labels = np.array([classes[i] for i in found.labels])
+    else:
+        found, labels = photos.scan_unlabelled(data), None
+    keep = np.random.default_rng(0).permutation(len(found.paths))[:limit] if limit else np.arange(len(found.paths))
+    images = photos.load_array([found.paths[i] for i in keep], size).astype(np.float32)
+    return images, labels[keep] if labels is not None else None

@@ -1,0 +1,288 @@
+"""`ee export --tflite`: the personalised model as TFLite files a phone can run, with a real
+early-exit cascade, validated against the Keras model in LiteRT.
+
+Files: `exit_K.tflite` (the network up to exit K only) per enabled exit, `final.tflite` (the plain
+model), `multi_exit.tflite` (every exit at once) and `cascade.tflite` (one signature per stage:
+activations in, next activations and the exit's probabilities out; weights shared between
+signatures). Quantisation modes follow TF Model Garden's export_tflite_lib: none (float32), fp16,
+dynamic (Model Garden's "default"), int8 (float fallback), int8_full (integer only).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from ee_cli import bundle, compat, litert, photos, runs, stages
+from ee_cli.config import ExportConfig, as_dict
+from ee_cli.errors import UserError
+
+MODES = ("none", "fp16", "dynamic", "int8", "int8_full")
+INT8_MODES = ("int8", "int8_full")
+MIN_CALIBRATION_PHOTOS = 100
+DEFAULT_ROOT = Path("exports")
+
+
+class ValidationFailed(Exception):
+    """The export was written but breaks a validation bound (exit code 1)."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    out: Path
+    manifest: dict[str, Any]
+    source: Path
+    source_implicit: bool
+
+
+@dataclass
+class Signature:
+    key: str
+    model: Any  # Keras model with dict outputs
+    names: dict[str, str]  # model output key -> signature output name
+    calibration: np.ndarray | None = None  # float inputs for int8 calibration
+
+
+def export(config: ExportConfig, progress=None) -> ExportResult:
+    progress = progress or (lambda stage, fraction, info: None)
+    _check(config)
+    source, implicit = bundle.input_bundle(config.bundle)
+    meta = source.meta
+    out = Path(config.out) if config.out else _default_out(source.path.name, config.quant)
+    _check_output(out, config.exist_ok)
+    size = int(meta["input"]["shape"][0])
+    calibration, validation, validation_labels, validation_note = _photos(config, meta, size)
+    model = source.load_model()
+    enabled = [e for e in meta["exits"] if e["enabled"]]
+    exit_names = [e["name"] for e in meta["exits"]]
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=_parent(out)))
+    try:
+        files = {}
+        jobs = _jobs(model, meta, enabled, exit_names, calibration)
+        for number, (filename, signatures) in enumerate(jobs):
+            progress("Converting to TFLite", number / len(jobs), filename)
+            (staging / filename).write_bytes(convert(signatures, config))
+            files[filename] = (staging / filename).stat().st_size
+        progress("Converting to TFLite", 1.0, "")
+        progress("Validating in LiteRT", 0.0, "")
+        validation_report = validate(model, staging / "multi_exit.tflite", [*exit_names, "final"], validation, validation_labels, meta, config)
+        progress("Validating in LiteRT", 1.0, "")
+        manifest = _manifest(meta, source.path, config, files, enabled, staging, validation_report, validation_note)
+        runs.write_json(staging / "manifest.json", manifest)
+        _move_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    result = ExportResult(out, manifest, source.path, implicit)
+    if not validation_report["passed"]:
+        raise ValidationFailed(f"export written to {out} but {validation_report['failure']}")
+    return result
+
+
+def _check(config: ExportConfig) -> None:
+    if config.quant not in MODES:
+        raise UserError(f"--quant must be one of {', '.join(MODES)}")
+    if config.input_type not in ("uint8", "int8"):
+        raise UserError("--input-type must be uint8 or int8")
+    if config.threads < 1:
+        raise UserError("--threads must be at least 1")
+
+
+def _default_out(name: str, mode: str) -> Path:
+    candidate, number = DEFAULT_ROOT / f"{name}-{mode}", 2
+    while candidate.exists():
+        candidate, number = DEFAULT_ROOT / f"{name}-{mode}-{number}", number + 1
+    return candidate
+
+
+def _check_output(out: Path, exist_ok: bool) -> None:
+    if out.exists() and not exist_ok:
+        raise UserError(f"{out} already exists: choose another --out, or pass --exist-ok to replace it")
+    if out.exists() and (not out.is_dir() or any(out.iterdir()) and not (out / "manifest.json").is_file()):
+        raise UserError(f"{out} exists and is not an ee export: refusing to replace it even with --exist-ok")
+
+
+def _parent(out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out.parent
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    staging.chmod(0o755)
+    if out.exists():
+        retired = out.with_name(f".{out.name}.replaced")
+        out.rename(retired)
+        staging.rename(out)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        staging.rename(out)
+
+
+def _photos(config: ExportConfig, meta, size: int):
+    """Calibration photos (the person's own) and disjoint held-out validation photos."""
+    folder = config.calibration or (meta.get("personal_photos") or {}).get("data")
+    if config.quant in INT8_MODES and not folder:
+        raise UserError("int8 export needs calibration photos: pass --calibration DIR (at least 100 of the person's photos)")
+    calibration_paths: list[Path] = []
+    spare: list[Path] = []
+    if folder:
+        found = list(photos.scan_unlabelled(Path(folder)).paths)
+        order = np.random.default_rng([config.seed, 5]).permutation(len(found))
+        calibration_paths = [found[i] for i in order[: config.calibration_photos]]
+        spare = [found[i] for i in order[config.calibration_photos :]]
+        if config.quant in INT8_MODES and len(calibration_paths) < MIN_CALIBRATION_PHOTOS:
+            raise UserError(f"int8 calibration needs at least {MIN_CALIBRATION_PHOTOS} usable photos; {folder} has {len(found)}")
+    labels = None
+    if config.validate:
+        root = Path(config.validate)
+        if any(p.is_dir() and p.name in meta["classes"] for p in root.iterdir() if root.is_dir()):
+            found = photos.scan_labelled(root, meta["classes"])
+            validation_paths, labels = list(found.paths), np.array([meta["classes"][i] for i in found.labels])
+        else:
+            validation_paths = list(photos.scan_unlabelled(root).paths)
+        note = f"{len(validation_paths)} photos from {root}"
+    elif spare:
+        validation_paths, note = spare, f"{len(spare[: config.validation_photos])} held-out photos of the calibration folder (not used to calibrate)"
+    elif calibration_paths:
+        validation_paths, note = calibration_paths, "the calibration photos (no held-out photos were available)"
+    else:
+        raise UserError("nothing to validate on: pass --validate DIR or --calibration DIR")
+    keep = np.random.default_rng([config.seed, 6]).permutation(len(validation_paths))[: config.validation_photos]
+    validation = photos.load_array([validation_paths[i] for i in keep], size).astype(np.float32)
+    labels = labels[keep] if labels is not None else None
+    calibration = photos.load_array(calibration_paths, size).astype(np.float32) if calibration_paths else None
+    return calibration, validation, labels, note
+
+
+def _jobs(model, meta, enabled, exit_names, calibration) -> list[tuple[str, list[Signature]]]:
+    keras_outputs = {name: name for name in [*exit_names, "final"]}
+    multi = stages.segment(model, None, [*exit_names, "final"], "multi_exit", softmax=tuple(keras_outputs))
+    jobs = [("multi_exit.tflite", [Signature("serving_default", multi, keras_outputs, calibration)])]
+    plain = stages.segment(model, None, ["final"], "final", softmax=("final",))
+    jobs.append(("final.tflite", [Signature("serving_default", plain, {"final": "probabilities"}, calibration)]))
+    for exit_ in enabled:
+        prefix = stages.segment(model, None, [exit_["name"]], exit_["name"], softmax=(exit_["name"],))
+        jobs.append((f"{exit_['name']}.tflite", [Signature("serving_default", prefix, {exit_["name"]: "probabilities"}, calibration)]))
+    cascade = stages.cascade_stages(model, [e["graft_layer"] for e in enabled], [e["name"] for e in enabled])
+    signatures, carried = [], calibration
+    for index, stage in enumerate(cascade):
+        is_last = index == len(cascade) - 1
+        names = {"final": "probabilities"} if is_last else {enabled[index]["graft_layer"]: "features", enabled[index]["name"]: "probabilities"}
+        signatures.append(Signature(f"stage_{index}", stage, names, carried))
+        if carried is not None and not is_last:
+            carried = np.concatenate([stage(carried[i : i + 100], training=False)[enabled[index]["graft_layer"]].numpy() for i in range(0, len(carried), 100)])
+    jobs.append(("cascade.tflite", signatures))
+    return jobs
+
+
+def convert(signatures: list[Signature], config: ExportConfig) -> bytes:
+    """One .tflite file holding every signature (weights shared between them)."""
+    tf = compat.tf()
+    functions = [_tf_function(signature) for signature in signatures]
+    module = tf.Module()
+    module.models = [signature.model for signature in signatures]  # the converter needs the variables tracked
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([f.get_concrete_function() for f in functions], module)
+    mode = config.quant
+    if mode != "none":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if mode == "fp16":
+        converter.target_spec.supported_types = [tf.float16]
+    if mode in INT8_MODES:
+        converter.representative_dataset = lambda: _representative(signatures)
+    if mode == "int8_full":
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        io_type = tf.uint8 if config.input_type == "uint8" else tf.int8
+        converter.inference_input_type = io_type
+        converter.inference_output_type = io_type
+    return converter.convert()
+
+
+def _tf_function(signature: Signature):
+    tf = compat.tf()
+    model, names = signature.model, signature.names
+
+    def run(x):
+        outputs = model(x, training=False)
+        return {names[key]: value for key, value in outputs.items()}
+
+    run.__name__ = signature.key
+    spec = tf.TensorSpec((1, *model.input_shape[1:]), tf.float32, name="x")
+    return tf.function(run, input_signature=[spec])
+
+
+def _representative(signatures: list[Signature]) -> Iterator:
+    for signature in signatures:
+        for sample in signature.calibration:
+            if len(signatures) == 1:
+                yield [sample[None]]
+            else:
+                yield signature.key, {"x": sample[None]}
+
+
+def validate(model, path: Path, outputs: list[str], images: np.ndarray, labels, meta, config: ExportConfig) -> dict[str, Any]:
+    """Per exit: top-1 agreement of LiteRT with float Keras, and the accuracy delta where labels exist."""
+    keras = compat.keras()
+    tf = compat.tf()
+    reference = keras.Model(model.inputs, [model.get_layer(name).output for name in outputs])
+    keras_probs = [tf.nn.softmax(logits).numpy() for logits in reference.predict(images, batch_size=100, verbose=0)]
+    runner = litert.Runner(litert.interpreter(path, config.threads), "serving_default")
+    lite = [runner(image[None]) for image in images]
+    classes = np.array(meta.get("output_classes") or meta["classes"])
+    report, failure = {}, None
+    for index, name in enumerate(outputs):
+        lite_probs = np.concatenate([row[name] for row in lite])
+        entry = {
+            "finite": bool(np.isfinite(lite_probs).all()),
+            "top1_agreement": float(np.mean(lite_probs.argmax(1) == keras_probs[index].argmax(1))),
+            "max_probability_difference": float(np.abs(lite_probs - keras_probs[index]).max()),
+        }
+        if labels is not None:
+            keras_accuracy = float(np.mean(classes[keras_probs[index].argmax(1)] == labels))
+            lite_accuracy = float(np.mean(classes[lite_probs.argmax(1)] == labels))
+            entry |= {"keras_accuracy": keras_accuracy, "tflite_accuracy": lite_accuracy, "accuracy_delta_points": 100 * (lite_accuracy - keras_accuracy)}
+        report[name] = entry
+        if not entry["finite"]:
+            failure = f"{name} returns non-finite values in LiteRT"
+        elif "accuracy_delta_points" in entry and -entry["accuracy_delta_points"] > config.max_accuracy_drop and failure is None:
+            failure = f"{name} loses {-entry['accuracy_delta_points']:.2f} points against float Keras (bound {config.max_accuracy_drop})"
+    return {"photos": len(images), "labelled": labels is not None, "exits": report, "passed": failure is None, "failure": failure}
+
+
+def _manifest(meta, source: Path, config, files, enabled, staging: Path, validation, validation_note) -> dict[str, Any]:
+    runner = litert.Runner(litert.interpreter(staging / "cascade.tflite", 1), "stage_0")
+    detail = runner.input_detail
+    scale, zero = detail["quantization"]
+    sizes = {name: size for name, size in files.items()}
+    return {
+        "bundle": str(source.resolve()),
+        "quant": config.quant,
+        "input": {
+            "shape": [1, *meta["input"]["shape"]],
+            "dtype": np.dtype(detail["dtype"]).name,
+            "scale": float(scale),
+            "zero_point": int(zero),
+            "pixels": "RGB 0..255 (preprocessing is inside the model)",
+        },
+        "classes": meta.get("output_classes") or meta["classes"],
+        "exits": [
+            {k: e.get(k) for k in ("name", "graft_layer", "relative_depth", "cumulative_mflops", "threshold", "enabled")}
+            for e in meta["exits"]
+        ],
+        "files": sizes,
+        "total_bytes": sum(sizes.values()),
+        "cascade": {
+            "file": "cascade.tflite",
+            "signatures": [f"stage_{i}" for i in range(len(enabled) + 1)],
+            "stops_after": [e["name"] for e in enabled] + ["final"],
+            "thresholds": [e["threshold"] for e in enabled],
+            "weights": "shared between signatures (one copy in the file)" if sizes["cascade.tflite"] <= 1.1 * sizes["multi_exit.tflite"] else "duplicated between signatures",
+        },
+        "validation": validation | {"on": validation_note},
+        "config": as_dict(config),
+        "versions": compat.versions(),
+    }

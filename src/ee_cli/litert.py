@@ -1,0 +1,118 @@
+"""LiteRT helpers: run .tflite signatures by name, quantise inputs, dequantise outputs, and the
+on-device early-exit engine that runs a staged cascade photo by photo."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ee_cli import compat
+
+
+class Runner:
+    """One signature of a .tflite file; float arrays in and out, whatever the quantisation."""
+
+    def __init__(self, interpreter, key: str):
+        self.runner = interpreter.get_signature_runner(key)
+        self.inputs = self.runner.get_input_details()
+        self.outputs = self.runner.get_output_details()
+        (self.input_name, self.input_detail), = self.inputs.items()
+
+    def raw(self, value: np.ndarray) -> dict[str, np.ndarray]:
+        return self.runner(**{self.input_name: value})
+
+    def quantise(self, value: np.ndarray) -> np.ndarray:
+        return quantise(value, self.input_detail)
+
+    def __call__(self, value: np.ndarray) -> dict[str, np.ndarray]:
+        raw = self.raw(self.quantise(value))
+        return {name: dequantise(array, self.outputs[name]) for name, array in raw.items()}
+
+
+def quantise(value: np.ndarray, detail: dict) -> np.ndarray:
+    dtype = detail["dtype"]
+    if np.issubdtype(dtype, np.floating):
+        return value.astype(dtype)
+    scale, zero = detail["quantization"]
+    info = np.iinfo(dtype)
+    return np.clip(np.round(value / scale) + zero, info.min, info.max).astype(dtype)
+
+
+def dequantise(value: np.ndarray, detail: dict) -> np.ndarray:
+    if np.issubdtype(detail["dtype"], np.floating):
+        return value
+    scale, zero = detail["quantization"]
+    return (value.astype(np.float32) - zero) * scale
+
+
+def interpreter(path: Path, threads: int):
+    with compat.native_logs_silenced():
+        loaded = compat.litert_interpreter_class()(model_path=str(path), num_threads=threads)
+        loaded.allocate_tensors()
+    return loaded
+
+
+@dataclass
+class CascadeRun:
+    exit_index: np.ndarray  # per photo; len(thresholds) = the final exit
+    probabilities: list[np.ndarray]
+    seconds: np.ndarray  # wall time per photo
+
+
+class CascadeEngine:
+    """Runs stage after stage and stops at the first exit whose confidence reaches its threshold.
+
+    Between stages the activations stay in the stage's own dtype: with int8 stages calibrated on
+    the same photos, stage k's output scale is stage k+1's input scale, so they pass unchanged;
+    otherwise they are requantised.
+    """
+
+    def __init__(self, path: Path, thresholds: list[float], threads: int):
+        self.interpreter = interpreter(path, threads)
+        keys = sorted(self.interpreter.get_signature_list(), key=lambda k: int(k.rsplit("_", 1)[1]))
+        self.stages = [Runner(self.interpreter, key) for key in keys]
+        self.thresholds = list(thresholds)
+        if len(self.thresholds) != len(self.stages) - 1:
+            raise ValueError(f"{len(self.stages)} stages need {len(self.stages) - 1} thresholds")
+
+    def classify(self, pixels: np.ndarray) -> tuple[int, np.ndarray]:
+        carried = self.stages[0].quantise(pixels[None].astype(np.float32))
+        for index, stage in enumerate(self.stages):
+            raw = stage.raw(carried)
+            probabilities = dequantise(raw["probabilities"], stage.outputs["probabilities"])[0]
+            if index == len(self.stages) - 1 or probabilities.max() >= self.thresholds[index]:
+                return index, probabilities
+            carried = self._hand_on(raw["features"], stage.outputs["features"], self.stages[index + 1].input_detail)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _hand_on(features: np.ndarray, produced: dict, wanted: dict) -> np.ndarray:
+        if produced["dtype"] == wanted["dtype"] and tuple(produced["quantization"]) == tuple(wanted["quantization"]):
+            return features
+        return quantise(dequantise(features, produced), wanted)
+
+    def run(self, images: np.ndarray) -> CascadeRun:
+        exits, probabilities, seconds = [], [], []
+        for image in images:
+            started = time.perf_counter()
+            index, probs = self.classify(image)
+            seconds.append(time.perf_counter() - started)
+            exits.append(index)
+            probabilities.append(probs)
+        return CascadeRun(np.array(exits), probabilities, np.array(seconds))
+
+
+def time_signature(runner: Runner, sample: np.ndarray, runs: int, warmup: int = 10) -> np.ndarray:
+    """Wall time of one signature call on an already-quantised sample, in seconds per run."""
+    quantised = runner.quantise(sample)
+    for _ in range(warmup):
+        runner.raw(quantised)
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        runner.raw(quantised)
+        times.append(time.perf_counter() - started)
+    return np.array(times)

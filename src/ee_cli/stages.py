@@ -1,0 +1,62 @@
+"""Cut a flat multi-exit model into sub-models: the network up to an exit, and the stages of a
+cascade (stage k: the previous graft point's activations in -> the next graft point's activations
+and exit k's probabilities out), so an engine can stop early without recomputing shared layers.
+
+The sub-models reuse the bundle's layer objects (weights shared, nothing copied).
+"""
+
+from __future__ import annotations
+
+from ee_cli import compat
+from ee_cli.graft import LayerGraph, layer_graph
+
+
+def _ancestors(graph: LayerGraph, names: list[str]) -> set[str]:
+    seen, stack = set(), list(names)
+    while stack:
+        name = stack.pop()
+        if name not in seen:
+            seen.add(name)
+            stack.extend(graph.producers[name])
+    return seen
+
+
+def segment(model, start: str | None, ends: list[str], name: str, softmax: tuple[str, ...] = ()):
+    """A Keras model from the output of layer `start` (or the model input) to the layers `ends`.
+
+    Outputs listed in `softmax` get a softmax, so engines threshold probabilities.
+    """
+    keras = compat.keras()
+    graph = layer_graph(model)
+    needed = _ancestors(graph, ends)
+    if start is None:
+        start_layer = model.layers[0]
+        inputs = keras.Input(tuple(model.input_shape[1:]), name="pixels")
+        skip = {start_layer.name}
+    else:
+        inputs = keras.Input(tuple(model.get_layer(start).output.shape[1:]), name="features")
+        skip = _ancestors(graph, [start])
+    tensors = {start or model.layers[0].name: inputs}
+    for layer_name in graph.order:
+        if layer_name not in needed or layer_name in skip:
+            continue
+        sources = [tensors[source] for source in graph.producers[layer_name]]
+        layer = model.get_layer(layer_name)
+        tensors[layer_name] = layer(sources if len(sources) > 1 else sources[0])
+    outputs = {}
+    for end in ends:
+        tensor = tensors[end]
+        if end in softmax:
+            tensor = keras.layers.Softmax(name=f"{end}_probabilities")(tensor)
+        outputs[end] = tensor
+    return keras.Model(inputs, outputs, name=name)
+
+
+def cascade_stages(model, graft_layers: list[str], exit_names: list[str]):
+    """One stage per enabled exit, then a last stage to the final exit."""
+    stages, start = [], None
+    for index, (graft, exit_name) in enumerate(zip(graft_layers, exit_names)):
+        stages.append(segment(model, start, [graft, exit_name], f"stage_{index}", softmax=(exit_name,)))
+        start = graft
+    stages.append(segment(model, start, ["final"], f"stage_{len(graft_layers)}", softmax=("final",)))
+    return stages
