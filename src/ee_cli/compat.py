@@ -42,22 +42,27 @@ def tf():
 
 
 @contextlib.contextmanager
-def native_logs_silenced():
+def native_logs_silenced(descriptors: tuple[int, ...] = (2,)):
     """TF 2.21 and LiteRT log through absl regardless of TF_CPP_MIN_LOG_LEVEL (oneDNN, CUDA and
-    XNNPACK notices), straight to file descriptor 2: point it at /dev/null while they start.
-    EE_TF_LOGS=1 keeps them."""
+    XNNPACK notices), and the TFLite converter prints its calibration settings, straight to the file
+    descriptors: point them at /dev/null meanwhile. EE_TF_LOGS=1 keeps them."""
     if os.environ.get("EE_TF_LOGS"):
         yield
         return
+    sys.stdout.flush()
     sys.stderr.flush()
-    saved = os.dup(2)
+    saved = {fd: os.dup(fd) for fd in descriptors}
     try:
         with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-        yield
+            for fd in descriptors:
+                os.dup2(devnull.fileno(), fd)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
     finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
 
 
 @functools.cache

@@ -199,7 +199,8 @@ def convert(signatures: list[Signature], config: ExportConfig) -> bytes:
         io_type = tf.uint8 if config.input_type == "uint8" else tf.int8
         converter.inference_input_type = io_type
         converter.inference_output_type = io_type
-    return converter.convert()
+    with compat.native_logs_silenced((1, 2)):
+        return converter.convert()
 
 
 def _tf_function(signature: Signature):

@@ -88,6 +88,16 @@ class CascadeEngine:
             carried = self._hand_on(raw["features"], stage.outputs["features"], self.stages[index + 1].input_detail)
         raise AssertionError("unreachable")
 
+    def every_exit(self, pixels: np.ndarray) -> list[np.ndarray]:
+        """Run all stages, ignoring thresholds: every exit's probabilities (for checks)."""
+        carried, found = self.stages[0].quantise(pixels[None].astype(np.float32)), []
+        for index, stage in enumerate(self.stages):
+            raw = stage.raw(carried)
+            found.append(dequantise(raw["probabilities"], stage.outputs["probabilities"])[0])
+            if index < len(self.stages) - 1:
+                carried = self._hand_on(raw["features"], stage.outputs["features"], self.stages[index + 1].input_detail)
+        return found
+
     @staticmethod
     def _hand_on(features: np.ndarray, produced: dict, wanted: dict) -> np.ndarray:
         if produced["dtype"] == wanted["dtype"] and tuple(produced["quantization"]) == tuple(wanted["quantization"]):

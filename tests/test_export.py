@@ -1,0 +1,104 @@
+"""`ee export --tflite` and `ee run`. LiteRT runs in subprocesses: an abort there is a failed test,
+not a dead test run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import one_line_error, run_ee
+from ee_cli.attach import attach
+from ee_cli.config import AttachConfig, EvaluateConfig, PersonaliseConfig
+from ee_cli.evaluate import evaluate
+from ee_cli.personalise import personalise
+from test_personalise import coloured_photos, labelled_folder
+
+COMPARE = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    from pathlib import Path
+    from ee_cli import litert, photos
+    folder, data = Path(sys.argv[1]), Path(sys.argv[2])
+    manifest = json.loads((folder / "manifest.json").read_text())
+    names = manifest["cascade"]["stops_after"]
+    images = photos.load_array(photos.scan_unlabelled(data).paths[:100], 32).astype(np.float32)
+    engine = litert.CascadeEngine(folder / "cascade.tflite", [2.0] * (len(names) - 1), 1)
+    multi = litert.Runner(litert.interpreter(folder / "multi_exit.tflite", 1), "serving_default")
+    diffs, agree = {n: 0.0 for n in names}, {n: 0 for n in names}
+    for image in images:
+        staged, together = engine.every_exit(image), multi(image[None])
+        for name, probabilities in zip(names, staged):
+            other = together[name][0]
+            diffs[name] = max(diffs[name], float(np.abs(probabilities - other).max()))
+            agree[name] += int(probabilities.argmax() == other.argmax())
+    print(json.dumps({"photos": len(images), "max_diff": diffs, "agreement": {n: a / len(images) for n, a in agree.items()}}))
+    """
+)
+
+
+@pytest.fixture
+def calibrated(workspace):
+    attach(AttachConfig(backbone="cifar_resnet9", out="B", classes="r,g,b,x,y"))
+    coloured_photos(workspace / "photos", 120)
+    personalise(PersonaliseConfig(data="photos", bundle="B", out="P", epochs=2, batch=16, views=1, personal_classes="r,g,b", exit_target=0.0))
+    labelled_folder(workspace / "test", ["r", "g", "b"], per_class=12)
+    evaluate(EvaluateConfig(data="test", bundle="P", out="C", latency_runs=1, max_drop=100.0))
+    return workspace / "C"
+
+
+def _compare(folder, data) -> dict:
+    done = subprocess.run([sys.executable, "-c", COMPARE, str(folder), str(data)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout)
+
+
+@pytest.mark.parametrize(("mode", "tolerance", "agreement"), [("none", 1e-5, 1.0), ("int8_full", 0.05, 0.99)])
+def test_cascade_matches_the_multi_exit_model(workspace, calibrated, mode, tolerance, agreement):
+    result = run_ee("export", "--tflite", "--quant", mode, "--out", f"E-{mode}", "--validate", "test", "--json", cwd=workspace, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    manifest = json.loads(result.stdout)["manifest"]
+    assert set(manifest["files"]) >= {"multi_exit.tflite", "final.tflite", "cascade.tflite"}
+    assert manifest["validation"]["passed"] and manifest["validation"]["labelled"]
+    assert all(entry["finite"] for entry in manifest["validation"]["exits"].values())
+    assert manifest["input"]["dtype"] == ("uint8" if mode == "int8_full" else "float32")
+    assert manifest["cascade"]["weights"].startswith("shared")
+    enabled = [e["name"] for e in manifest["exits"] if e["enabled"]]
+    assert manifest["cascade"]["stops_after"] == [*enabled, "final"] and len(enabled) >= 1
+    compared = _compare(workspace / f"E-{mode}", workspace / "photos")
+    assert compared["photos"] == 100
+    assert max(compared["max_diff"].values()) <= tolerance, compared
+    assert min(compared["agreement"].values()) >= agreement, compared
+
+
+def test_run_reports_the_cascade_beside_the_full_model(workspace, calibrated):
+    assert run_ee("export", "--tflite", "--quant", "none", "--out", "E", cwd=workspace, timeout=300).returncode == 0
+    result = run_ee("run", "--tflite", "E", "--data", "test", "--json", cwd=workspace, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert report["photos"] == 36 and sum(report["histogram"].values()) == 36
+    assert report["cascade_ms"]["mean"] > 0 and report["full_ms"]["mean"] > 0 and 0 <= report["accuracy"] <= 1
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--quant", "int8_full"], "int8"),
+        (["--tflite", "--quant", "int4"], "--quant"),
+        (["--tflite", "--quant", "int8_full", "--calibration", "few"], "at least 100"),
+        (["--tflite", "--out", "notes"], "not an ee export"),
+    ],
+)
+def test_user_mistakes_are_one_line(workspace, cli, args, expected):
+    attach(AttachConfig(backbone="cifar_resnet9", out="B", classes="r,g,b,x,y"))
+    coloured_photos(workspace / "few", 20)
+    (workspace / "notes").mkdir()
+    (workspace / "notes" / "mine.txt").write_text("keep")
+    if "--quant" in args and args[0] != "--tflite":
+        assert "--tflite" in one_line_error(cli("export", *args))
+    else:
+        assert expected in one_line_error(cli("export", *args, "--exist-ok"))
