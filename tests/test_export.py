@@ -59,7 +59,8 @@ def _compare(folder, data) -> dict:
 
 @pytest.mark.parametrize(("mode", "tolerance", "agreement"), [("none", 1e-5, 1.0), ("int8_full", 0.05, 0.99)])
 def test_cascade_matches_the_multi_exit_model(workspace, calibrated, mode, tolerance, agreement):
-    result = run_ee("export", "--tflite", "--quant", mode, "--out", f"E-{mode}", "--validate", "test", "--json", cwd=workspace, timeout=300)
+    # A near-random tiny model: a single photo moves accuracy by 2.8 points, so no accuracy bound here.
+    result = run_ee("export", "--tflite", "--quant", mode, "--out", f"E-{mode}", "--validate", "test", "--max-accuracy-drop", "100", "--json", cwd=workspace, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     manifest = json.loads(result.stdout)["manifest"]
     assert set(manifest["files"]) >= {"multi_exit.tflite", "final.tflite", "cascade.tflite"}
