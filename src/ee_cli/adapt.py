@@ -39,29 +39,37 @@ def resolve_adapt_count(spec: str, available: int) -> int:
     return count
 
 
-def adapt_batchnorm(model, batches, count: int) -> list[str]:
+def adapt_batchnorm(model, batches, count: int, rounds: int = 4) -> list[str]:
     """Set the moving mean and variance of the first `count` BN layers to those of the photos.
 
-    Exact and deterministic: layer by layer, each layer's statistics are computed over every photo
-    with the layers before it already adapted (the BN layers are frozen, so `training=True` would
-    change nothing; we compute the statistics ourselves). `batches` is a callable returning an
-    iterable of uint8 image batches. Returns the adapted layers' names.
+    The BN layers are frozen, so `training=True` would change nothing; we compute the statistics
+    ourselves, in passes over the photos that collect every adapted layer's input at once. A layer's
+    input depends on the layers before it, so after pass r the first r layers hold their exact
+    statistics; later ones converge (up to `rounds` passes: exact for `count <= rounds`, the cost of
+    a few passes however deep the backbone). `batches` returns an iterable of uint8 image batches.
+    Returns the adapted layers' names.
     """
     keras = compat.keras()
     layers = backbone_batchnorms(model)[:count]
-    for layer in layers:
-        probe = keras.Model(model.inputs, layer.input)
-        total, total_sq, n = 0.0, 0.0, 0
+    if not layers:
+        return []
+    probe = keras.Model(model.inputs, [layer.input for layer in layers])
+    for _ in range(min(count, rounds)):
+        totals = [0.0] * len(layers)
+        squares = [0.0] * len(layers)
+        counts = [0] * len(layers)
         for images in batches():
-            features = probe(np.asarray(images, np.float32), training=False).numpy().astype(np.float64)
-            flat = features.reshape(-1, features.shape[-1])
-            total = total + flat.sum(axis=0)
-            total_sq = total_sq + (flat**2).sum(axis=0)
-            n += flat.shape[0]
-        mean = total / n
-        variance = np.maximum(total_sq / n - mean**2, 0.0)
-        layer.moving_mean.assign(mean.astype(np.float32))
-        layer.moving_variance.assign(variance.astype(np.float32))
+            features = probe(np.asarray(images, np.float32), training=False)
+            features = features if isinstance(features, (list, tuple)) else [features]
+            for index, values in enumerate(features):
+                flat = values.numpy().astype(np.float64).reshape(-1, values.shape[-1])
+                totals[index] = totals[index] + flat.sum(axis=0)
+                squares[index] = squares[index] + (flat**2).sum(axis=0)
+                counts[index] += flat.shape[0]
+        for layer, total, square, n in zip(layers, totals, squares, counts):
+            mean = total / n
+            layer.moving_mean.assign(mean.astype(np.float32))
+            layer.moving_variance.assign(np.maximum(square / n - mean**2, 0.0).astype(np.float32))
     return [layer.name for layer in layers]
 
 
