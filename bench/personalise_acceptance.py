@@ -58,6 +58,27 @@ def bn_sweep(attached: Path, user: scenarios.User) -> list[dict]:
     return rows
 
 
+def sweep_only(generic: Path, data: dict, seeds: list[int], conditions: list[str], ks: list[int], work: Path) -> list[dict]:
+    """BN statistics only on users the default (adapt the first half) was not tuned on."""
+    rows = []
+    for condition in conditions:
+        for k in ks:
+            for seed in seeds:
+                user = scenarios.make_user(data, seed, k=k, condition=condition, unlabelled=1500)
+                attached = work / f"sweep-{condition}-{k}-{seed}"
+                attach(AttachConfig(backbone=str(generic), classes=",".join(cifar10.CLASSES), exits=(0.2, 0.4, 0.8), out=str(attached)))
+                logits = predict(bundle.read_bundle(attached).load_model(), "final", user.test)
+                rows.append({"condition": condition, "k": k, "seed": seed, "classes": list(user.classes),
+                             "restricted_true_classes": restricted_accuracy(logits, user.classes, user.test_y), "bn_sweep": bn_sweep(attached, user)})
+                best = max(rows[-1]["bn_sweep"], key=lambda r: r["accuracy_inferred"])
+                auto = rows[-1]["bn_sweep"][4]
+                print(json.dumps({"condition": condition, "k": k, "seed": seed, "restricted": rows[-1]["restricted_true_classes"],
+                                  "auto_4": auto["accuracy_inferred"], "auto_exact": auto["inferred_exactly"], "best_n": best["adapted"],
+                                  "best": best["accuracy_inferred"], "all_8": rows[-1]["bn_sweep"][8]["accuracy_inferred"],
+                                  "all_8_exact": rows[-1]["bn_sweep"][8]["inferred_exactly"]}), flush=True)
+    return rows
+
+
 def run_user(generic: Path, data: dict, seed: int, labels: int, epochs: int, work: Path, whole_network: bool) -> dict:
     user = scenarios.make_user(data, seed, k=3, condition="colour_cast", unlabelled=1500, labelled_per_class=labels)
     folders = scenarios.write_user(user, work / f"user{seed}-L{labels}")
@@ -89,6 +110,12 @@ def run_user(generic: Path, data: dict, seed: int, labels: int, epochs: int, wor
         predictions = np.asarray(personal)[predict(model, output, user.test).argmax(1)]
         row[f"ee_{output}"] = float(np.mean(predictions == user.test_y))
     row["exits_enabled"] = [e["name"] for e in result.meta["exits"] if e["enabled"]]
+    if labels == 0 and whole_network:
+        ablation = personalise(PersonaliseConfig(
+            data=str(folders["unlabelled"]), bundle=str(attached), out=str(work / f"all{seed}"), epochs=epochs, seed=seed, quiet=True, personal_classes="all",
+        ))
+        model_all = bundle.read_bundle(ablation.bundle_path).load_model()
+        row["ablation_all_classes"] = {output: float(np.mean(predict(model_all, output, user.test).argmax(1) == user.test_y)) for output in ["exit_0", "exit_1", "exit_2", "final"]}
     if whole_network:
         labelled_y = np.array([personal.index(c) for c in user.labelled_y], np.int32)
         model, seconds = finetune_whole_network(str(generic), user.unlabelled, user.labelled, labelled_y, personal, epochs, seed=seed)
@@ -118,8 +145,15 @@ def main() -> None:
     parser.add_argument("--labels", default="0,10")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--whole-network", action="store_true", help="also fine-tune the whole network once (seed 0, 0 labels)")
+    parser.add_argument("--bn-sweep-only", default="", help="conditions to sweep BN-only adaptation on (no training), e.g. low_light,blur")
     args = parser.parse_args()
     data = cifar10.load()
+    if args.bn_sweep_only:
+        with tempfile.TemporaryDirectory() as scratch:
+            rows = sweep_only(args.generic, data, [int(x) for x in args.seeds.split(",")], args.bn_sweep_only.split(","), [2, 3], Path(scratch))
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / f"bn-sweep-{date.today().isoformat()}.json").write_text(json.dumps(rows, indent=2) + "\n")
+        return
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for labels in [int(x) for x in args.labels.split(",")]:

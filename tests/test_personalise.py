@@ -178,3 +178,18 @@ def test_kill_9_then_resume_ends_bit_identical_to_an_uninterrupted_run(workspace
     for layer in straight.layers:
         for a, b in zip(layer.get_weights(), again.get_layer(layer.name).get_weights()):
             np.testing.assert_array_equal(a, b, err_msg=layer.name)
+
+
+def test_more_photos_continue_from_a_personalised_bundle(workspace, attached, cli):
+    coloured_photos(workspace / "photos", 24)
+    assert cli("personalise", "--data", "photos", "--personal-classes", "r,g,b", "--out", "P1", *QUICK).exit_code == 0
+    coloured_photos(workspace / "photos", 48, seed=2)
+    result = cli("personalise", "--from", "P1", "--data", "photos", "--personal-classes", "r,g,b", "--out", "P2", *QUICK)
+    assert result.exit_code == 0, result.output
+    meta = json.loads((workspace / "P2" / "ee.json").read_text())
+    assert [step["command"] for step in meta["provenance"]] == ["attach", "personalise", "personalise"]
+    before = bundle.read_bundle(workspace / "P1").load_model()
+    after = bundle.read_bundle(workspace / "P2").load_model()
+    # The generic teacher is carried over untouched; the personal heads keep training.
+    np.testing.assert_array_equal(before.get_layer("predictions").get_weights()[0], after.get_layer("predictions").get_weights()[0])
+    assert after.output_names == ["exit_0", "exit_1", "exit_2", "final", "generic"]
