@@ -82,13 +82,16 @@ def _jpeg(image: np.ndarray, quality: int) -> np.ndarray:
     return np.asarray(Image.open(buffer).convert("RGB"))
 
 
-def write_user(user: User, root: Path) -> dict[str, Path]:
-    """root/unlabelled/*.png, root/labelled/<class>/*.png, root/test/<class>/*.png."""
+def write_user(user: User, root: Path, held_out: int = 0) -> dict[str, Path]:
+    """root/unlabelled/*.png, root/labelled/<class>/*.png, root/test/<class>/*.png, and with
+    `held_out` the last that many unlabelled photos in root/heldout/ instead (for label-free
+    calibration: never used to personalise)."""
     from PIL import Image
 
-    folders = {"unlabelled": root / "unlabelled", "labelled": root / "labelled", "test": root / "test"}
+    folders = {"unlabelled": root / "unlabelled", "labelled": root / "labelled", "test": root / "test", "heldout": root / "heldout"}
+    cut = len(user.unlabelled) - held_out
     for index, image in enumerate(user.unlabelled):
-        _save(Image.fromarray(image), folders["unlabelled"] / f"{index:05d}.png")
+        _save(Image.fromarray(image), folders["unlabelled" if index < cut else "heldout"] / f"{index:05d}.png")
     for split, images, labels in (("labelled", user.labelled, user.labelled_y), ("test", user.test, user.test_y)):
         for index, (image, label) in enumerate(zip(images, labels)):
             _save(Image.fromarray(image), folders[split] / cifar10.CLASSES[label] / f"{index:05d}.png")
@@ -98,3 +101,26 @@ def write_user(user: User, root: Path) -> dict[str, Path]:
 def _save(image, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
+
+
+def main() -> None:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="Write one user's photo folders from CIFAR-10.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--k", type=int, default=3, help="number of classes")
+    parser.add_argument("--condition", choices=CONDITIONS, default=None, help="default: drawn with the seed")
+    parser.add_argument("--unlabelled", type=int, default=1500)
+    parser.add_argument("--held-out", type=int, default=0, help="extra unlabelled photos written to heldout/")
+    parser.add_argument("--labels", type=int, default=0, help="labelled photos per class")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    user = make_user(cifar10.load(), args.seed, args.k, args.condition, args.unlabelled + args.held_out, args.labels)
+    write_user(user, args.out, args.held_out)
+    print(json.dumps({"classes": user.class_names, "condition": user.condition, "unlabelled": args.unlabelled, "held_out": args.held_out,
+                      "labelled": len(user.labelled), "test": len(user.test)}))
+
+
+if __name__ == "__main__":
+    main()

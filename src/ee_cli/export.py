@@ -274,6 +274,7 @@ def _manifest(meta, source: Path, config, files, enabled, staging: Path, validat
             {k: e.get(k) for k in ("name", "graft_layer", "relative_depth", "cumulative_mflops", "threshold", "enabled")}
             for e in meta["exits"]
         ],
+        "final_mflops": meta["final"]["cumulative_mflops"],
         "files": sizes,
         "total_bytes": sum(sizes.values()),
         "cascade": {

@@ -74,7 +74,7 @@ class CascadeEngine:
         self.interpreter = interpreter(path, threads)
         keys = sorted(self.interpreter.get_signature_list(), key=lambda k: int(k.rsplit("_", 1)[1]))
         self.stages = [Runner(self.interpreter, key) for key in keys]
-        self.thresholds = list(thresholds)
+        self.thresholds = [2.0 if t is None else t for t in thresholds]  # None: never calibrated, never leaves
         if len(self.thresholds) != len(self.stages) - 1:
             raise ValueError(f"{len(self.stages)} stages need {len(self.stages) - 1} thresholds")
 
@@ -87,6 +87,46 @@ class CascadeEngine:
                 return index, probabilities
             carried = self._hand_on(raw["features"], stage.outputs["features"], self.stages[index + 1].input_detail)
         raise AssertionError("unreachable")
+
+    def stage_inputs(self, pixels: np.ndarray) -> list[np.ndarray]:
+        """What each stage receives for this photo (already in the stage's dtype)."""
+        carried, inputs = self.stages[0].quantise(pixels[None].astype(np.float32)), []
+        for index, stage in enumerate(self.stages):
+            inputs.append(carried)
+            if index < len(self.stages) - 1:
+                raw = stage.raw(carried)
+                carried = self._hand_on(raw["features"], stage.outputs["features"], self.stages[index + 1].input_detail)
+        return inputs
+
+    def stage_seconds(self, pixels: np.ndarray, runs: int) -> list[np.ndarray]:
+        """Per stage, wall times of `runs` calls on this photo's activations."""
+        timings = []
+        for stage, carried in zip(self.stages, self.stage_inputs(pixels)):
+            for _ in range(10):
+                stage.raw(carried)
+            times = []
+            for _ in range(runs):
+                started = time.perf_counter()
+                stage.raw(carried)
+                times.append(time.perf_counter() - started)
+            timings.append(np.array(times))
+        return timings
+
+    def seconds_to_exit(self, pixels: np.ndarray, index: int, runs: int) -> np.ndarray:
+        """Wall times of classifying this photo when it leaves at exit `index` (the engine's own path)."""
+        saved = self.thresholds
+        self.thresholds = [2.0] * index + [-1.0] * (len(saved) - index)
+        try:
+            for _ in range(10):
+                self.classify(pixels)
+            times = []
+            for _ in range(runs):
+                started = time.perf_counter()
+                self.classify(pixels)
+                times.append(time.perf_counter() - started)
+        finally:
+            self.thresholds = saved
+        return np.array(times)
 
     def every_exit(self, pixels: np.ndarray) -> list[np.ndarray]:
         """Run all stages, ignoring thresholds: every exit's probabilities (for checks)."""
@@ -115,14 +155,3 @@ class CascadeEngine:
         return CascadeRun(np.array(exits), probabilities, np.array(seconds))
 
 
-def time_signature(runner: Runner, sample: np.ndarray, runs: int, warmup: int = 10) -> np.ndarray:
-    """Wall time of one signature call on an already-quantised sample, in seconds per run."""
-    quantised = runner.quantise(sample)
-    for _ in range(warmup):
-        runner.raw(quantised)
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        runner.raw(quantised)
-        times.append(time.perf_counter() - started)
-    return np.array(times)
