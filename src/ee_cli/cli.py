@@ -284,6 +284,8 @@ def export_command(
     calibration: Annotated[Optional[str], typer.Option(help="Photos for int8 calibration (default: the person's photos recorded in the bundle; at least 100).", rich_help_panel="Photos")] = None,
     validate: Annotated[Optional[str], typer.Option(help="Held-out photos to validate against Keras (labelled adds accuracy; default: calibration-folder photos not used to calibrate).", rich_help_panel="Photos")] = None,
     max_accuracy_drop: Annotated[Optional[float], typer.Option(help="Fail (exit 1) if an exit loses more points than this against float Keras (default 1).", rich_help_panel="Photos")] = None,
+    calibration_photos: Annotated[Optional[int], typer.Option(help="Photos used to calibrate int8 (default 200).", rich_help_panel="Photos")] = None,
+    validation_photos: Annotated[Optional[int], typer.Option(help="Photos used to validate (default 300).", rich_help_panel="Photos")] = None,
     threads: Annotated[Optional[int], typer.Option(help="LiteRT threads for validation (default 1).", rich_help_panel="Run")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.", rich_help_panel="Run")] = False,
     out: Annotated[Optional[str], typer.Option("--out", help="Output folder (default: exports/<bundle>-<mode>, numbered if taken).", rich_help_panel="Output")] = None,
@@ -302,7 +304,7 @@ def export_command(
 
         flags = dict(
             quant=quant, input_type=input_type, bundle=bundle, calibration=calibration, validate=validate,
-            max_accuracy_drop=max_accuracy_drop, threads=threads, quiet=quiet or None, out=out,
+            max_accuracy_drop=max_accuracy_drop, calibration_photos=calibration_photos, validation_photos=validation_photos, threads=threads, quiet=quiet or None, out=out,
             exist_ok=exist_ok or None, seed=seed,
         )
         settings = resolve(ExportConfig, "export", config, flags)
