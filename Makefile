@@ -17,8 +17,7 @@ test: install
 	$(BIN)/pytest -q
 
 demo: install
-	mkdir -p build/demo
-	cd build/demo && ../../$(BIN)/ee attach --backbone cifar_resnet9 --exist-ok --out bundles/demo
+	bash scripts/demo.sh
 
 clean:
 	rm -rf build bundles runs .pytest_cache

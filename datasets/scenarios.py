@@ -26,13 +26,15 @@ class User:
     labelled_y: np.ndarray  # CIFAR-10 class indices
     test: np.ndarray
     test_y: np.ndarray
+    names: tuple[str, ...] = cifar10.CLASSES  # every class of the data set
 
     @property
     def class_names(self) -> list[str]:
-        return [cifar10.CLASSES[c] for c in self.classes]
+        return [self.names[c] for c in self.classes]
 
 
-def make_user(data: dict, seed: int, k: int = 3, condition: str | None = None, unlabelled: int = 1500, labelled_per_class: int = 0) -> User:
+def make_user(data: dict, seed: int, k: int = 3, condition: str | None = None, unlabelled: int = 1500, labelled_per_class: int = 0,
+              names: tuple[str, ...] = cifar10.CLASSES) -> User:
     rng = np.random.default_rng([seed, 1234])
     classes = tuple(sorted(int(c) for c in rng.choice(10, size=k, replace=False)))
     condition = condition or CONDITIONS[int(rng.integers(len(CONDITIONS)))]
@@ -52,6 +54,7 @@ def make_user(data: dict, seed: int, k: int = 3, condition: str | None = None, u
         data["y_train"][labelled_index],
         apply(data["x_test"][test_index]),
         data["y_test"][test_index],
+        names,
     )
 
 
@@ -94,7 +97,7 @@ def write_user(user: User, root: Path, held_out: int = 0) -> dict[str, Path]:
         _save(Image.fromarray(image), folders["unlabelled" if index < cut else "heldout"] / f"{index:05d}.png")
     for split, images, labels in (("labelled", user.labelled, user.labelled_y), ("test", user.test, user.test_y)):
         for index, (image, label) in enumerate(zip(images, labels)):
-            _save(Image.fromarray(image), folders[split] / cifar10.CLASSES[label] / f"{index:05d}.png")
+            _save(Image.fromarray(image), folders[split] / user.names[label] / f"{index:05d}.png")
     return folders
 
 

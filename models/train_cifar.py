@@ -47,13 +47,14 @@ def augment(images, labels):
     return tf.image.random_crop(padded, tf.shape(images)), labels
 
 
-def train(epochs: int, batch: int, seed: int, out: Path) -> dict:
+def train(epochs: int, batch: int, seed: int, out: Path, data: dict | None = None, width: int = 32, description: str = "") -> dict:
+    """Train ee's ResNet-9 on `data` (default CIFAR-10), save it to `out`, report its test accuracy."""
     tf = compat.tf()
     keras = compat.keras()
     compat.seed_everything(seed)
-    data = cifar10.load()
+    data = data if data is not None else cifar10.load()
     x_train, y_train = data["x_train"].astype("float32"), data["y_train"]
-    model = backbones.cifar_resnet9(32, 10)
+    model = backbones.cifar_resnet9(32, 10, width=width)
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.momentum = 0.9
@@ -82,7 +83,7 @@ def train(epochs: int, batch: int, seed: int, out: Path) -> dict:
     partial.replace(out)
     report = {
         "model": str(out),
-        "architecture": "cifar_resnet9 (half width: 32-64-128-256), 95.26 MMACs at 32x32",
+        "architecture": description or "cifar_resnet9 (half width: 32-64-128-256), 95.26 MMACs at 32x32",
         "test_accuracy": accuracy,
         "train_seconds": round(seconds, 1),
         "epochs": epochs,

@@ -91,6 +91,7 @@ def evaluate(config: EvaluateConfig, progress=None) -> EvaluateResult:
         "latency_ms": latency,
     }
     plot = run_dir / "accuracy_vs_cost.png"
+    metrics["plot"] = str(plot)
     from ee_cli.plots import plot_operating_curve
 
     sweep = _shared_threshold_sweep(confidences[:, report], correct[:, report], costs, latency)
