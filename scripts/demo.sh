@@ -12,7 +12,7 @@ demo="$repo/datasets/demo"
 set -x
 "$ee" attach --backbone "$repo/models/fashion_resnet9.h5" --classes "$repo/models/fashion_classes.txt" --exits 0.2,0.4,0.8 --out bundles/generic
 "$ee" personalise --data "$demo/unlabelled"
-"$ee" evaluate --data "$demo/test" --use match-generic --json > evaluate.json
+"$ee" evaluate --data "$demo/test" --use keep --json > evaluate.json
 "$ee" export --tflite --quant int8_full --validate "$demo/test" --max-accuracy-drop 2
 "$ee" run --tflite "$(ls -d exports/*)" --data "$demo/test" --json > run.json
 set +x

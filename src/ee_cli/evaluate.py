@@ -60,7 +60,7 @@ def evaluate(config: EvaluateConfig, progress=None) -> EvaluateResult:
     labelled = found.labels is not None
     truth = found.labels if labelled else predictions[-1]
     correct = (predictions == truth[None, :]).astype(np.int8)
-    confidences = np.stack([policy.confidence(p, config.criterion) for p in probabilities[:-1]])
+    confidences = _enabled_only(np.stack([policy.confidence(p, config.criterion) for p in probabilities[:-1]]), meta)
     costs = _costs(meta)
     calibrate, report = policy.split(len(found.paths), config.calibrate_split, config.seed)
     references = {"final": correct[-1]}
@@ -69,7 +69,7 @@ def evaluate(config: EvaluateConfig, progress=None) -> EvaluateResult:
         baselines = _baselines(config, source, meta, found, size)
         references |= {name: values["correct"] for name, values in baselines.items()}
     progress("Running the model once over the photos", 1.0, "")
-    points = _operating_points(config, confidences, correct, references, calibrate, report, costs, labelled, model, outputs, size, output_classes)
+    points = _operating_points(config, confidences, correct, references, calibrate, report, costs, labelled, model, meta, size, output_classes)
     if config.use not in points:
         raise UserError(f"--use {config.use}: that operating point needs {'labelled photos' if config.use.startswith('match') else '--calibrate-on'}")
     progress("Measuring latency", 0.0, "")
@@ -152,6 +152,14 @@ def _probabilities(model, outputs: list[str], paths, size: int) -> list[np.ndarr
     return [np.concatenate(store) for store in collected]
 
 
+def _enabled_only(confidences: np.ndarray, meta) -> np.ndarray:
+    """Exits that personalisation left off (held-out score below its target) never take photos."""
+    off = np.array([not e["enabled"] for e in meta["exits"]], bool)
+    if "personalised" not in meta["final"]:
+        return confidences  # an attached bundle: nothing has been switched on or off yet
+    return np.where(off[:, None], -np.inf, confidences)
+
+
 def _costs(meta) -> np.ndarray:
     """MACs of leaving at each exit (every earlier head runs too) and at the final exit."""
     heads = [e.get("head_macs", 0) for e in meta["exits"]]
@@ -176,7 +184,7 @@ def _baselines(config, source, meta, found: Photos, size: int) -> dict[str, dict
     output = GENERIC_OUTPUT if GENERIC_OUTPUT in model.output_names else "final"
     logits = _probabilities(model, [output], found.paths, size)[0]
     classes = np.array(generic_bundle.meta["classes"])
-    personal = meta.get("personal_classes") or list(classes)
+    personal = sorted(set(found.labels), key=list(classes).index)  # the person's true classes: those of their labelled photos
     keep = np.isin(classes, personal)
     restricted = classes[np.where(keep[None, :], logits, -np.inf).argmax(axis=1)]
     note = f"{generic_bundle.path} ({how})"
@@ -186,7 +194,7 @@ def _baselines(config, source, meta, found: Photos, size: int) -> dict[str, dict
     }
 
 
-def _operating_points(config, confidences, correct, references, calibrate, report, costs, labelled, model, outputs, size, output_classes) -> dict[str, dict]:
+def _operating_points(config, confidences, correct, references, calibrate, report, costs, labelled, model, meta, size, output_classes) -> dict[str, dict]:
     z = config.margin_z
     wanted = {"keep": ("final", policy.max_drop(config.max_drop / 100, z))}
     if labelled:
@@ -196,7 +204,7 @@ def _operating_points(config, confidences, correct, references, calibrate, repor
         thresholds = policy.greedy_thresholds(confidences[:, calibrate], correct[:, calibrate], references[reference][calibrate], constraint)
         points[name] = _report(name, reference, thresholds, confidences, correct, references[reference], report, costs)
     if config.calibrate_on:
-        points["label-free"] = _label_free(config, model, outputs, size, output_classes, confidences, correct, report, costs)
+        points["label-free"] = _label_free(config, model, meta, size, output_classes, confidences, correct, report, costs)
     return points
 
 
@@ -218,13 +226,14 @@ def _report(name, reference_name, thresholds, confidences, correct, reference, r
     }
 
 
-def _label_free(config, model, outputs, size, output_classes, confidences, correct, report, costs) -> dict[str, Any]:
+def _label_free(config, model, meta, size, output_classes, confidences, correct, report, costs) -> dict[str, Any]:
     """Calibrate on held-out unlabelled photos by agreement with the final exit, as a phone would."""
     held = photos.scan_unlabelled(Path(config.calibrate_on))
+    outputs = [e["name"] for e in meta["exits"]] + ["final"]
     probabilities = _probabilities(model, outputs, held.paths, size)
     predictions = np.stack([output_classes[p.argmax(axis=1)] for p in probabilities])
     agree = (predictions == predictions[-1][None, :]).astype(np.int8)
-    held_conf = np.stack([policy.confidence(p, config.criterion) for p in probabilities[:-1]])
+    held_conf = _enabled_only(np.stack([policy.confidence(p, config.criterion) for p in probabilities[:-1]]), meta)
     thresholds = policy.greedy_thresholds(held_conf, agree, agree[-1], policy.max_drop(config.max_drop / 100, config.margin_z))
     point = _report("label-free", "final", thresholds, confidences, correct, correct[-1], report, costs)
     return point | {"calibration_photos": len(held.paths)}
