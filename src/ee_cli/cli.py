@@ -98,7 +98,7 @@ def attach(
     classes: Annotated[Optional[str], typer.Option(help="Class names: a,b,c or a file with one per line (default: ImageNet's names, else 0..N-1).", rich_help_panel="Backbone")] = None,
     exits: Annotated[Optional[str], typer.Option(help="Exit positions as fractions of the backbone's FLOPs, each taken to the nearest block output (default 0.25,0.5,0.75).", rich_help_panel="Exits")] = None,
     exit_layers: Annotated[Optional[str], typer.Option(help="Graft onto these block-output layers instead (comma-separated names).", rich_help_panel="Exits")] = None,
-    head: Annotated[Optional[str], typer.Option(help="Exit head: light (pool -> dense -> dense) or conv (2 convs -> pool -> dense) (default light).", rich_help_panel="Exits")] = None,
+    head: Annotated[Optional[str], typer.Option(help="Exit head: light (pool -> dense -> dense), conv (2 convs -> pool -> dense, as in the paper) or auto: conv while graft maps are small enough to cache (32x32 photos), light otherwise (default auto).", rich_help_panel="Exits")] = None,
     out: Annotated[Optional[str], OUT_OPTION] = None,
     exist_ok: Annotated[bool, EXIST_OK_OPTION] = False,
     seed: Annotated[Optional[int], SEED_OPTION] = None,

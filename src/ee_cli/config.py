@@ -21,7 +21,7 @@ class AttachConfig:
     classes: str | None = None  # "a,b,c" or a file with one name per line
     exits: tuple[float, ...] = (0.25, 0.5, 0.75)
     exit_layers: tuple[str, ...] = ()
-    head: str = "light"
+    head: str = "auto"  # auto | light | conv
     out: str | None = None
     exist_ok: bool = False
     seed: int = 0

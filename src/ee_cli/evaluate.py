@@ -87,7 +87,8 @@ def evaluate(config: EvaluateConfig, progress=None) -> EvaluateResult:
         "exits": per_exit,
         "operating_points": points,
         "used": config.use,
-        "oracle": {"accuracy": oracle.accuracy, "mean_mflops": oracle.mean_cost * 2 / 1e6, "cut": costs[-1] / oracle.mean_cost, "shares": oracle.shares.tolist()},
+        "oracle": {"accuracy": oracle.accuracy, "mean_mflops": oracle.mean_cost * 2 / 1e6, "cut": _cut(meta, oracle.mean_cost), "shares": oracle.shares.tolist()},
+        "plain_mflops": meta["final"]["cumulative_mflops"],
         "latency_ms": latency,
     }
     plot = run_dir / "accuracy_vs_cost.png"
@@ -161,10 +162,15 @@ def _enabled_only(confidences: np.ndarray, meta) -> np.ndarray:
 
 
 def _costs(meta) -> np.ndarray:
-    """MACs of leaving at each exit (every earlier head runs too) and at the final exit."""
-    heads = [e.get("head_macs", 0) for e in meta["exits"]]
+    """MACs of leaving at each exit (every earlier enabled head runs too) and at the final exit."""
+    heads = [e.get("head_macs", 0) if e["enabled"] or "personalised" not in meta["final"] else 0 for e in meta["exits"]]
     exits = [e["cumulative_macs"] + sum(heads[:i]) for i, e in enumerate(meta["exits"])]
     return np.array([*exits, meta["final"]["cumulative_macs"] + sum(heads)], float)
+
+
+def _cut(meta, mean_cost: float) -> float:
+    """How many times fewer MACs than the plain model (the backbone without any exit head)."""
+    return float(meta["final"]["cumulative_macs"] / mean_cost)
 
 
 def _generic_source(config, source, meta) -> tuple[Any, str]:
@@ -202,13 +208,13 @@ def _operating_points(config, confidences, correct, references, calibrate, repor
     points = {}
     for name, (reference, constraint) in wanted.items():
         thresholds = policy.greedy_thresholds(confidences[:, calibrate], correct[:, calibrate], references[reference][calibrate], constraint)
-        points[name] = _report(name, reference, thresholds, confidences, correct, references[reference], report, costs)
+        points[name] = _report(meta, reference, thresholds, confidences, correct, references[reference], report, costs)
     if config.calibrate_on:
         points["label-free"] = _label_free(config, model, meta, size, output_classes, confidences, correct, report, costs)
     return points
 
 
-def _report(name, reference_name, thresholds, confidences, correct, reference, report, costs) -> dict[str, Any]:
+def _report(meta, reference_name, thresholds, confidences, correct, reference, report, costs) -> dict[str, Any]:
     taken = policy.exit_taken(confidences[:, report], thresholds)
     result = policy.outcome(taken, correct[:, report], costs)
     differences = reference[report].astype(float) - result.correct
@@ -221,7 +227,7 @@ def _report(name, reference_name, thresholds, confidences, correct, reference, r
         "drop_points": 100 * float(differences.mean()),
         "drop_ci95_points": [100 * low, 100 * high],
         "mean_mflops": result.mean_cost * 2 / 1e6,
-        "cut": float(costs[-1] / result.mean_cost),
+        "cut": _cut(meta, result.mean_cost),
         "shares": result.shares.tolist(),
     }
 
@@ -235,7 +241,7 @@ def _label_free(config, model, meta, size, output_classes, confidences, correct,
     agree = (predictions == predictions[-1][None, :]).astype(np.int8)
     held_conf = _enabled_only(np.stack([policy.confidence(p, config.criterion) for p in probabilities[:-1]]), meta)
     thresholds = policy.greedy_thresholds(held_conf, agree, agree[-1], policy.max_drop(config.max_drop / 100, config.margin_z))
-    point = _report("label-free", "final", thresholds, confidences, correct, correct[-1], report, costs)
+    point = _report(meta, "final", thresholds, confidences, correct, correct[-1], report, costs)
     return point | {"calibration_photos": len(held.paths)}
 
 

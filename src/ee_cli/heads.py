@@ -6,12 +6,26 @@ model output, and keeps the name intact when tfmot annotates the head's other la
 
 from __future__ import annotations
 
+import numpy as np
+
 from ee_cli import compat
 
 HEAD_KINDS = {
     "light": "global average pool -> dense(<=256, relu) -> dense(classes); pool-first, cache-friendly",
     "conv": "2 x [3x3 conv -> BN -> relu] -> global average pool -> dense(classes), as in the paper",
 }
+
+
+# `auto` picks conv heads while every graft map is small enough to cache whole (32x32 photos),
+# light (pool-first) heads otherwise: a ResNet50@224 map of 28x28x512 would cost 0.8 MB per photo and view.
+AUTO_CONV_LIMIT = 128 * 1024  # elements of one graft map
+
+
+def resolve_kind(kind: str, feature_shapes: list[tuple[int, ...]]) -> str:
+    if kind != "auto":
+        return kind
+    largest = max((int(np.prod(shape)) for shape in feature_shapes), default=0)
+    return "conv" if largest <= AUTO_CONV_LIMIT else "light"
 
 
 def build_head(kind: str, features, num_classes: int, name: str):
