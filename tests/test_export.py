@@ -76,13 +76,18 @@ def test_cascade_matches_the_multi_exit_model(workspace, calibrated, mode, toler
     assert min(compared["agreement"].values()) >= agreement, compared
 
 
-def test_run_reports_the_cascade_beside_the_full_model(workspace, calibrated):
+def test_run_and_evaluate_time_the_exported_files_in_litert(workspace, calibrated):
     assert run_ee("export", "--tflite", "--quant", "none", "--out", "E", cwd=workspace, timeout=300).returncode == 0
     result = run_ee("run", "--tflite", "E", "--data", "test", "--json", cwd=workspace, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
     assert report["photos"] == 36 and sum(report["histogram"].values()) == 36
     assert report["cascade_ms"]["mean"] > 0 and report["full_ms"]["mean"] > 0 and 0 <= report["accuracy"] <= 1
+    assert len(report["profile"]["stage_ms"]) == len(report["histogram"])
+    profiled = run_ee("evaluate", "--bundle", "C", "--data", "test", "--tflite", "E", "--latency-runs", "3", "--out", "C2", "--json", cwd=workspace, timeout=300)
+    assert profiled.returncode == 0, profiled.stderr[-2000:]
+    rows = {row["exit"]: row for row in json.loads(profiled.stdout)["metrics"]["exits"]}
+    assert rows["final"]["litert_p50_ms"] > 0 and rows["final"]["litert_threads"] == 1
 
 
 @pytest.mark.parametrize(

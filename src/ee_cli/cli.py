@@ -236,7 +236,9 @@ def evaluate(
     criterion: Annotated[Optional[str], typer.Option(help="Exit confidence: maxprob or entropy (default maxprob).", rich_help_panel="Policy")] = None,
     calibrate_on: Annotated[Optional[str], typer.Option(help="Held-out unlabelled photos to calibrate without labels (agreement with the final exit).", rich_help_panel="Policy")] = None,
     generic_bundle: Annotated[Optional[str], typer.Option(help="The generic model's bundle for the baselines (default: from provenance).", rich_help_panel="Policy")] = None,
-    latency_runs: Annotated[Optional[int], typer.Option(help="Timed runs per exit after 5 warm-up runs (default 30).", rich_help_panel="Run")] = None,
+    latency_runs: Annotated[Optional[int], typer.Option(help="Timed runs per exit after warm-up runs (default 30).", rich_help_panel="Run")] = None,
+    tflite: Annotated[Optional[str], typer.Option("--tflite", help="An `ee export` folder: also time each exit's .tflite in LiteRT.", rich_help_panel="Run")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="LiteRT threads for --tflite (default 1).", rich_help_panel="Run")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.", rich_help_panel="Run")] = False,
     out: Annotated[Optional[str], OUT_OPTION] = None,
     exist_ok: Annotated[bool, EXIST_OK_OPTION] = False,
@@ -252,7 +254,7 @@ def evaluate(
         flags = dict(
             data=data, bundle=bundle, calibrate_split=calibrate_split, max_drop=max_drop, use=use, margin_z=margin_z,
             criterion=criterion, calibrate_on=calibrate_on, generic_bundle=generic_bundle, latency_runs=latency_runs,
-            quiet=quiet or None, out=out, exist_ok=exist_ok or None, seed=seed,
+            tflite=tflite, threads=threads, quiet=quiet or None, out=out, exist_ok=exist_ok or None, seed=seed,
         )
         settings = resolve(EvaluateConfig, "evaluate", config, flags)
         with _progress(quiet=settings.quiet or as_json) as progress:

@@ -107,6 +107,8 @@ class EvaluateConfig:
     calibrate_on: str | None = None  # held-out unlabelled photos for label-free calibration
     generic_bundle: str | None = None  # default: the bundle this one was made from (its provenance)
     latency_runs: int = 30
+    tflite: str | None = None  # an `ee export` folder: also time each exit's .tflite in LiteRT
+    threads: int = 1  # LiteRT threads
     quiet: bool = False
 
 

@@ -74,8 +74,11 @@ def evaluate(config: EvaluateConfig, progress=None) -> EvaluateResult:
         raise UserError(f"--use {config.use}: that operating point needs {'labelled photos' if config.use.startswith('match') else '--calibrate-on'}")
     progress("Measuring latency", 0.0, "")
     latency = _latency(model, exit_names, size, config.latency_runs)
+    lite_latency = _litert_latency(Path(config.tflite), outputs, size, config.threads, config.latency_runs) if config.tflite else {}
     progress("Measuring latency", 1.0, "")
     per_exit = _per_exit(meta, outputs, correct, report, costs, latency, points[config.use]["thresholds"], confidences)
+    for row in per_exit:
+        row |= lite_latency.get(row["exit"], {})
     oracle = policy.oracle(correct[:, report], costs)
     run_dir = runs.new_run_dir("evaluate")
     metrics = {
@@ -262,6 +265,31 @@ def _latency(model, exit_names: list[str], size: int, runs_count: int) -> dict[s
             [t.numpy() for t in tf.nest.flatten(run(sample))]
             times.append(1000 * (time.perf_counter() - started))
         measured[name] = {"p50": float(np.percentile(times, 50)), "p90": float(np.percentile(times, 90)), "threads": compat.thread_count()}
+    return measured
+
+
+def _litert_latency(folder: Path, outputs: list[str], size: int, threads: int, runs_count: int) -> dict[str, dict]:
+    """LiteRT latency of each exported exit's network (`exit_K.tflite`, `final.tflite`), batch 1,
+    quantise-run-dequantise as an engine would, after 10 warm-up runs."""
+    from ee_cli import litert
+
+    if not (folder / "manifest.json").is_file():
+        raise UserError(f"--tflite {folder}: not an `ee export` folder (no manifest.json)")
+    sample = np.random.default_rng(0).uniform(0, 255, (1, size, size, 3)).astype(np.float32)
+    measured = {}
+    for name in outputs:
+        path = folder / f"{name}.tflite"
+        if not path.is_file():
+            continue  # exits that were off at export have no file of their own
+        runner = litert.Runner(litert.interpreter(path, threads), "serving_default")
+        for _ in range(10):
+            runner(sample)
+        times = []
+        for _ in range(runs_count):
+            started = time.perf_counter()
+            runner(sample)
+            times.append(1000 * (time.perf_counter() - started))
+        measured[name] = {"litert_p50_ms": float(np.percentile(times, 50)), "litert_p90_ms": float(np.percentile(times, 90)), "litert_threads": threads}
     return measured
 
 

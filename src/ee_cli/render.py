@@ -68,13 +68,16 @@ def evaluate_report(metrics: dict[str, Any]):
 
     measure = metrics["measure"]
     exits = Table(title=f"Exits on {metrics['photos']['report']} report photos ({measure})")
-    for column in ("exit", "depth %", "MFLOPs", measure.split(" ")[0], "p50 ms", "p90 ms", "threshold", "leaves here"):
+    lite = any("litert_p50_ms" in row for row in metrics["exits"])
+    columns = ["exit", "depth %", "MFLOPs", measure.split(" ")[0], "Keras p50/p90 ms", *(["LiteRT p50/p90 ms"] if lite else []), "threshold", "leaves here"]
+    for column in columns:
         exits.add_column(column, justify="left" if column == "exit" else "right")
     for row in metrics["exits"]:
         threshold = row["threshold"]
+        lite_cell = [f"{row['litert_p50_ms']:.3f}/{row['litert_p90_ms']:.3f}" if "litert_p50_ms" in row else "—"] if lite else []
         exits.add_row(
             row["exit"], f"{100 * row['relative_depth']:.0f}", f"{row['cumulative_mflops']:,.1f}", f"{100 * row['accuracy']:.1f}%",
-            f"{row['latency_p50_ms']:.2f}", f"{row['latency_p90_ms']:.2f}",
+            f"{row['latency_p50_ms']:.2f}/{row['latency_p90_ms']:.2f}", *lite_cell,
             "—" if threshold is None else ("off" if threshold > 1 else f"{threshold:.3f}"), f"{100 * row['share_leaving']:.0f}%",
         )
     points = Table(title="Operating points (calibrated on one split, reported on the other)")
