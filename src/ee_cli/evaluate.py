@@ -8,14 +8,13 @@ searched on a calibration split and reported on a disjoint report split (MSDNet'
 from __future__ import annotations
 
 import csv
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ee_cli import bundle, compat, photos, policy, runs
+from ee_cli import bundle, compat, litert, photos, policy, runs
 from ee_cli.config import EvaluateConfig, as_dict
 from ee_cli.errors import UserError
 from ee_cli.personal_model import GENERIC_OUTPUT
@@ -257,13 +256,7 @@ def _latency(model, exit_names: list[str], size: int, runs_count: int) -> dict[s
         wanted = exit_names[: index + 1] if name != "final" else [*exit_names, "final"]
         prefix = keras.Model(model.inputs, [model.get_layer(n).output for n in wanted])
         run = tf.function(lambda x, prefix=prefix: prefix(x, training=False))
-        for _ in range(5):
-            run(sample)
-        times = []
-        for _ in range(runs_count):
-            started = time.perf_counter()
-            [t.numpy() for t in tf.nest.flatten(run(sample))]
-            times.append(1000 * (time.perf_counter() - started))
+        times = 1000 * litert.wall_times(lambda: [t.numpy() for t in tf.nest.flatten(run(sample))], runs_count, warmup=5)
         measured[name] = {"p50": float(np.percentile(times, 50)), "p90": float(np.percentile(times, 90)), "threads": compat.thread_count()}
     return measured
 
@@ -271,8 +264,6 @@ def _latency(model, exit_names: list[str], size: int, runs_count: int) -> dict[s
 def _litert_latency(folder: Path, outputs: list[str], size: int, threads: int, runs_count: int) -> dict[str, dict]:
     """LiteRT latency of each exported exit's network (`exit_K.tflite`, `final.tflite`), batch 1,
     quantise-run-dequantise as an engine would, after 10 warm-up runs."""
-    from ee_cli import litert
-
     if not (folder / "manifest.json").is_file():
         raise UserError(f"--tflite {folder}: not an `ee export` folder (no manifest.json)")
     sample = np.random.default_rng(0).uniform(0, 255, (1, size, size, 3)).astype(np.float32)
@@ -282,13 +273,7 @@ def _litert_latency(folder: Path, outputs: list[str], size: int, threads: int, r
         if not path.is_file():
             continue  # exits that were off at export have no file of their own
         runner = litert.Runner(litert.interpreter(path, threads), "serving_default")
-        for _ in range(10):
-            runner(sample)
-        times = []
-        for _ in range(runs_count):
-            started = time.perf_counter()
-            runner(sample)
-            times.append(1000 * (time.perf_counter() - started))
+        times = 1000 * litert.wall_times(lambda: runner(sample), runs_count)
         measured[name] = {"litert_p50_ms": float(np.percentile(times, 50)), "litert_p90_ms": float(np.percentile(times, 90)), "litert_threads": threads}
     return measured
 

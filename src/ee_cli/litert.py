@@ -100,33 +100,16 @@ class CascadeEngine:
 
     def stage_seconds(self, pixels: np.ndarray, runs: int) -> list[np.ndarray]:
         """Per stage, wall times of `runs` calls on this photo's activations."""
-        timings = []
-        for stage, carried in zip(self.stages, self.stage_inputs(pixels)):
-            for _ in range(10):
-                stage.raw(carried)
-            times = []
-            for _ in range(runs):
-                started = time.perf_counter()
-                stage.raw(carried)
-                times.append(time.perf_counter() - started)
-            timings.append(np.array(times))
-        return timings
+        return [wall_times(lambda: stage.raw(carried), runs) for stage, carried in zip(self.stages, self.stage_inputs(pixels))]
 
     def seconds_to_exit(self, pixels: np.ndarray, index: int, runs: int) -> np.ndarray:
         """Wall times of classifying this photo when it leaves at exit `index` (the engine's own path)."""
         saved = self.thresholds
         self.thresholds = [2.0] * index + [-1.0] * (len(saved) - index)
         try:
-            for _ in range(10):
-                self.classify(pixels)
-            times = []
-            for _ in range(runs):
-                started = time.perf_counter()
-                self.classify(pixels)
-                times.append(time.perf_counter() - started)
+            return wall_times(lambda: self.classify(pixels), runs)
         finally:
             self.thresholds = saved
-        return np.array(times)
 
     def every_exit(self, pixels: np.ndarray) -> list[np.ndarray]:
         """Run all stages, ignoring thresholds: every exit's probabilities (for checks)."""
@@ -155,3 +138,15 @@ class CascadeEngine:
         return CascadeRun(np.array(exits), probabilities, np.array(seconds))
 
 
+
+
+def wall_times(call, runs: int, warmup: int = 10) -> np.ndarray:
+    """Seconds per call of `call()`, `runs` times after `warmup` untimed calls."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return np.array(times)
