@@ -108,3 +108,19 @@ def test_user_mistakes_are_one_line(workspace, cli, args, expected):
         assert "--tflite" in one_line_error(cli("export", *args))
     else:
         assert expected in one_line_error(cli("export", *args, "--exist-ok"))
+
+
+def test_quantisation_aware_heads_export_and_validate(workspace, calibrated):
+    result = run_ee("export", "--tflite", "--quant", "int8_full", "--qat", "--qat-steps", "5", "--out", "Q", "--validate", "test",
+                    "--max-accuracy-drop", "100", "--json", cwd=workspace, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    manifest = json.loads(result.stdout)["manifest"]
+    assert manifest["qat"] and manifest["validation"]["passed"]
+    assert all(entry["finite"] and entry["top1_agreement"] >= 0.9 for entry in manifest["validation"]["exits"].values())
+    compared = _compare(workspace / "Q", workspace / "photos")
+    assert min(compared["agreement"].values()) >= 0.99, compared
+
+
+def test_qat_needs_an_int8_mode(workspace, cli):
+    attach(AttachConfig(backbone="cifar_resnet9", out="B", classes="r,g,b,x,y"))
+    assert "--qat" in one_line_error(cli("export", "--tflite", "--quant", "fp16", "--qat"))

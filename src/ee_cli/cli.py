@@ -288,6 +288,8 @@ def export_command(
     max_accuracy_drop: Annotated[Optional[float], typer.Option(help="Fail (exit 1) if an exit loses more points than this against float Keras (default 1).", rich_help_panel="Photos")] = None,
     calibration_photos: Annotated[Optional[int], typer.Option(help="Photos used to calibrate int8 (default 200).", rich_help_panel="Photos")] = None,
     validation_photos: Annotated[Optional[int], typer.Option(help="Photos used to validate (default 300).", rich_help_panel="Photos")] = None,
+    qat: Annotated[bool, typer.Option("--qat", help="Quantisation-aware training of the exit heads (tfmot) before an int8 export.", rich_help_panel="Format")] = False,
+    qat_steps: Annotated[Optional[int], typer.Option(help="QAT steps (default 200).", rich_help_panel="Format")] = None,
     threads: Annotated[Optional[int], typer.Option(help="LiteRT threads for validation (default 1).", rich_help_panel="Run")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.", rich_help_panel="Run")] = False,
     out: Annotated[Optional[str], typer.Option("--out", help="Output folder (default: exports/<bundle>-<mode>, numbered if taken).", rich_help_panel="Output")] = None,
@@ -306,7 +308,7 @@ def export_command(
 
         flags = dict(
             quant=quant, input_type=input_type, bundle=bundle, calibration=calibration, validate=validate,
-            max_accuracy_drop=max_accuracy_drop, calibration_photos=calibration_photos, validation_photos=validation_photos, threads=threads, quiet=quiet or None, out=out,
+            max_accuracy_drop=max_accuracy_drop, qat=qat or None, qat_steps=qat_steps, calibration_photos=calibration_photos, validation_photos=validation_photos, threads=threads, quiet=quiet or None, out=out,
             exist_ok=exist_ok or None, seed=seed,
         )
         settings = resolve(ExportConfig, "export", config, flags)

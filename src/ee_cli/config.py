@@ -125,5 +125,7 @@ class ExportConfig:
     validate: str | None = None  # held-out photos for validation (labelled adds accuracy)
     validation_photos: int = 300
     max_accuracy_drop: float = 1.0  # points: fail if a quantised exit loses more than this against float Keras
+    qat: bool = False  # quantisation-aware training of the exit heads before an int8 export
+    qat_steps: int = 200
     threads: int = 1
     quiet: bool = False

@@ -58,12 +58,18 @@ def export(config: ExportConfig, progress=None) -> ExportResult:
     size = int(meta["input"]["shape"][0])
     calibration, validation, validation_labels, validation_note = _photos(config, meta, size)
     model = source.load_model()
+    exported = model
+    if config.qat:
+        from ee_cli.qat import quantisation_aware_heads
+
+        progress("Quantisation-aware training of the heads", 0.0, f"{config.qat_steps} steps")
+        exported = quantisation_aware_heads(model, meta, calibration, config.qat_steps, seed=config.seed)
     enabled = [e for e in meta["exits"] if e["enabled"]]
     exit_names = [e["name"] for e in meta["exits"]]
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=_parent(out)))
     try:
         files = {}
-        jobs = _jobs(model, meta, enabled, exit_names, calibration)
+        jobs = _jobs(exported, meta, enabled, exit_names, calibration)
         for number, (filename, signatures) in enumerate(jobs):
             progress("Converting to TFLite", number / len(jobs), filename)
             (staging / filename).write_bytes(convert(signatures, config))
@@ -91,6 +97,8 @@ def _check(config: ExportConfig) -> None:
         raise UserError("--input-type must be uint8 or int8")
     if config.threads < 1:
         raise UserError("--threads must be at least 1")
+    if config.qat and config.quant not in INT8_MODES:
+        raise UserError("--qat trains for int8: use it with --quant int8 or int8_full")
 
 
 def _default_out(name: str, mode: str) -> Path:
@@ -262,6 +270,7 @@ def _manifest(meta, source: Path, config, files, enabled, staging: Path, validat
     return {
         "bundle": str(source.resolve()),
         "quant": config.quant,
+        "qat": config.qat,
         "input": {
             "shape": [1, *meta["input"]["shape"]],
             "dtype": np.dtype(detail["dtype"]).name,

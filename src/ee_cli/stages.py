@@ -21,6 +21,11 @@ def _ancestors(graph: LayerGraph, names: list[str]) -> set[str]:
     return seen
 
 
+def _resolve(graph: LayerGraph, name: str) -> str:
+    """A layer's name, or that of its tfmot wrapper (quantize_apply renames wrapped layers quant_*)."""
+    return name if name in graph.producers else f"quant_{name}"
+
+
 def segment(model, start: str | None, ends: list[str], name: str, softmax: tuple[str, ...] = ()):
     """A Keras model from the output of layer `start` (or the model input) to the layers `ends`.
 
@@ -28,7 +33,9 @@ def segment(model, start: str | None, ends: list[str], name: str, softmax: tuple
     """
     keras = compat.keras()
     graph = layer_graph(model)
-    needed = _ancestors(graph, ends)
+    start = _resolve(graph, start) if start is not None else None
+    resolved = {end: _resolve(graph, end) for end in ends}
+    needed = _ancestors(graph, list(resolved.values()))
     if start is None:
         start_layer = model.layers[0]
         inputs = keras.Input(tuple(model.input_shape[1:]), name="pixels")
@@ -45,7 +52,7 @@ def segment(model, start: str | None, ends: list[str], name: str, softmax: tuple
         tensors[layer_name] = layer(sources if len(sources) > 1 else sources[0])
     outputs = {}
     for end in ends:
-        tensor = tensors[end]
+        tensor = tensors[resolved[end]]
         if end in softmax:
             tensor = keras.layers.Softmax(name=f"{end}_probabilities")(tensor)
         outputs[end] = tensor
