@@ -210,3 +210,19 @@ def test_help_is_grouped_and_does_not_import_tensorflow(tmp_path):
     assert result.returncode == 0 and "attach" in result.stdout and "Pipeline" in result.stdout
     result = run_ee("attach", "--help", cwd=tmp_path)
     assert all(panel in result.stdout for panel in ("Backbone", "Exits", "Output", "Examples"))
+
+
+@pytest.mark.parametrize("name", ["resnet50", "mobilenet_v2", "efficientnet_b0"])
+def test_imagenet_backbones_with_preprocessing_inside_reload_identically(workspace, name):
+    result = attach(AttachConfig(backbone=name, weights="none", input_size=32, num_classes=4, out="B"))
+    loaded = bundle.read_bundle(result.bundle_path).load_model()
+    pixels = random_pixels(2, 32)
+    for before, after in zip(result.model(pixels), loaded(pixels)):
+        np.testing.assert_array_equal(before.numpy(), after.numpy())
+
+
+def test_caffe_preprocessing_is_bgr_minus_imagenet_means(workspace):
+    model = backbones.build_backbone("resnet50", "none", 32, 4).model
+    layer = model.get_layer(backbones.PREPROCESS_LAYER)
+    pixel = np.array([[[[10.0, 20.0, 30.0]]]], np.float32)
+    np.testing.assert_allclose(layer(pixel).numpy()[0, 0, 0], [30 - 103.939, 20 - 116.779, 10 - 123.68], rtol=1e-6)

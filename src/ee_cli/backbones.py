@@ -106,18 +106,14 @@ def _preprocess(kind: str, pixels):
     keras = compat.keras()
     if kind == "caffe":
         # RGB -> BGR permutation with the ImageNet channel means subtracted, as one frozen 1x1 conv.
+        # Its weights are set after building (constant initialisers holding arrays don't reload from .h5).
         permutation = np.zeros((1, 1, 3, 3), np.float32)
         for rgb in range(3):
             permutation[0, 0, rgb, 2 - rgb] = 1.0
-        layer = keras.layers.Conv2D(
-            3,
-            1,
-            name=PREPROCESS_LAYER,
-            trainable=False,
-            kernel_initializer=keras.initializers.Constant(permutation),
-            bias_initializer=keras.initializers.Constant(-np.array(CAFFE_MEAN_BGR, np.float32)),
-        )
-        return layer(pixels)
+        layer = keras.layers.Conv2D(3, 1, name=PREPROCESS_LAYER, trainable=False)
+        output = layer(pixels)
+        layer.set_weights([permutation, -np.array(CAFFE_MEAN_BGR, np.float32)])
+        return output
     if kind == "tf":
         return keras.layers.Rescaling(1 / 127.5, offset=-1.0, name=PREPROCESS_LAYER)(pixels)
     return pixels
