@@ -95,10 +95,3 @@ def test_imagenet_backbones_compute_matches_the_reference(name, reference_gmacs)
     macs = [point.macs for point in points]
     assert len(points) >= 4 and macs == sorted(macs) and macs[-1] <= total
 
-
-def test_auto_heads_are_conv_for_small_maps_and_light_for_large_ones():
-    from ee_cli.heads import resolve_kind
-
-    assert resolve_kind("auto", [(16, 16, 64), (4, 4, 256)]) == "conv"
-    assert resolve_kind("auto", [(28, 28, 512), (14, 14, 1024)]) == "light"
-    assert resolve_kind("light", [(16, 16, 64)]) == "light"

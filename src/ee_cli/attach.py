@@ -9,7 +9,7 @@ from typing import Any
 from ee_cli import backbones, bundle, compat, flops, graft
 from ee_cli.config import AttachConfig, as_dict
 from ee_cli.errors import UserError
-from ee_cli.heads import HEAD_KINDS, resolve_kind
+from ee_cli.heads import HEAD_KINDS
 
 
 @dataclass(frozen=True)
@@ -21,8 +21,8 @@ class AttachResult:
 
 
 def attach(config: AttachConfig) -> AttachResult:
-    if config.head not in (*HEAD_KINDS, "auto"):
-        raise UserError(f"unknown --head {config.head!r}: choose auto, {', '.join(HEAD_KINDS)}")
+    if config.head not in HEAD_KINDS:
+        raise UserError(f"unknown --head {config.head!r}: choose one of {', '.join(HEAD_KINDS)}")
     out = Path(config.out) if config.out else bundle.default_output(_stem(config.backbone))
     bundle.check_output(out, config.exist_ok)
     names = read_class_names(config.classes)
@@ -39,9 +39,8 @@ def attach(config: AttachConfig) -> AttachResult:
         points = graft.choose_by_name(backbone.model, candidates, config.exit_layers)
     else:
         points = graft.choose_by_fraction(candidates, config.exits)
-    head = resolve_kind(config.head, [point.shape for point in points])
-    model, exits = graft.graft_exits(backbone.model, points, head, backbone.num_classes)
-    meta = describe(backbone, exits, head, names, as_dict(config))
+    model, exits = graft.graft_exits(backbone.model, points, config.head, backbone.num_classes)
+    meta = describe(backbone, exits, config.head, names, as_dict(config))
     bundle.write_bundle(out, model, meta, config.exist_ok)
     return AttachResult(out, meta, candidates, model)
 

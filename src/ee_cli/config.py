@@ -21,7 +21,7 @@ class AttachConfig:
     classes: str | None = None  # "a,b,c" or a file with one name per line
     exits: tuple[float, ...] = (0.25, 0.5, 0.75)
     exit_layers: tuple[str, ...] = ()
-    head: str = "auto"  # auto | light | conv
+    head: str = "light"  # light | conv
     out: str | None = None
     exist_ok: bool = False
     seed: int = 0
@@ -75,7 +75,7 @@ class PersonaliseConfig:
     adapt_bn: str = "auto"  # N | auto | 0
     personal_classes: str = "auto"  # auto | all | a,b,c
     class_share: float = 0.05  # auto: a class is personal when this share of photos is predicted as it
-    views: int = 2  # weak and strong views cached per photo
+    views: int = 1  # weak/strong view pairs cached per photo
     epochs: int = 30
     batch: int = 64
     learning_rate: float = 1e-3

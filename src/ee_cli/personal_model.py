@@ -70,7 +70,7 @@ def build_personal_model(model, output_classes: list[str], class_names: list[str
     for name in exit_names_of(model):
         chain = [layer for layer in model.layers if heads.is_head_layer(layer.name, name)]
         body, old_logits = chain[:-2], chain[-2]
-        if type(body[0]).__name__ == "GlobalAveragePooling2D":
+        if type(body[0]).__name__ in ("GlobalAveragePooling2D", "AveragePooling2D"):
             cache_tensor, tail = body[0].output, body[1:]
         else:
             cache_tensor, tail = body[0].input, body
