@@ -13,7 +13,8 @@ set -x
 "$ee" attach --backbone "$repo/models/fashion_resnet9.h5" --classes "$repo/models/fashion_classes.txt" --exits 0.2,0.4,0.8 --out bundles/generic
 "$ee" personalise --data "$demo/unlabelled"
 "$ee" evaluate --data "$demo/test" --use keep --json > evaluate.json
-"$ee" export --tflite --quant int8_full --validate "$demo/test" --max-accuracy-drop 2
+# 300 test photos: one photo is 0.33 points, so the int8 bound is 3 points (1 point is the default).
+"$ee" export --tflite --quant int8_full --validate "$demo/test" --max-accuracy-drop 3
 "$ee" run --tflite "$(ls -d exports/*)" --data "$demo/test" --json > run.json
 set +x
 "$repo/.venv/bin/python" "$repo/scripts/demo_summary.py" evaluate.json run.json

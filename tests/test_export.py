@@ -124,3 +124,11 @@ def test_quantisation_aware_heads_export_and_validate(workspace, calibrated):
 def test_qat_needs_an_int8_mode(workspace, cli):
     attach(AttachConfig(backbone="cifar_resnet9", out="B", classes="r,g,b,x,y"))
     assert "--qat" in one_line_error(cli("export", "--tflite", "--quant", "fp16", "--qat"))
+
+
+def test_a_broken_bound_writes_the_export_reports_it_and_exits_1(workspace, calibrated):
+    # A negative bound cannot be met: the export is kept, the failure is said, the exit code is 1.
+    result = run_ee("export", "--tflite", "--quant", "none", "--out", "E", "--validate", "test", "--max-accuracy-drop", "-1", "--json", cwd=workspace, timeout=300)
+    assert result.returncode == 1 and "validation failed" in result.stderr
+    manifest = json.loads(result.stdout)["manifest"]
+    assert not manifest["validation"]["passed"] and (workspace / "E" / "cascade.tflite").is_file()

@@ -312,23 +312,27 @@ def export_command(
             exist_ok=exist_ok or None, seed=seed,
         )
         settings = resolve(ExportConfig, "export", config, flags)
+        failure = None
         try:
             with _progress(quiet=settings.quiet or as_json) as progress:
                 result = run_export(settings, progress)
-        except ValidationFailed as failure:
-            typer.echo(f"validation failed: {failure}", err=True)
-            raise typer.Exit(1) from None
+        except ValidationFailed as failed:
+            failure, result = failed, failed.result
     if as_json:
         typer.echo(json.dumps({"out": str(result.out), "manifest": result.manifest}, indent=2))
-        return
-    from ee_cli.render import export_report
+    else:
+        from ee_cli.render import export_report
 
-    console = _console()
-    taken = " (the latest bundle written here; --bundle chooses another)" if result.source_implicit else ""
-    console.print(f"Exported [bold]{result.source}[/]{taken}")
-    console.print(export_report(result.manifest))
-    console.print(f"Files in [bold]{result.out}[/]")
-    console.print(f"Next: [bold cyan]ee run --tflite {result.out} --data ./test_photos[/]")
+        console = _console()
+        taken = " (the latest bundle written here; --bundle chooses another)" if result.source_implicit else ""
+        console.print(f"Exported [bold]{result.source}[/]{taken}")
+        console.print(export_report(result.manifest))
+        console.print(f"Files in [bold]{result.out}[/]")
+        if failure is None:
+            console.print(f"Next: [bold cyan]ee run --tflite {result.out} --data ./test_photos[/]")
+    if failure is not None:
+        typer.echo(f"validation failed: {failure}", err=True)
+        raise typer.Exit(1)
 
 
 @app.command(

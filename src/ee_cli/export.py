@@ -31,6 +31,10 @@ DEFAULT_ROOT = Path("exports")
 class ValidationFailed(Exception):
     """The export was written but breaks a validation bound (exit code 1)."""
 
+    def __init__(self, message: str, result: "ExportResult"):
+        super().__init__(message)
+        self.result = result
+
 
 @dataclass(frozen=True)
 class ExportResult:
@@ -86,7 +90,7 @@ def export(config: ExportConfig, progress=None) -> ExportResult:
         raise
     result = ExportResult(out, manifest, source.path, implicit)
     if not validation_report["passed"]:
-        raise ValidationFailed(f"export written to {out} but {validation_report['failure']}")
+        raise ValidationFailed(f"export written to {out} but {validation_report['failure']}", result)
     return result
 
 
