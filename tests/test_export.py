@@ -67,8 +67,10 @@ def test_cascade_matches_the_multi_exit_model(workspace, calibrated, mode, toler
     assert manifest["validation"]["passed"] and manifest["validation"]["labelled"]
     assert all(entry["finite"] for entry in manifest["validation"]["exits"].values())
     assert manifest["input"]["dtype"] == ("uint8" if mode == "int8_full" else "float32")
-    assert manifest["cascade"]["weights"].startswith("shared")
     enabled = [e["name"] for e in manifest["exits"] if e["enabled"]]
+    assert manifest["cascade"]["weights"].startswith("not duplicated")
+    assert manifest["files"]["cascade.tflite"] < manifest["files"]["final.tflite"] + sum(
+        manifest["files"][f"{name}.tflite"] for name in enabled)
     assert manifest["cascade"]["stops_after"] == [*enabled, "final"] and len(enabled) >= 1
     compared = _compare(workspace / f"E-{mode}", workspace / "photos")
     assert compared["photos"] == 100
