@@ -42,11 +42,12 @@ def resolve_adapt_count(spec: str, available: int) -> int:
 def adapt_batchnorm(model, batches, count: int, rounds: int = 4) -> list[str]:
     """Set the moving mean and variance of the first `count` BN layers to those of the photos.
 
-    The BN layers are frozen, so `training=True` would change nothing; we compute the statistics
-    ourselves, in passes over the photos that collect every adapted layer's input at once. A layer's
-    input depends on the layers before it, so after pass r the first r layers hold their exact
-    statistics; later ones converge (up to `rounds` passes: exact for `count <= rounds`, the cost of
-    a few passes however deep the backbone). `batches` returns an iterable of uint8 image batches.
+    Frozen BN layers ignore `training=True`, so we compute the statistics ourselves, in passes that
+    collect every adapted layer's input at once. A first pass runs the adapted layers on their batch
+    statistics (as in training), so that deep layers see normalised inputs even when the stored
+    statistics are far off (a random-init ResNet50 overflows otherwise); then up to `rounds` passes
+    in inference mode refine them: after pass r the first r layers hold their exact statistics
+    (exact for `count <= rounds`). `batches` returns an iterable of uint8 image batches.
     Returns the adapted layers' names.
     """
     keras = compat.keras()
@@ -54,23 +55,38 @@ def adapt_batchnorm(model, batches, count: int, rounds: int = 4) -> list[str]:
     if not layers:
         return []
     probe = keras.Model(model.inputs, [layer.input for layer in layers])
+    for layer in layers:
+        layer.trainable = True
+    try:
+        _assign(layers, _input_statistics(probe, batches, training=True))
+    finally:
+        for layer in layers:
+            layer.trainable = False
     for _ in range(min(count, rounds)):
-        totals = [0.0] * len(layers)
-        squares = [0.0] * len(layers)
-        counts = [0] * len(layers)
-        for images in batches():
-            features = probe(np.asarray(images, np.float32), training=False)
-            features = features if isinstance(features, (list, tuple)) else [features]
-            for index, values in enumerate(features):
-                flat = values.numpy().astype(np.float64).reshape(-1, values.shape[-1])
-                totals[index] = totals[index] + flat.sum(axis=0)
-                squares[index] = squares[index] + (flat**2).sum(axis=0)
-                counts[index] += flat.shape[0]
-        for layer, total, square, n in zip(layers, totals, squares, counts):
-            mean = total / n
-            layer.moving_mean.assign(mean.astype(np.float32))
-            layer.moving_variance.assign(np.maximum(square / n - mean**2, 0.0).astype(np.float32))
+        _assign(layers, _input_statistics(probe, batches, training=False))
     return [layer.name for layer in layers]
+
+
+def _input_statistics(probe, batches, training: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per probed tensor: per-channel mean and variance over every photo."""
+    totals, squares, counts = None, None, None
+    for images in batches():
+        features = probe(np.asarray(images, np.float32), training=training)
+        features = features if isinstance(features, (list, tuple)) else [features]
+        flats = [values.numpy().astype(np.float64).reshape(-1, values.shape[-1]) for values in features]
+        if totals is None:
+            totals, squares, counts = [0.0] * len(flats), [0.0] * len(flats), [0] * len(flats)
+        for index, flat in enumerate(flats):
+            totals[index] = totals[index] + flat.sum(axis=0)
+            squares[index] = squares[index] + (flat**2).sum(axis=0)
+            counts[index] += flat.shape[0]
+    return [(total / n, np.maximum(square / n - (total / n) ** 2, 0.0)) for total, square, n in zip(totals, squares, counts)]
+
+
+def _assign(layers, statistics) -> None:
+    for layer, (mean, variance) in zip(layers, statistics):
+        layer.moving_mean.assign(mean.astype(np.float32))
+        layer.moving_variance.assign(variance.astype(np.float32))
 
 
 def class_shares(logits: np.ndarray) -> np.ndarray:
