@@ -82,14 +82,8 @@ def _stats(seconds: np.ndarray) -> dict[str, float]:
 
 
 def _photos(data: Path, classes: list[str], size: int, limit: int | None):
-    if not data.is_dir():
-        raise UserError(f"photo folder {data} does not exist")
-    folders = [p for p in data.iterdir() if p.is_dir()]
-    if folders and all(p.name in classes for p in folders):
-        found = photos.scan_labelled(data, classes)
-        labels = np.array([classes[i] for i in found.labels])
-    else:
-        found, labels = photos.scan_unlabelled(data), None
+    found = photos.scan_folder(data, classes)
+    labels = photos.label_names(found, classes)
     keep = np.random.default_rng(0).permutation(len(found.paths))[:limit] if limit else np.arange(len(found.paths))
     images = photos.load_array([found.paths[i] for i in keep], size).astype(np.float32)
     return images, labels[keep] if labels is not None else None

@@ -121,20 +121,8 @@ def _check(config: EvaluateConfig) -> None:
 
 
 def _read_photos(root: Path, meta) -> Photos:
-    """Labelled when every sub-folder is named after a class; unlabelled when none is."""
-    if not root.is_dir():
-        raise UserError(f"photo folder {root} does not exist")
-    classes = meta["classes"]
-    folders = [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    matching = [name for name in folders if name in classes]
-    if matching and len(matching) < len(folders):
-        strangers = sorted(set(folders) - set(matching))
-        raise UserError(f"{root}: sub-folder(s) {', '.join(strangers[:5])} match no class of the bundle")
-    if matching:
-        found = photos.scan_labelled(root, classes)
-        return Photos(found.paths, np.array([classes[i] for i in found.labels]), found.skipped_total)
-    found = photos.scan_unlabelled(root)
-    return Photos(found.paths, None, found.skipped_total)
+    found = photos.scan_folder(root, meta["classes"])
+    return Photos(found.paths, photos.label_names(found, meta["classes"]), found.skipped_total)
 
 
 def _refuse_training_photos(root: Path, meta) -> None:

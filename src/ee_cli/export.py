@@ -152,11 +152,8 @@ def _photos(config: ExportConfig, meta, size: int):
     labels = None
     if config.validate:
         root = Path(config.validate)
-        if any(p.is_dir() and p.name in meta["classes"] for p in root.iterdir() if root.is_dir()):
-            found = photos.scan_labelled(root, meta["classes"])
-            validation_paths, labels = list(found.paths), np.array([meta["classes"][i] for i in found.labels])
-        else:
-            validation_paths = list(photos.scan_unlabelled(root).paths)
+        found = photos.scan_folder(root, meta["classes"])
+        validation_paths, labels = list(found.paths), photos.label_names(found, meta["classes"])
         note = f"{len(validation_paths)} photos from {root}"
     elif spare:
         validation_paths, note = spare, f"{len(spare[: config.validation_photos])} held-out photos of the calibration folder (not used to calibrate)"

@@ -59,6 +59,22 @@ def scan_labelled(root: Path, class_names: list[str]) -> PhotoSet:
     return PhotoSet(root, tuple(paths), tuple(labels), dict(skipped))
 
 
+def scan_folder(root: Path, class_names: list[str]) -> PhotoSet:
+    """Labelled when every sub-folder is named after a class, unlabelled when none is; a mix is a mistake."""
+    _check_folder(root)
+    folders = [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    matching = [name for name in folders if name in class_names]
+    if matching and len(matching) < len(folders):
+        strangers = sorted(set(folders) - set(matching))
+        raise UserError(f"{root}: sub-folder(s) {', '.join(strangers[:5])} match no class of the bundle")
+    return scan_labelled(root, class_names) if matching else scan_unlabelled(root)
+
+
+def label_names(found: PhotoSet, class_names: list[str]) -> np.ndarray | None:
+    """Each photo's class name, or None for unlabelled photos."""
+    return None if found.labels is None else np.array([class_names[i] for i in found.labels])
+
+
 def _check_folder(root: Path) -> None:
     if not root.exists():
         raise UserError(f"photo folder {root} does not exist")
