@@ -54,6 +54,16 @@ def test_an_exit_that_is_never_confident_stays_off():
     np.testing.assert_array_equal(taken, [1, 1, 2])
 
 
+def test_an_exit_switched_off_takes_no_photo_even_when_anything_goes():
+    # evaluate marks exits personalisation left off with -inf confidence; a reference every policy
+    # beats (a generic model at 0 %) must still not route photos there.
+    confidences = np.array([[-np.inf, -np.inf, -np.inf], [0.9, 0.6, 0.3]])
+    correct = np.array([[1, 1, 1], [1, 1, 1], [1, 1, 1]])
+    thresholds = policy.greedy_thresholds(confidences, correct, np.zeros(3, int), policy.at_least(0.0))
+    assert thresholds[0] == policy.NEVER and thresholds[1] == pytest.approx(0.3)
+    np.testing.assert_array_equal(policy.exit_taken(confidences, thresholds), [1, 1, 1])
+
+
 def test_margin_makes_the_policy_more_careful():
     rng = np.random.default_rng(0)
     confidences = rng.random((1, 400))

@@ -91,6 +91,7 @@ def greedy_thresholds(confidences: np.ndarray, correct: np.ndarray, reference: n
         # A threshold can only cut between distinct confidences (ties leave together).
         valid = np.ones(len(order) + 1, bool)
         valid[1:-1] = sorted_conf[:-1] > sorted_conf[1:]
+        valid[1:] &= np.isfinite(sorted_conf)  # -inf marks an exit that is off: no photo leaves there
         feasible = np.flatnonzero(ok & valid)
         best = feasible.max() if len(feasible) else 0
         thresholds[index] = NEVER if best == 0 else sorted_conf[best - 1]
