@@ -92,6 +92,17 @@ def test_run_and_evaluate_time_the_exported_files_in_litert(workspace, calibrate
     assert rows["final"]["litert_p50_ms"] > 0 and rows["final"]["litert_threads"] == 1
 
 
+def test_a_bundle_with_every_exit_off_exports_a_one_stage_cascade_that_runs(workspace, calibrated):
+    personalise(PersonaliseConfig(data="photos", bundle="B", out="P0", epochs=1, batch=16, views=1, personal_classes="r,g,b", exit_target=2.0))
+    exported = run_ee("export", "--tflite", "--bundle", "P0", "--quant", "none", "--out", "E0", "--json", cwd=workspace, timeout=300)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    cascade = json.loads(exported.stdout)["manifest"]["cascade"]
+    assert cascade["stops_after"] == ["final"] and cascade["thresholds"] == [] and len(cascade["signatures"]) == 1
+    result = run_ee("run", "--tflite", "E0", "--data", "test", "--json", cwd=workspace, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout)["histogram"] == {"final": 36}
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [

@@ -274,7 +274,8 @@ def _cascade_weights(sizes: dict[str, int], enabled) -> str:
 
 
 def _manifest(meta, source: Path, config, files, enabled, staging: Path, validation, validation_note) -> dict[str, Any]:
-    runner = litert.Runner(litert.interpreter(staging / "cascade.tflite", 1), "stage_0")
+    cascade = litert.interpreter(staging / "cascade.tflite", 1)
+    runner = litert.Runner(cascade, litert.stage_keys(cascade)[0])
     detail = runner.input_detail
     scale, zero = detail["quantization"]
     sizes = {name: size for name, size in files.items()}
@@ -299,7 +300,7 @@ def _manifest(meta, source: Path, config, files, enabled, staging: Path, validat
         "total_bytes": sum(sizes.values()),
         "cascade": {
             "file": "cascade.tflite",
-            "signatures": [f"stage_{i}" for i in range(len(enabled) + 1)],
+            "signatures": litert.stage_keys(cascade),
             "stops_after": [e["name"] for e in enabled] + ["final"],
             "thresholds": [e["threshold"] for e in enabled],
             "weights": _cascade_weights(sizes, enabled),

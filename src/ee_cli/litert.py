@@ -48,6 +48,13 @@ def dequantise(value: np.ndarray, detail: dict) -> np.ndarray:
     return (value.astype(np.float32) - zero) * scale
 
 
+def stage_keys(loaded) -> list[str]:
+    """A cascade's signatures in stage order. A cascade of one stage (no exit switched on) is a
+    single-function model, which the converter names serving_default."""
+    keys = list(loaded.get_signature_list())
+    return keys if len(keys) == 1 else sorted(keys, key=lambda k: int(k.rsplit("_", 1)[1]))
+
+
 def same_encoding(produced: dict, wanted: dict) -> bool:
     """True when a tensor can pass unchanged: same dtype and the same scale and zero point. The
     converter stores one scale per signature, so the same calibrated scale can differ in its last
@@ -85,8 +92,7 @@ class CascadeEngine:
 
     def __init__(self, path: Path, thresholds: list[float], threads: int):
         self.interpreter = interpreter(path, threads)
-        keys = sorted(self.interpreter.get_signature_list(), key=lambda k: int(k.rsplit("_", 1)[1]))
-        self.stages = [Runner(self.interpreter, key) for key in keys]
+        self.stages = [Runner(self.interpreter, key) for key in stage_keys(self.interpreter)]
         self.thresholds = [2.0 if t is None else t for t in thresholds]  # None: never calibrated, never leaves
         if len(self.thresholds) != len(self.stages) - 1:
             raise ValueError(f"{len(self.stages)} stages need {len(self.stages) - 1} thresholds")
