@@ -1,0 +1,57 @@
+"""An exported cascade against its plain model in LiteRT, photo by photo, on the photos `ee evaluate`
+reported on (never those it calibrated on)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ee_cli import litert, photos, policy
+
+
+def report_photos(test: Path, classes: list[str], seed: int, calibrate_split: float = 0.5):
+    """The report half of `ee evaluate --data test --seed seed`: same scan, same split."""
+    found = photos.scan_folder(test, classes)
+    labels = photos.label_names(found, classes)
+    _, report = policy.split(len(found.paths), calibrate_split, seed)
+    return [found.paths[i] for i in report], labels[report]
+
+
+def measure(export_dir: Path, test: Path, all_classes: list[str], seed: int, threads: int, warmup: int = 20) -> dict[str, Any]:
+    """`all_classes`: the bundle's (what `ee evaluate` scanned with); the export's are the personal ones."""
+    manifest = json.loads((Path(export_dir) / "manifest.json").read_text())
+    classes = manifest["classes"]
+    paths, labels = report_photos(test, list(all_classes), seed)
+    images = photos.load_array(paths, int(manifest["input"]["shape"][1])).astype(np.float32)
+    engine = litert.CascadeEngine(Path(export_dir) / "cascade.tflite", manifest["cascade"]["thresholds"], threads)
+    plain = litert.Runner(litert.interpreter(Path(export_dir) / "final.tflite", threads), "serving_default")
+    for image in images[:warmup]:
+        engine.classify(image)
+        plain(image[None])
+    cascade_s, plain_s, exits, cascade_pred, plain_pred = [], [], [], [], []
+    for image in images:  # alternate photo by photo, so drift in the machine's speed hits both alike
+        started = time.perf_counter()
+        index, probabilities = engine.classify(image)
+        cascade_s.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        plain_probabilities = plain(image[None])["probabilities"][0]
+        plain_s.append(time.perf_counter() - started)
+        exits.append(index)
+        cascade_pred.append(probabilities.argmax())
+        plain_pred.append(plain_probabilities.argmax())
+    names = np.array(classes)
+    cascade_ms, plain_ms = 1000 * float(np.mean(cascade_s)), 1000 * float(np.mean(plain_s))
+    return {
+        "photos": len(images),
+        "cascade_ms": cascade_ms,
+        "plain_ms": plain_ms,
+        "speedup": plain_ms / cascade_ms,
+        "cascade_accuracy": float(np.mean(names[cascade_pred] == labels)),
+        "plain_accuracy": float(np.mean(names[plain_pred] == labels)),
+        "histogram": {name: int(np.sum(np.array(exits) == i)) for i, name in enumerate(manifest["cascade"]["stops_after"])},
+        "cascade_bytes": manifest["files"]["cascade.tflite"],
+    }

@@ -1,0 +1,210 @@
+"""One user of the benchmark protocol (../shared/design.md), measured end to end.
+
+A user is (scenario, seed): k classes and a personal condition, unlabelled photos from CIFAR-10's
+train split, 10 labelled photos per class set aside, test photos from the test split. On the same
+photos, in one process: the generic model; the generic model restricted to the user's true classes
+(free); early-BN statistics only with inferred classes (no training); `ee personalise` at 0 and 10
+labels per class; whole-network FixMatch fine-tuning at 0 labels; and, at 0 labels, the exported
+TFLite cascade's latency in LiteRT beside the plain model's at two operating points calibrated by
+`ee evaluate` on half of the test photos and measured on the other half.
+
+`run_user` returns plain JSON-ready figures. Times are measured; everything else is a function
+of (scenario, seed, settings) at a fixed thread count, so a Ray worker gives the same figures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    k: int
+    condition: str
+
+    @property
+    def name(self) -> str:
+        return f"k{self.k}-{self.condition}"
+
+
+SCENARIOS = (Scenario(2, "low_light"), Scenario(3, "colour_cast"), Scenario(5, "blur"), Scenario(2, "jpeg"), Scenario(3, "rotation"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    unlabelled: int = 500
+    labels: tuple[int, ...] = (0, 10)  # labelled photos per class
+    test_per_class: int = 300
+    epochs: int = 30
+    exits: tuple[float, ...] = (0.2, 0.4, 0.8)
+    whole_network: bool = True
+    quant: tuple[str, ...] = ("none", "int8_full")  # export modes timed in LiteRT
+    points: tuple[str, ...] = ("match-generic", "keep")  # operating points timed in LiteRT
+    latency_threads: int = 1
+    export_photos: int = 200  # calibration and validation photos per export
+
+
+@dataclasses.dataclass(frozen=True)
+class UserJob:
+    generic: str  # tf_keras model file: the generic classifier
+    data: str  # "cifar10", or "synthetic" (generated classes, for smoke tests)
+    scenario: Scenario
+    seed: int
+    settings: Settings
+    work: str  # this user's scratch folder
+
+
+def load_data(source: str) -> dict:
+    from datasets import cifar10, synthetic
+
+    if source == "cifar10":
+        return cifar10.load() | {"names": cifar10.CLASSES}
+    if source == "synthetic":
+        return synthetic.make()
+    raise ValueError(f"unknown data source {source!r}")
+
+
+def run_user(job: UserJob) -> dict[str, Any]:
+    from datasets import scenarios
+
+    settings, work = job.settings, Path(job.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    data = load_data(job.data)
+    names = tuple(data["names"])
+    user = scenarios.make_user(data, job.seed, k=job.scenario.k, condition=job.scenario.condition, unlabelled=settings.unlabelled,
+                               labelled_per_class=max(settings.labels), names=names)
+    user = _fewer_test_photos(user, settings.test_per_class, job.seed)
+    folders = scenarios.write_user(user, work / "photos")
+    row: dict[str, Any] = {"scenario": job.scenario.name, "k": job.scenario.k, "condition": job.scenario.condition, "seed": job.seed,
+                           "classes": user.class_names, "photos": {"unlabelled": len(user.unlabelled), "labelled_per_class": max(settings.labels),
+                                                                   "test": len(user.test)}}
+    with _inside(work):
+        attached = _attach(job, names)
+        row |= _baselines(attached, user)
+        for labels in settings.labels:
+            row[f"labels_{labels}"] = _personalised(job, user, folders, attached, labels, names)
+    return row
+
+
+def _fewer_test_photos(user, per_class: int, seed: int):
+    rng = np.random.default_rng([seed, 77])
+    keep = np.sort(np.concatenate([rng.permutation(np.flatnonzero(user.test_y == c))[:per_class] for c in user.classes]))
+    return dataclasses.replace(user, test=user.test[keep], test_y=user.test_y[keep])
+
+
+@contextmanager
+def _inside(folder: Path):
+    """bundles/ and runs/ are relative to the working folder; give each user its own."""
+    before = Path.cwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+def _attach(job: UserJob, names) -> Path:
+    from ee_cli.attach import attach
+    from ee_cli.config import AttachConfig
+
+    out = Path("attached")
+    attach(AttachConfig(backbone=job.generic, classes=",".join(names), exits=job.settings.exits, out=str(out), seed=job.seed))
+    return out
+
+
+def predict(model, output: str, images: np.ndarray, batch: int = 250) -> np.ndarray:
+    from ee_cli import compat
+
+    probe = compat.keras().Model(model.inputs, model.get_layer(output).output)
+    return np.concatenate([probe(images[i : i + batch].astype(np.float32), training=False).numpy() for i in range(0, len(images), batch)])
+
+
+def restricted_accuracy(logits: np.ndarray, classes, truth: np.ndarray) -> float:
+    classes = np.asarray(classes)
+    return float(np.mean(classes[logits[:, classes].argmax(1)] == truth))
+
+
+def _baselines(attached: Path, user) -> dict[str, Any]:
+    """The generic model, restricted to the true classes, and BN statistics only + inferred classes."""
+    from ee_cli import adapt, bundle
+
+    model = bundle.read_bundle(attached).load_model()
+    logits = predict(model, "final", user.test)
+    count = adapt.resolve_adapt_count("auto", len(adapt.backbone_batchnorms(model)))
+    adapt.adapt_batchnorm(model, lambda: [user.unlabelled[i : i + 250].astype(np.float32) for i in range(0, len(user.unlabelled), 250)], count)
+    inferred = adapt.infer_classes(adapt.class_shares(predict(model, "final", user.unlabelled)), 0.05)
+    return {
+        "generic": float(np.mean(logits.argmax(1) == user.test_y)),
+        "restricted": restricted_accuracy(logits, user.classes, user.test_y),
+        "bn_only": {"accuracy": restricted_accuracy(predict(model, "final", user.test), inferred, user.test_y), "adapted_layers": count,
+                    "inferred_classes": [user.names[c] for c in inferred], "classes_exact": inferred == list(user.classes)},
+    }
+
+
+def _personalised(job: UserJob, user, folders: dict, attached: Path, labels: int, names) -> dict[str, Any]:
+    from ee_cli import bundle
+    from ee_cli.config import PersonaliseConfig
+    from ee_cli.personalise import personalise
+
+    started = time.perf_counter()
+    result = personalise(PersonaliseConfig(data=str(folders["unlabelled"]), labelled=str(folders["labelled"]) if labels else None,
+                                           bundle=str(attached), out=f"personal-L{labels}", epochs=job.settings.epochs, seed=job.seed, quiet=True))
+    seconds = time.perf_counter() - started
+    personal = [names.index(name) for name in result.meta["personal_classes"]]
+    model = bundle.read_bundle(result.bundle_path).load_model()
+    outputs = [e["name"] for e in result.meta["exits"]] + ["final"]
+    accuracy = {name: float(np.mean(np.asarray(personal)[predict(model, name, user.test).argmax(1)] == user.test_y)) for name in outputs}
+    figures: dict[str, Any] = {
+        "accuracy": accuracy,
+        "personal_classes": list(result.meta["personal_classes"]),
+        "exits_enabled": [e["name"] for e in result.meta["exits"] if e["enabled"]],
+        # train = the feature cache's build plus head training: what whole-network fine-tuning replaces
+        "seconds": {"command": seconds, "train": result.metrics["train_seconds"], "cache_build": (result.metrics["cache"] or {}).get("build_seconds")},
+    }
+    if labels == 0:
+        figures["operating_points"] = _operating_points(job, result.bundle_path, folders["test"], names)
+    if labels == 0 and job.settings.whole_network:
+        figures["whole_network"] = _whole_network(job, user, personal)
+    return figures
+
+
+def _operating_points(job: UserJob, personal: Path, test: Path, names) -> dict[str, Any]:
+    """`ee evaluate` calibrates each point on half the test photos; each is exported and timed on the other half."""
+    from bench import latency
+    from ee_cli.config import EvaluateConfig, ExportConfig
+    from ee_cli.evaluate import evaluate
+    from ee_cli.export import ValidationFailed, export
+
+    found = {}
+    for point in job.settings.points:
+        evaluated = evaluate(EvaluateConfig(data=str(test), bundle=str(personal), use=point, out=f"calibrated-{point}", seed=job.seed, quiet=True))
+        chosen = evaluated.metrics["operating_points"][point]
+        figures = {"accuracy": chosen["accuracy"], "reference_accuracy": chosen["reference_accuracy"], "mean_mflops": chosen["mean_mflops"],
+                   "plain_mflops": evaluated.metrics["plain_mflops"], "shares": chosen["shares"], "thresholds": chosen["thresholds"],
+                   "generic_accuracy_report": evaluated.metrics["baselines"]["generic"]["accuracy"],
+                   "restricted_accuracy_report": evaluated.metrics["baselines"]["restricted"]["accuracy"], "litert": {}}
+        for mode in job.settings.quant:
+            config = ExportConfig(bundle=str(evaluated.bundle_path), quant=mode, out=f"export-{point}-{mode}", seed=job.seed, quiet=True,
+                                  calibration_photos=job.settings.export_photos, validation_photos=job.settings.export_photos, max_accuracy_drop=100.0)
+            try:
+                exported = export(config).out
+            except ValidationFailed as failed:  # kept and reported: the bench states what it measured
+                exported = failed.result.out
+            figures["litert"][mode] = latency.measure(exported, test, names, job.seed, job.settings.latency_threads)
+        found[point] = figures
+    return found
+
+
+def _whole_network(job: UserJob, user, personal: list[int]) -> dict[str, Any]:
+    from bench.whole_network import finetune_whole_network
+
+    model, seconds = finetune_whole_network(job.generic, user.unlabelled, user.labelled[:0], np.zeros(0, np.int32), personal, job.settings.epochs, seed=job.seed)
+    logits = predict(model, model.layers[-1].name, user.test)
+    return {"accuracy": restricted_accuracy(logits, personal, user.test_y), "seconds": seconds}

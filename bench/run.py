@@ -1,0 +1,167 @@
+"""`make bench`: the paper's three claims measured on CIFAR-10 users, in one run.
+
+    python -m bench.run [--seeds 0,1,2] [--workers N | --ray-address ADDR] [--smoke]
+
+Writes bench/results/<date>.json (every user's figures, the summary, the settings), the plots
+beside it, and the tables into bench/README.md between its markers. `--smoke` is the two-minute
+version on generated photos and an untrained model: it checks the pipeline, not the claims.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from datetime import date
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_GENERIC = Path.home() / ".cache" / "ee" / "models" / "cifar_resnet9.h5"
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+def parse(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--generic", type=Path, default=DEFAULT_GENERIC, help="generic CIFAR-10 model (python -m models.train_cifar)")
+    parser.add_argument("--scenarios", default="all", help="comma-separated names like k2-low_light, or all")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--unlabelled", type=int, default=500)
+    parser.add_argument("--labels", default="0,10", help="labelled photos per class, per setting")
+    parser.add_argument("--test-per-class", type=int, default=300)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--quant", default="none,int8_full", help="export modes timed in LiteRT")
+    parser.add_argument("--no-whole-network", action="store_true", help="skip whole-network FixMatch fine-tuning")
+    parser.add_argument("--workers", type=int, default=1, help="users at once, as Ray tasks on a local Ray (1: serial, in this process)")
+    parser.add_argument("--ray-address", default=None, help="an existing Ray cluster to fan users out to")
+    parser.add_argument("--threads", type=int, default=None, help="TensorFlow threads per user (default: 2 serial, 1 per Ray worker)")
+    parser.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/<date>.json)")
+    parser.add_argument("--readme", type=Path, default=None, help="Markdown file whose bench markers get the tables (default: bench/README.md; none for --smoke)")
+    parser.add_argument("--no-readme", action="store_true")
+    parser.add_argument("--work", type=Path, default=None, help="scratch folder for users' photos and bundles (default: a temporary one)")
+    parser.add_argument("--smoke", action="store_true", help="generated photos, an untrained model, a handful of photos and epochs")
+    return parser.parse_args(argv)
+
+
+def jobs_for(args, work: Path, generic: str) -> list:
+    from bench.protocol import SCENARIOS, Settings, UserJob
+
+    wanted = SCENARIOS if args.scenarios == "all" else [s for s in SCENARIOS if s.name in args.scenarios.split(",")]
+    if not wanted:
+        sys.exit(f"error: no scenario among {args.scenarios}; choose from {', '.join(s.name for s in SCENARIOS)}")
+    settings = Settings(unlabelled=args.unlabelled, labels=tuple(int(x) for x in args.labels.split(",")), test_per_class=args.test_per_class,
+                        epochs=args.epochs, whole_network=not args.no_whole_network, quant=tuple(args.quant.split(",")))
+    data = "synthetic" if args.smoke else "cifar10"
+    return [UserJob(generic, data, scenario, seed, settings, str(work / f"{scenario.name}-seed{seed}"))
+            for scenario in wanted for seed in (int(x) for x in args.seeds.split(","))]
+
+
+def smoke_defaults(args) -> None:
+    """Tiny everything; the generic model is an untrained, narrow cifar_resnet9 written to the work folder."""
+    args.unlabelled, args.test_per_class, args.epochs, args.quant = min(args.unlabelled, 40), min(args.test_per_class, 12), min(args.epochs, 1), "none"
+    if args.labels == "0,10":
+        args.labels = "0,2"
+
+
+def untrained_generic(path: Path) -> Path:
+    from datasets.synthetic import CLASSES
+    from ee_cli import backbones, compat
+
+    compat.seed_everything(0)  # the same untrained model in every run, so runs can be compared
+    backbones.cifar_resnet9(32, len(CLASSES), width=8).save(path)
+    return path
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
+    args.threads = args.threads or (1 if args.workers > 1 or args.ray_address else 2)
+    os.environ["EE_THREADS"] = str(args.threads)  # before TensorFlow is imported, here and in workers
+    if args.smoke:
+        smoke_defaults(args)
+    with tempfile.TemporaryDirectory(prefix="ee-bench-") as scratch:
+        work = (args.work or Path(scratch)).resolve()
+        work.mkdir(parents=True, exist_ok=True)
+        if args.smoke:
+            generic = str(untrained_generic(work / "generic.h5"))
+        elif not args.generic.is_file():
+            sys.exit(f"error: no generic model at {args.generic}: train it with `python -m models.train_cifar` (about 45 minutes here)")
+        else:
+            generic = str(args.generic)
+        jobs = jobs_for(args, work, generic)
+        started = time.perf_counter()
+        rows = _run_with_progress(jobs, args)
+        seconds = time.perf_counter() - started
+    return write_results(args, jobs, rows, seconds)
+
+
+def _run_with_progress(jobs, args) -> list[dict]:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from bench.fanout import run_users
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} users"), TimeElapsedColumn()) as progress:
+        task = progress.add_task("Benchmark users", total=len(jobs))
+
+        def done(index, row):
+            final = row.get("labels_0", {}).get("accuracy", {}).get("final")
+            progress.console.print(f"{row['scenario']} seed {row['seed']}: generic {100 * row['generic']:.1f}%, restricted {100 * row['restricted']:.1f}%, "
+                                   f"ee final {100 * final:.1f}%" if final is not None else f"{row['scenario']} seed {row['seed']} done")
+            progress.advance(task)
+
+        return run_users(jobs, args.workers, args.ray_address, args.threads, done)
+
+
+def write_results(args, jobs, rows, seconds) -> dict:
+    from bench import report
+
+    settings = jobs[0].settings
+    found = report.figures(rows, settings.labels, settings.quant, settings.points)
+    stem = args.out or HERE / "results" / f"{date.today().isoformat()}{'-smoke' if args.smoke else ''}.json"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    plot = report.plot(rows, stem.with_suffix(".png"), settings.quant)
+    headline = report.headline_table(found, settings.labels, settings.quant)
+    scenarios = report.scenario_table(rows, settings.labels, settings.quant)
+    results = {
+        "date": date.today().isoformat(), "smoke": args.smoke, "seconds": seconds, "generic_model": jobs[0].generic, "data": jobs[0].data,
+        "settings": asdict(settings), "seeds": args.seeds, "workers": args.workers, "ray_address": args.ray_address, "threads": args.threads,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "summary": found, "users": rows, "plot": str(plot),
+    }
+    temporary = stem.with_suffix(".json.partial")
+    temporary.write_text(json.dumps(results, indent=1) + "\n")
+    temporary.replace(stem)
+    readme = args.readme or (None if args.smoke else HERE / "README.md")
+    if readme and not args.no_readme:
+        _update_readme(readme, results, headline, scenarios, stem, plot)
+    print(headline + "\n\n" + scenarios + f"\n\nresults: {stem}\nplot: {plot}\n{len(rows)} users in {seconds / 60:.1f} min")
+    return results
+
+
+def _update_readme(readme: Path, results: dict, headline: str, scenarios: str, stem: Path, plot: Path) -> None:
+    settings = results["settings"]
+    body = "\n".join([
+        BEGIN,
+        f"Measured {results['date']} on this machine ({results['machine']['cpus']} CPUs), {len(results['users'])} users in {results['seconds'] / 60:.1f} min "
+        f"(`{_shown(stem)}`): {settings['unlabelled']} unlabelled photos per user, {settings['test_per_class']} test photos per class, "
+        f"{settings['epochs']} epochs, seeds {results['seeds']}, {results['threads']} TensorFlow thread(s) per user, LiteRT latency on "
+        f"{settings['latency_threads']} thread.",
+        "", headline, "", "Per scenario, mean ± std over seeds (accuracy in %):", "", scenarios, "", f"![accuracy and latency]({_shown(plot, readme.parent)})", END,
+    ])
+    text = readme.read_text() if readme.exists() else f"# Benchmark\n\n{BEGIN}\n{END}\n"
+    head, _, rest = text.partition(BEGIN)
+    _, _, tail = rest.partition(END)
+    readme.write_text(head + body + tail)
+
+
+def _shown(path: Path, base: Path = HERE.parent) -> str:
+    try:
+        return str(path.resolve().relative_to(base.resolve()))
+    except ValueError:
+        return str(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""The benchmark: its summary maths on hand-made rows, the smoke run end to end, and Ray fan-out
+giving the same per-user figures as the serial path."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import report
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE_USERS = ["--scenarios", "k2-low_light,k3-colour_cast", "--seeds", "0,1"]  # 4 users
+TIMINGS = {"seconds", "cascade_ms", "plain_ms", "speedup"}
+
+
+def _row(scenario, generic, restricted, final0, final10, whole_seconds, train_seconds, speedup):
+    point = {"accuracy": final0, "mean_mflops": 50.0, "plain_mflops": 100.0, "litert": {"none": {"speedup": speedup}}}
+    return {
+        "scenario": scenario, "seed": 0, "generic": generic, "restricted": restricted, "bn_only": {"accuracy": restricted},
+        "labels_0": {"accuracy": {"final": final0}, "seconds": {"train": train_seconds, "command": 2 * train_seconds},
+                     "whole_network": {"accuracy": final0, "seconds": whole_seconds}, "operating_points": {"match-generic": point, "keep": point}},
+        "labels_10": {"accuracy": {"final": final10}},
+    }
+
+
+def test_summary_figures_are_gains_and_ratios_per_user():
+    rows = [_row("a", 0.5, 0.7, 0.8, 0.9, 100.0, 10.0, 3.0), _row("a", 0.6, 0.9, 0.8, 0.85, 60.0, 20.0, 2.0)]
+    found = report.figures(rows, (0, 10), ("none",), ("match-generic", "keep"))
+    assert found["gain_over_generic_L0"]["mean"] == pytest.approx(25.0) and found["gain_over_generic_L0"]["worst"] == pytest.approx(20.0)
+    assert found["gain_over_restricted_L0"]["worst"] == pytest.approx(-10.0) and found["gain_over_restricted_L0"]["best"] == pytest.approx(10.0)
+    assert found["gain_over_generic_L10"]["best"] == pytest.approx(40.0)
+    assert found["training_ratio"]["mean"] == pytest.approx(6.5) and found["training_ratio_command"]["mean"] == pytest.approx(3.25)
+    assert found["latency_ratio_match-generic_none"]["std"] == pytest.approx(0.5)
+    assert found["mflops_ratio_keep"]["mean"] == pytest.approx(2.0)
+    table = report.headline_table(found, (0, 10), ("none",))
+    assert "+25.0 pts ± 5.0 (+20.0 … +30.0) | meets or beats" in table
+    assert "6.50× ± 3.50 (3.00 … 10.00) | meets or beats" in table
+    assert "falls short in the worst case" in table  # one user is below the free baseline: said, not hidden
+
+
+def test_missing_figures_show_as_not_measured():
+    rows = [_row("a", 0.5, 0.7, 0.8, 0.9, 100.0, 10.0, 3.0)]
+    del rows[0]["labels_0"]["whole_network"]
+    found = report.figures(rows, (0,), ("none",), ("match-generic",))
+    assert found["training_ratio"] is None
+    assert "| — | not measured |" in report.headline_table(found, (0,), ("none",))
+
+
+def _bench(tmp: Path, name: str, *extra: str, timeout: float = 400) -> dict:
+    out = tmp / f"{name}.json"
+    command = [sys.executable, "-m", "bench.run", "--smoke", *SMOKE_USERS, "--threads", "1", "--work", str(tmp / name), "--out", str(out), *extra]
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=tmp, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def serial(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    readme = tmp / "README.md"
+    readme.write_text("# Bench\n\nbefore\n<!-- bench:begin -->\nold table\n<!-- bench:end -->\nafter\n")
+    return tmp, _bench(tmp, "serial", "--workers", "1", "--readme", str(readme))
+
+
+def test_smoke_bench_measures_every_baseline_and_writes_tables(serial):
+    tmp, results = serial
+    assert len(results["users"]) == 4 and {u["scenario"] for u in results["users"]} == {"k2-low_light", "k3-colour_cast"}
+    for user in results["users"]:
+        for value in (user["generic"], user["restricted"], user["bn_only"]["accuracy"], user["labels_0"]["accuracy"]["final"],
+                      user["labels_2"]["accuracy"]["final"], user["labels_0"]["whole_network"]["accuracy"]):
+            assert 0.0 <= value <= 1.0
+        assert user["labels_0"]["whole_network"]["seconds"] > 0 and user["labels_0"]["seconds"]["train"] > 0
+        timed = user["labels_0"]["operating_points"]["match-generic"]["litert"]["none"]
+        assert timed["photos"] == user["photos"]["test"] // 2 and timed["cascade_ms"] > 0 and timed["plain_ms"] > 0
+        assert sum(timed["histogram"].values()) == timed["photos"]
+    assert results["summary"]["training_ratio"]["users"] == 4
+    assert Path(results["plot"]).stat().st_size > 0
+    text = (tmp / "README.md").read_text()
+    assert text.startswith("# Bench\n\nbefore\n") and text.endswith("after\n") and "old table" not in text
+    assert "| accuracy gain over the generic model, 0 labels/class | +15.9 pts |" in text and "| k3-colour_cast | 2 |" in text
+
+
+def _without_timings(value):
+    if isinstance(value, dict):
+        return {k: _without_timings(v) for k, v in value.items() if k not in TIMINGS}
+    if isinstance(value, list):
+        return [_without_timings(v) for v in value]
+    return value
+
+
+def test_ray_runs_four_users_at_once_with_the_serial_figures(serial):
+    pytest.importorskip("ray")
+    tmp, serial_results = serial
+    parallel = _bench(tmp, "ray", "--workers", "4")
+    assert parallel["workers"] == 4
+    for alone, fanned in zip(serial_results["users"], parallel["users"]):
+        assert (alone["scenario"], alone["seed"]) == (fanned["scenario"], fanned["seed"])
+        assert _without_timings(fanned) == _without_timings(alone)
