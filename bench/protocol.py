@@ -134,12 +134,13 @@ def restricted_accuracy(logits: np.ndarray, classes, truth: np.ndarray) -> float
 def _baselines(attached: Path, user) -> dict[str, Any]:
     """The generic model, restricted to the true classes, and BN statistics only + inferred classes."""
     from ee_cli import adapt, bundle
+    from ee_cli.config import PersonaliseConfig
 
     model = bundle.read_bundle(attached).load_model()
     logits = predict(model, "final", user.test)
     count = adapt.resolve_adapt_count("auto", len(adapt.backbone_batchnorms(model)))
     adapt.adapt_batchnorm(model, lambda: [user.unlabelled[i : i + 250].astype(np.float32) for i in range(0, len(user.unlabelled), 250)], count)
-    inferred = adapt.infer_classes(adapt.class_shares(predict(model, "final", user.unlabelled)), 0.05)
+    inferred = adapt.infer_classes(adapt.class_shares(predict(model, "final", user.unlabelled)), PersonaliseConfig.class_share)
     return {
         "generic": float(np.mean(logits.argmax(1) == user.test_y)),
         "restricted": restricted_accuracy(logits, user.classes, user.test_y),

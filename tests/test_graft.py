@@ -95,3 +95,13 @@ def test_imagenet_backbones_compute_matches_the_reference(name, reference_gmacs)
     macs = [point.macs for point in points]
     assert len(points) >= 4 and macs == sorted(macs) and macs[-1] <= total
 
+
+
+@pytest.mark.parametrize(("side", "channels", "grid"), [(16, 64, 4), (8, 128, 4), (4, 256, 4), (14, 96, 3), (28, 512, 2), (14, 1024, 2), (7, 2048, 1)])
+def test_light_heads_keep_a_4x4_grid_on_narrow_maps_and_bound_wide_ones(side, channels, grid):
+    from ee_cli.heads import MAX_FEATURES, light_pool_size
+
+    pool = light_pool_size(side, channels)
+    assert side // pool == grid and grid * grid * channels <= max(MAX_FEATURES, channels)
+    if channels >= 512:
+        assert grid * pool == side  # the coarser grid of a wide map still covers all of it

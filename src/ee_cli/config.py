@@ -74,7 +74,7 @@ class PersonaliseConfig:
     seed: int = 0
     adapt_bn: str = "auto"  # N | auto | 0
     personal_classes: str = "auto"  # auto | all | a,b,c
-    class_share: float = 0.05  # auto: a class is personal when this share of photos is predicted as it
+    class_share: float = 0.10  # auto: a class is personal when it has this share of the estimated class mix
     views: int = 1  # weak/strong view pairs cached per photo
     epochs: int = 30
     batch: int = 64

@@ -78,7 +78,8 @@ def evaluate(config: EvaluateConfig, progress=None) -> EvaluateResult:
     per_exit = _per_exit(meta, outputs, correct, report, costs, latency, points[config.use]["thresholds"], confidences)
     for row in per_exit:
         row |= lite_latency.get(row["exit"], {})
-    oracle = policy.oracle(correct[:, report], costs)
+    usable = np.append(np.isfinite(confidences).any(axis=1), True)  # the oracle too may only use exits that are on
+    oracle = policy.oracle(correct[usable][:, report], costs[usable])
     run_dir = runs.new_run_dir("evaluate")
     metrics = {
         "bundle": str(source.path),
