@@ -145,3 +145,16 @@ def test_a_broken_bound_writes_the_export_reports_it_and_exits_1(workspace, cali
     assert result.returncode == 1 and "validation failed" in result.stderr
     manifest = json.loads(result.stdout)["manifest"]
     assert not manifest["validation"]["passed"] and (workspace / "E" / "cascade.tflite").is_file()
+
+
+def test_uint8_probabilities_top_out_below_one_so_thresholds_are_clamped_there():
+    import numpy as np
+
+    from ee_cli import litert
+
+    uint8 = {"dtype": np.uint8, "quantization": (1 / 256, 0)}
+    assert litert.highest_probability(uint8) == pytest.approx(255 / 256)
+    assert litert.highest_probability({"dtype": np.float32, "quantization": (0.0, 0)}) == 1.0
+    # A photo whose float probability is 0.999 saturates at 255: it must leave at a 0.9975 threshold.
+    saturated = litert.dequantise(litert.quantise(np.array([0.999]), uint8), uint8)[0]
+    assert saturated >= min(0.9975, litert.highest_probability(uint8))
