@@ -1,4 +1,5 @@
-"""Print the demo's before/after table from `ee evaluate --json` and `ee run --json` outputs."""
+"""Print the demo's before/after table from `ee evaluate --json` and two `ee run --json` outputs
+(float32 and int8 exports of the same personalised bundle)."""
 
 from __future__ import annotations
 
@@ -6,29 +7,34 @@ import json
 import sys
 
 
-def main(evaluate_path: str, run_path: str) -> None:
+def main(evaluate_path: str, float_path: str, int8_path: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    evaluated = json.load(open(evaluate_path))
-    metrics, run = evaluated["metrics"], json.load(open(run_path))
+    metrics = json.load(open(evaluate_path))["metrics"]
+    runs = {"float32": json.load(open(float_path)), "int8": json.load(open(int8_path))}
     point = metrics["operating_points"][metrics["used"]]
-    final_mflops = metrics["plain_mflops"]
     report = metrics["photos"]["report"]
-    table = Table(title=f"Demo user: accuracy on {report} report photos (thresholds calibrated on the other {metrics['photos']['calibrate']}); latency in LiteRT, int8, {run['threads']} thread")
-    for column in ("", "accuracy", "mean latency", "mean MFLOPs"):
+    threads = runs["int8"]["threads"]
+    table = Table(title=f"Demo user: accuracy on {report} report photos (thresholds calibrated on the other {metrics['photos']['calibrate']}); "
+                        f"mean latency per photo in LiteRT, {threads} thread, all {runs['int8']['photos']} test photos")
+    for column in ("", "accuracy", "mean MFLOPs", "latency float32", "latency int8"):
         table.add_column(column, justify="left" if not column else "right")
-    generic = metrics["baselines"]["generic"]["accuracy"]
-    restricted = metrics["baselines"]["restricted"]["accuracy"]
-    table.add_row("generic model (before)", f"{100 * generic:.1f}%", f"{run['full_ms']['mean']:.3f} ms", f"{final_mflops:.1f}")
-    table.add_row("generic, restricted to the user's classes", f"{100 * restricted:.1f}%", f"{run['full_ms']['mean']:.3f} ms", f"{final_mflops:.1f}")
-    table.add_row("personalised, early-exit cascade (after)", f"{100 * point['accuracy']:.1f}%", f"{run['cascade_ms']['mean']:.3f} ms", f"{point['mean_mflops']:.1f}", style="bold")
+    plain = [f"{runs[mode]['full_ms']['mean']:.3f} ms" for mode in runs]
+    table.add_row("generic model (before)", f"{100 * metrics['baselines']['generic']['accuracy']:.1f}%", f"{metrics['plain_mflops']:.1f}", *plain)
+    table.add_row("generic, restricted to the user's classes", f"{100 * metrics['baselines']['restricted']['accuracy']:.1f}%", f"{metrics['plain_mflops']:.1f}", *plain)
+    table.add_row("personalised, early-exit cascade (after)", f"{100 * point['accuracy']:.1f}%", f"{point['mean_mflops']:.1f}",
+                  *[f"{runs[mode]['cascade_ms']['mean']:.3f} ms" for mode in runs], style="bold")
     console = Console()
     console.print(table)
-    console.print(f"int8 cascade in LiteRT on all {run['photos']} test photos: {100 * run['accuracy']:.1f}% accuracy, "
-                  f"{run['speedup']:.2f}× faster than the plain int8 model; photos leaving at each exit: {run['histogram']}")
+    for mode, run in runs.items():
+        shares = run["profile"]["latency_share"]
+        first = next(iter(shares))
+        console.print(f"{mode} cascade in LiteRT: {100 * run['accuracy']:.1f}% on all {run['photos']} test photos, "
+                      f"{run['speedup']:.2f}x the plain model's speed; photos leaving at each exit: {run['histogram']}; "
+                      f"{first} costs {100 * shares[first]:.0f}% of the plain model's latency at {100 * run['profile']['mflops_share'][first]:.0f}% of its MFLOPs")
     console.print(f"Plot: {metrics.get('plot', 'see the evaluate run folder under build/demo/runs/')}")
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])
