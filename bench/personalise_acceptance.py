@@ -20,24 +20,15 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.protocol import predict, restricted_accuracy
 from bench.whole_network import finetune_whole_network
 from datasets import cifar10, scenarios
-from ee_cli import adapt, bundle, compat
+from ee_cli import adapt, bundle
 from ee_cli.attach import attach
 from ee_cli.config import AttachConfig, PersonaliseConfig
 from ee_cli.personalise import personalise
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def predict(model, output: str, images: np.ndarray) -> np.ndarray:
-    probe = compat.keras().Model(model.inputs, model.get_layer(output).output)
-    return np.concatenate([probe(images[i : i + 500].astype(np.float32), training=False).numpy() for i in range(0, len(images), 500)])
-
-
-def restricted_accuracy(logits: np.ndarray, classes, y: np.ndarray) -> float:
-    classes = np.asarray(classes)
-    return float(np.mean(classes[logits[:, classes].argmax(1)] == y))
 
 
 def bn_sweep(attached: Path, user: scenarios.User) -> list[dict]:
@@ -46,7 +37,7 @@ def bn_sweep(attached: Path, user: scenarios.User) -> list[dict]:
     for count in range(0, 9):
         model = bundle.read_bundle(attached).load_model()
         adapt.adapt_batchnorm(model, lambda: [user.unlabelled[i : i + 500] for i in range(0, len(user.unlabelled), 500)], count)
-        inferred = adapt.infer_classes(adapt.class_shares(predict(model, "final", user.unlabelled)), 0.05)
+        inferred = adapt.infer_classes(adapt.class_shares(predict(model, "final", user.unlabelled)), PersonaliseConfig.class_share)
         logits = predict(model, "final", user.test)
         rows.append({
             "adapted": count,
