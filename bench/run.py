@@ -52,7 +52,7 @@ def jobs_for(args, work: Path, generic: str) -> list:
 
     wanted = SCENARIOS if args.scenarios == "all" else [s for s in SCENARIOS if s.name in args.scenarios.split(",")]
     if not wanted:
-        sys.exit(f"error: no scenario among {args.scenarios}; choose from {', '.join(s.name for s in SCENARIOS)}")
+        _user_error(f"no scenario among {args.scenarios}; choose from {', '.join(s.name for s in SCENARIOS)}")
     settings = Settings(unlabelled=args.unlabelled, labels=tuple(int(x) for x in args.labels.split(",")), test_per_class=args.test_per_class,
                         epochs=args.epochs, whole_network=not args.no_whole_network, quant=tuple(args.quant.split(",")))
     data = "synthetic" if args.smoke else "cifar10"
@@ -88,7 +88,7 @@ def main(argv=None) -> dict:
         if args.smoke:
             generic = str(untrained_generic(work / "generic.h5"))
         elif not args.generic.is_file():
-            sys.exit(f"error: no generic model at {args.generic}: train it with `python -m models.train_cifar` (about 45 minutes here)")
+            _user_error(f"no generic model at {args.generic}: train it with `python -m models.train_cifar` (about 45 minutes here)")
         else:
             generic = str(args.generic)
         jobs = jobs_for(args, work, generic)
@@ -154,6 +154,11 @@ def _update_readme(readme: Path, results: dict, headline: str, scenarios: str, s
     head, _, rest = text.partition(BEGIN)
     _, _, tail = rest.partition(END)
     readme.write_text(head + body + tail)
+
+
+def _user_error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def _shown(path: Path, base: Path = HERE.parent) -> str:
