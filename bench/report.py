@@ -62,31 +62,35 @@ def _cell(value: dict | None, unit: str = "", digits: int = 1, signed: bool = Fa
     return f"{value['mean']:{sign}.{digits}f}{unit} ± {value['std']:.{digits}f} ({value['worst']:{sign}.{digits}f} … {value['best']:{sign}.{digits}f})"
 
 
-def _verdict(mean: float | None, target: float) -> str:
-    if mean is None:
+def _verdict(value: dict | None, statistic: str, target: float) -> str:
+    if value is None:
         return "not measured"
-    return "meets or beats" if mean >= target else "falls short"
+    return "meets or beats" if value[statistic] >= target else "falls short"
+
+
+def _claim(found: dict, key: str, claim: str, paper: str, unit: str, digits: int = 1, signed: bool = False,
+           judged: tuple[str, float, str] | None = None) -> str:
+    """One table row; `judged` = (statistic, target, suffix) compares that statistic with the target."""
+    value = found.get(key)
+    verdict = "" if judged is None else _verdict(value, judged[0], judged[1]) + judged[2]
+    return f"| {claim} | {paper} | {_cell(value, unit, digits, signed)} |" + (f" {verdict} |" if verdict else " |")
 
 
 def headline_table(found: dict, labels: tuple[int, ...], modes: tuple[str, ...]) -> str:
     low, high = PAPER["latency_ratio"]
+    gain, training = PAPER["accuracy_gain_points"], PAPER["training_ratio"]
     lines = ["| claim | paper | measured here: mean ± std over users (worst … best) | |", "|---|---|---|---|"]
-    for label in labels:
-        gain = found.get(f"gain_over_generic_L{label}")
-        lines.append(f"| accuracy gain over the generic model, {label} labels/class | +{PAPER['accuracy_gain_points']} pts | {_cell(gain, ' pts', signed=True)} | {_verdict(gain and gain['mean'], PAPER['accuracy_gain_points'])} |")
-    for label in labels:
-        gain = found.get(f"gain_over_restricted_L{label}")
-        lines.append(f"| accuracy gain over the generic model restricted to the user's classes (free baseline), {label} labels/class | — | {_cell(gain, ' pts', signed=True)} | {_verdict(gain and gain['worst'], 0.0)} in the worst case |")
-    ratio = found.get("training_ratio")
-    lines.append(f"| training time, whole-network FixMatch ÷ exits only (feature cache + heads) | {PAPER['training_ratio']}× | {_cell(ratio, '×', 2)} | {_verdict(ratio and ratio['mean'], PAPER['training_ratio'])} |")
-    command = found.get("training_ratio_command")
-    lines.append(f"| same, ÷ the whole `ee personalise` command (BN adaptation, class inference, hold-out scoring, saving) | {PAPER['training_ratio']}× | {_cell(command, '×', 2)} | {_verdict(command and command['mean'], PAPER['training_ratio'])} |")
-    for mode in modes:
-        latency = found.get(f"latency_ratio_match-generic_{mode}")
-        lines.append(f"| latency at the generic model's accuracy, LiteRT {mode} cascade vs plain model | {low}–{high}× | {_cell(latency, '×', 2)} | {_verdict(latency and latency['mean'], low)} |")
-    for mode in modes:
-        latency = found.get(f"latency_ratio_keep_{mode}")
-        lines.append(f"| latency within 0.5 pt of the personalised accuracy, LiteRT {mode} | — | {_cell(latency, '×', 2)} | |")
+    lines += [_claim(found, f"gain_over_generic_L{label}", f"accuracy gain over the generic model, {label} labels/class", f"+{gain} pts", " pts",
+                     signed=True, judged=("mean", gain, "")) for label in labels]
+    lines += [_claim(found, f"gain_over_restricted_L{label}", f"accuracy gain over the generic model restricted to the user's classes (free baseline), {label} labels/class",
+                     "—", " pts", signed=True, judged=("worst", 0.0, " in the worst case")) for label in labels]
+    lines.append(_claim(found, "training_ratio", "training time, whole-network FixMatch ÷ exits only (feature cache + heads)", f"{training}×", "×", 2,
+                        judged=("mean", training, "")))
+    lines.append(_claim(found, "training_ratio_command", "same, ÷ the whole `ee personalise` command (BN adaptation, class inference, hold-out scoring, saving)",
+                        f"{training}×", "×", 2, judged=("mean", training, "")))
+    lines += [_claim(found, f"latency_ratio_match-generic_{mode}", f"latency at the generic model's accuracy, LiteRT {mode} cascade vs plain model", f"{low}–{high}×",
+                     "×", 2, judged=("mean", low, "")) for mode in modes]
+    lines += [_claim(found, f"latency_ratio_keep_{mode}", f"latency within 0.5 pt of the personalised accuracy, LiteRT {mode}", "—", "×", 2) for mode in modes]
     return "\n".join(lines)
 
 
