@@ -36,7 +36,8 @@ COMPARE = textwrap.dedent(
             other = together[name][0]
             diffs[name] = max(diffs[name], float(np.abs(probabilities - other).max()))
             agree[name] += int(probabilities.argmax() == other.argmax())
-    print(json.dumps({"photos": len(images), "max_diff": diffs, "agreement": {n: a / len(images) for n, a in agree.items()}}))
+    dtypes = [{"x": np.dtype(s.input_detail["dtype"]).name} | {k: np.dtype(v["dtype"]).name for k, v in s.outputs.items()} for s in engine.stages]
+    print(json.dumps({"photos": len(images), "max_diff": diffs, "agreement": {n: a / len(images) for n, a in agree.items()}, "dtypes": dtypes}))
     """
 )
 
@@ -76,6 +77,10 @@ def test_cascade_matches_the_multi_exit_model(workspace, calibrated, mode, toler
     assert compared["photos"] == 100
     assert max(compared["max_diff"].values()) <= tolerance, compared
     assert min(compared["agreement"].values()) >= agreement, compared
+    if mode == "int8_full":  # pixels in as --input-type (uint8 by default); hand-offs in the network's own int8
+        first, *later = compared["dtypes"]
+        assert first["x"] == "uint8" and later[-1]["probabilities"] == "uint8"
+        assert all(stage["x"] == "int8" for stage in later) and all(stage["features"] == "int8" for stage in compared["dtypes"][:-1])
 
 
 def test_run_and_evaluate_time_the_exported_files_in_litert(workspace, calibrated):
@@ -158,3 +163,16 @@ def test_uint8_probabilities_top_out_below_one_so_thresholds_are_clamped_there()
     # A photo whose float probability is 0.999 saturates at 255: it must leave at a 0.9975 threshold.
     saturated = litert.dequantise(litert.quantise(np.array([0.999]), uint8), uint8)[0]
     assert saturated >= min(0.9975, litert.highest_probability(uint8))
+
+
+def test_alternating_wall_times_takes_turns_in_blocks_and_times_every_call_asked_for():
+    from ee_cli import litert
+
+    order: list[str] = []
+    calls = {name: (lambda name=name: order.append(name)) for name in ("plain", "cascade")}
+    times = litert.alternating_wall_times(calls, runs=7, block=3, warmup=1)
+    assert {name: len(found) for name, found in times.items()} == {"plain": 7, "cascade": 7}
+    timed = order[2:]  # after one warm-up call each
+    # Each turn: one untimed call after the switch, then up to `block` timed ones.
+    assert timed[:8] == ["plain"] * 4 + ["cascade"] * 4
+    assert timed.count("plain") == timed.count("cascade") == 7 + 3

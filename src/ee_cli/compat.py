@@ -81,6 +81,25 @@ def tfmot():
     return tensorflow_model_optimization
 
 
+def retype_signature_io(model: bytes, input_types: dict, output_types: dict) -> bytes:
+    """Set each signature's integer input and output types (dicts keyed by signature key) on a
+    model converted with float I/O, which has a QUANTIZE after every input and a DEQUANTIZE before
+    every output. The converter's own inference_input/output_type apply one type to every
+    signature; a cascade needs its pixels in the user's type but its hand-offs in the network's
+    int8, or each stage boundary pays a uint8<->int8 QUANTIZE pass. These are the converter's own
+    helpers (what `modify_model_io_type` calls), applied one signature at a time."""
+    from tensorflow.lite.python import util
+
+    tf()
+    found = util._convert_model_from_bytearray_to_object(model)
+    for index, signature in enumerate(found.signatureDefs):
+        key = signature.signatureKey.decode() if isinstance(signature.signatureKey, bytes) else signature.signatureKey
+        util._modify_model_input_type_per_subgraph(found, signature.subgraphIndex, index, input_types[key])
+        util._modify_model_output_type_per_subgraph(found, signature.subgraphIndex, index, output_types[key])
+    util._remove_redundant_quantize_ops(found)
+    return util._convert_model_from_object_to_bytearray(found)
+
+
 def litert_interpreter_class():
     from ai_edge_litert.interpreter import Interpreter
 

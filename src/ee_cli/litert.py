@@ -107,12 +107,13 @@ class CascadeEngine:
         # above that (0.9975 was calibrated in float for the demo's first exit) would never fire.
         self.thresholds = [2.0 if t is None else min(t, highest_probability(stage.outputs["probabilities"])) for t, stage in zip(thresholds, self.stages)]
 
-    def classify(self, pixels: np.ndarray) -> tuple[int, np.ndarray]:
+    def classify(self, pixels: np.ndarray, thresholds: list[float] | None = None) -> tuple[int, np.ndarray]:
+        thresholds = self.thresholds if thresholds is None else thresholds
         carried = self.stages[0].quantise(pixels[None].astype(np.float32))
         for index, stage in enumerate(self.stages):
             raw = stage.raw(carried)
             probabilities = dequantise(raw["probabilities"], stage.outputs["probabilities"])[0]
-            if index == len(self.stages) - 1 or probabilities.max() >= self.thresholds[index]:
+            if index == len(self.stages) - 1 or probabilities.max() >= thresholds[index]:
                 return index, probabilities
             carried = self._hand_on(raw["features"], stage.outputs["features"], self.stages[index + 1].input_detail)
         raise AssertionError("unreachable")
@@ -131,14 +132,9 @@ class CascadeEngine:
         """Per stage, wall times of `runs` calls on this photo's activations."""
         return [wall_times(lambda: stage.raw(carried), runs) for stage, carried in zip(self.stages, self.stage_inputs(pixels))]
 
-    def seconds_to_exit(self, pixels: np.ndarray, index: int, runs: int) -> np.ndarray:
-        """Wall times of classifying this photo when it leaves at exit `index` (the engine's own path)."""
-        saved = self.thresholds
-        self.thresholds = [2.0] * index + [-1.0] * (len(saved) - index)
-        try:
-            return wall_times(lambda: self.classify(pixels), runs)
-        finally:
-            self.thresholds = saved
+    def leaving_at(self, index: int) -> list[float]:
+        """Thresholds that make every photo leave at exit `index` (the engine's own path to it)."""
+        return [2.0] * index + [-1.0] * (len(self.thresholds) - index)
 
     def every_exit(self, pixels: np.ndarray) -> list[np.ndarray]:
         """Run all stages, ignoring thresholds: every exit's probabilities (for checks)."""
@@ -167,8 +163,6 @@ class CascadeEngine:
         return CascadeRun(np.array(exits), probabilities, np.array(seconds))
 
 
-
-
 def wall_times(call, runs: int, warmup: int = 10) -> np.ndarray:
     """Seconds per call of `call()`, `runs` times after `warmup` untimed calls."""
     for _ in range(warmup):
@@ -179,3 +173,22 @@ def wall_times(call, runs: int, warmup: int = 10) -> np.ndarray:
         call()
         times.append(time.perf_counter() - started)
     return np.array(times)
+
+
+def alternating_wall_times(calls: dict, runs: int, block: int = 20, warmup: int = 10) -> dict[str, np.ndarray]:
+    """Seconds per call of each `calls[name]()`, `runs` times each, taking turns in blocks of
+    `block` calls: drift in the machine's speed hits every call alike, and within a block each runs
+    as it would alone on a device (alternating call by call instead evicts one model's working set
+    with the other's, which is no one's deployment)."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    while min(len(found) for found in times.values()) < runs:
+        for name, call in calls.items():
+            call()  # untimed: the first call after a switch pays for the other model's
+            for _ in range(min(block, runs - len(times[name]))):
+                started = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - started)
+    return {name: np.array(found) for name, found in times.items()}
