@@ -1,16 +1,17 @@
-"""An exported cascade against its plain model in LiteRT, photo by photo, on the photos `ee evaluate`
-reported on (never those it calibrated on)."""
+"""An exported cascade against its plain model in LiteRT, photo by photo and taking turns a block
+of photos at a time (as `ee run` does), on the photos `ee evaluate` reported on (never those it
+calibrated on)."""
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ee_cli import litert, photos, policy
+from ee_cli.engine import run_in_turns
 
 
 def report_photos(test: Path, classes: list[str], seed: int, calibrate_split: float = 0.5):
@@ -32,17 +33,9 @@ def measure(export_dir: Path, test: Path, all_classes: list[str], seed: int, thr
     for image in images[:warmup]:
         engine.classify(image)
         plain(image[None])
-    cascade_s, plain_s, exits, cascade_pred, plain_pred = [], [], [], [], []
-    for image in images:  # alternate photo by photo, so drift in the machine's speed hits both alike
-        started = time.perf_counter()
-        index, probabilities = engine.classify(image)
-        cascade_s.append(time.perf_counter() - started)
-        started = time.perf_counter()
-        plain_probabilities = plain(image[None])["probabilities"][0]
-        plain_s.append(time.perf_counter() - started)
-        exits.append(index)
-        cascade_pred.append(probabilities.argmax())
-        plain_pred.append(plain_probabilities.argmax())
+    cascade, plain_s, plain_pred = run_in_turns(engine, plain, images)
+    cascade_s, exits = cascade.seconds, cascade.exit_index
+    cascade_pred = [probabilities.argmax() for probabilities in cascade.probabilities]
     names = np.array(classes)
     cascade_ms, plain_ms = 1000 * float(np.mean(cascade_s)), 1000 * float(np.mean(plain_s))
     return {

@@ -27,7 +27,7 @@ def run_cascade(folder: Path, data: Path, threads: int, limit: int | None = None
     for image in images[:10]:  # warm up both
         engine.classify(image)
         full(image[None])
-    cascade, full_seconds, full_predictions = _run_both(engine, full, images)
+    cascade, full_seconds, full_predictions = run_in_turns(engine, full, images)
     names = manifest["cascade"]["stops_after"]
     predictions = np.array([p.argmax() for p in cascade.probabilities])
     report = {
@@ -48,7 +48,7 @@ def run_cascade(folder: Path, data: Path, threads: int, limit: int | None = None
     return report
 
 
-def _run_both(engine, full, images: np.ndarray, block: int = 25):
+def run_in_turns(engine, full, images: np.ndarray, block: int = 25):
     """The cascade and the plain model over the same photos, taking turns a block of photos at a
     time, so drift in the machine's speed hits both alike. Each call is timed like the engine's:
     quantise, run, dequantise."""
