@@ -48,23 +48,23 @@ def run_cascade(folder: Path, data: Path, threads: int, limit: int | None = None
     return report
 
 
-def run_in_turns(engine, full, images: np.ndarray, block: int = 25):
+def run_in_turns(engine, plain, images: np.ndarray, block: int = 25):
     """The cascade and the plain model over the same photos, taking turns a block of photos at a
     time, so drift in the machine's speed hits both alike. Each call is timed like the engine's:
-    quantise, run, dequantise."""
-    runs, full_seconds, full_predictions = [], [], []
+    quantise, run, dequantise. Returns the cascade's run, the plain model's seconds and predictions."""
+    turns, plain_seconds, plain_predictions = [], [], []
     for start in range(0, len(images), block):
         chunk = images[start : start + block]
-        runs.append(engine.run(chunk))
+        turns.append(engine.run(chunk))
         for image in chunk:
             started = time.perf_counter()
-            probabilities = full(image[None])["probabilities"][0]
-            full_seconds.append(time.perf_counter() - started)
-            full_predictions.append(probabilities.argmax())
-    cascade = litert.CascadeRun(
-        np.concatenate([run.exit_index for run in runs]), [p for run in runs for p in run.probabilities], np.concatenate([run.seconds for run in runs])
-    )
-    return cascade, full_seconds, full_predictions
+            probabilities = plain(image[None])["probabilities"][0]
+            plain_seconds.append(time.perf_counter() - started)
+            plain_predictions.append(probabilities.argmax())
+    exits = np.concatenate([turn.exit_index for turn in turns])
+    seconds = np.concatenate([turn.seconds for turn in turns])
+    cascade = litert.CascadeRun(exits, [p for turn in turns for p in turn.probabilities], seconds)
+    return cascade, plain_seconds, plain_predictions
 
 
 def _profile(engine, full, image: np.ndarray, manifest: dict, report: dict, runs: int) -> dict[str, Any]:
