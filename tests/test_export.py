@@ -73,6 +73,9 @@ def test_cascade_matches_the_multi_exit_model(workspace, calibrated, mode, toler
     assert manifest["files"]["cascade.tflite"] < manifest["files"]["final.tflite"] + sum(
         manifest["files"][f"{name}.tflite"] for name in enabled)
     assert manifest["cascade"]["stops_after"] == [*enabled, "final"] and len(enabled) >= 1
+    stage_io = manifest["cascade"]["stage_io"]
+    assert len(stage_io) == len(enabled) + 1 and stage_io[0]["input"]["dtype"] == manifest["input"]["dtype"]
+    assert all(stage["input"]["shape"] == previous["outputs"]["features"]["shape"] for previous, stage in zip(stage_io, stage_io[1:]))
     compared = _compare(workspace / f"E-{mode}", workspace / "photos")
     assert compared["photos"] == 100
     assert max(compared["max_diff"].values()) <= tolerance, compared

@@ -275,6 +275,15 @@ def validate(model, path: Path, outputs: list[str], images: np.ndarray, labels, 
     return {"photos": len(images), "labelled": labels is not None, "exits": report, "passed": failure is None, "failure": failure}
 
 
+def _stage_io(stage: litert.Runner) -> dict[str, Any]:
+    """What a phone app feeds a stage and reads back: dtype, scale and zero point per tensor."""
+    def spec(detail: dict) -> dict[str, Any]:
+        scale, zero = detail["quantization"]
+        return {"dtype": np.dtype(detail["dtype"]).name, "shape": [int(d) for d in detail["shape"]], "scale": float(scale), "zero_point": int(zero)}
+
+    return {"input": spec(stage.input_detail), "outputs": {name: spec(detail) for name, detail in stage.outputs.items()}}
+
+
 def _cascade_weights(sizes: dict[str, int], enabled) -> str:
     """Stages are disjoint segments, so each weight belongs to one signature; say so with the sizes."""
     parts = sizes["final.tflite"] + sum(sizes.get(f"{e['name']}.tflite", 0) for e in enabled)
@@ -313,6 +322,7 @@ def _manifest(meta, source: Path, config, files, enabled, staging: Path, validat
         "cascade": {
             "file": "cascade.tflite",
             "signatures": litert.stage_keys(cascade),
+            "stage_io": [_stage_io(litert.Runner(cascade, key)) for key in litert.stage_keys(cascade)],
             "stops_after": [e["name"] for e in enabled] + ["final"],
             "thresholds": [e["threshold"] for e in enabled],
             "weights": _cascade_weights(sizes, enabled),
