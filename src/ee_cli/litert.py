@@ -186,9 +186,6 @@ def alternating_wall_times(calls: dict, runs: int, block: int = 20, warmup: int 
     times: dict[str, list[float]] = {name: [] for name in calls}
     while min(len(found) for found in times.values()) < runs:
         for name, call in calls.items():
-            call()  # untimed: the first call after a switch pays for the other model's
-            for _ in range(min(block, runs - len(times[name]))):
-                started = time.perf_counter()
-                call()
-                times[name].append(time.perf_counter() - started)
+            # One untimed call first: the first call after a switch pays for the other model's.
+            times[name].extend(wall_times(call, min(block, runs - len(times[name])), warmup=1))
     return {name: np.array(found) for name, found in times.items()}
