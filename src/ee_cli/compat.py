@@ -88,9 +88,9 @@ def retype_signature_io(model: bytes, input_types: dict, output_types: dict) -> 
     signature; a cascade needs its pixels in the user's type but its hand-offs in the network's
     int8, or each stage boundary pays a uint8<->int8 QUANTIZE pass. These are the converter's own
     helpers (what `modify_model_io_type` calls), applied one signature at a time."""
+    tf()
     from tensorflow.lite.python import util
 
-    tf()
     found = util._convert_model_from_bytearray_to_object(model)
     for index, signature in enumerate(found.signatureDefs):
         key = signature.signatureKey.decode() if isinstance(signature.signatureKey, bytes) else signature.signatureKey
