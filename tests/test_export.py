@@ -36,8 +36,7 @@ COMPARE = textwrap.dedent(
             other = together[name][0]
             diffs[name] = max(diffs[name], float(np.abs(probabilities - other).max()))
             agree[name] += int(probabilities.argmax() == other.argmax())
-    dtypes = [{"x": np.dtype(s.input_detail["dtype"]).name} | {k: np.dtype(v["dtype"]).name for k, v in s.outputs.items()} for s in engine.stages]
-    print(json.dumps({"photos": len(images), "max_diff": diffs, "agreement": {n: a / len(images) for n, a in agree.items()}, "dtypes": dtypes}))
+    print(json.dumps({"photos": len(images), "max_diff": diffs, "agreement": {n: a / len(images) for n, a in agree.items()}}))
     """
 )
 
@@ -81,9 +80,10 @@ def test_cascade_matches_the_multi_exit_model(workspace, calibrated, mode, toler
     assert max(compared["max_diff"].values()) <= tolerance, compared
     assert min(compared["agreement"].values()) >= agreement, compared
     if mode == "int8_full":  # pixels in as --input-type (uint8 by default); hand-offs in the network's own int8
-        first, *later = compared["dtypes"]
-        assert first["x"] == "uint8" and later[-1]["probabilities"] == "uint8"
-        assert all(stage["x"] == "int8" for stage in later) and all(stage["features"] == "int8" for stage in compared["dtypes"][:-1])
+        first, *later = stage_io
+        assert first["input"]["dtype"] == "uint8" and later[-1]["outputs"]["probabilities"]["dtype"] == "uint8"
+        assert all(stage["input"]["dtype"] == "int8" for stage in later)
+        assert all(stage["outputs"]["features"]["dtype"] == "int8" for stage in stage_io[:-1])
 
 
 def test_run_and_evaluate_time_the_exported_files_in_litert(workspace, calibrated):

@@ -296,9 +296,9 @@ def _cascade_weights(sizes: dict[str, int], enabled) -> str:
 
 def _manifest(meta, source: Path, config, files, enabled, staging: Path, validation, validation_note) -> dict[str, Any]:
     cascade = litert.interpreter(staging / "cascade.tflite", 1)
-    runner = litert.Runner(cascade, litert.stage_keys(cascade)[0])
-    detail = runner.input_detail
-    scale, zero = detail["quantization"]
+    keys = litert.stage_keys(cascade)
+    stage_io = [_stage_io(litert.Runner(cascade, key)) for key in keys]
+    pixels = stage_io[0]["input"]
     sizes = {name: size for name, size in files.items()}
     return {
         "bundle": str(source.resolve()),
@@ -306,9 +306,9 @@ def _manifest(meta, source: Path, config, files, enabled, staging: Path, validat
         "qat": config.qat,
         "input": {
             "shape": [1, *meta["input"]["shape"]],
-            "dtype": np.dtype(detail["dtype"]).name,
-            "scale": float(scale),
-            "zero_point": int(zero),
+            "dtype": pixels["dtype"],
+            "scale": pixels["scale"],
+            "zero_point": pixels["zero_point"],
             "pixels": "RGB 0..255 (preprocessing is inside the model)",
         },
         "classes": meta.get("output_classes") or meta["classes"],
@@ -321,8 +321,8 @@ def _manifest(meta, source: Path, config, files, enabled, staging: Path, validat
         "total_bytes": sum(sizes.values()),
         "cascade": {
             "file": "cascade.tflite",
-            "signatures": litert.stage_keys(cascade),
-            "stage_io": [_stage_io(litert.Runner(cascade, key)) for key in litert.stage_keys(cascade)],
+            "signatures": keys,
+            "stage_io": stage_io,
             "stops_after": [e["name"] for e in enabled] + ["final"],
             "thresholds": [e["threshold"] for e in enabled],
             "weights": _cascade_weights(sizes, enabled),
