@@ -30,10 +30,7 @@ def measure(export_dir: Path, test: Path, all_classes: list[str], seed: int, thr
     images = photos.load_array(paths, int(manifest["input"]["shape"][1])).astype(np.float32)
     engine = litert.CascadeEngine(Path(export_dir) / "cascade.tflite", manifest["cascade"]["thresholds"], threads)
     plain = litert.Runner(litert.interpreter(Path(export_dir) / "final.tflite", threads), "serving_default")
-    for image in images[:warmup]:
-        engine.classify(image)
-        plain(image[None])
-    cascade, plain_s, plain_pred = run_in_turns(engine, plain, images)
+    cascade, plain_s, plain_pred = run_in_turns(engine, plain, images, warmup=warmup)
     cascade_s, exits = cascade.seconds, cascade.exit_index
     cascade_pred = [probabilities.argmax() for probabilities in cascade.probabilities]
     names = np.array(classes)

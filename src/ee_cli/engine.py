@@ -24,9 +24,6 @@ def run_cascade(folder: Path, data: Path, threads: int, limit: int | None = None
     thresholds = manifest["cascade"]["thresholds"]
     engine = litert.CascadeEngine(folder / "cascade.tflite", thresholds, threads)
     full = litert.Runner(litert.interpreter(folder / "final.tflite", threads), "serving_default")
-    for image in images[:10]:  # warm up both
-        engine.classify(image)
-        full(image[None])
     cascade, full_seconds, full_predictions = run_in_turns(engine, full, images)
     names = manifest["cascade"]["stops_after"]
     predictions = np.array([p.argmax() for p in cascade.probabilities])
@@ -48,10 +45,14 @@ def run_cascade(folder: Path, data: Path, threads: int, limit: int | None = None
     return report
 
 
-def run_in_turns(engine, plain, images: np.ndarray, block: int = 25):
+def run_in_turns(engine, plain, images: np.ndarray, block: int = 25, warmup: int = 10):
     """The cascade and the plain model over the same photos, taking turns a block of photos at a
-    time, so drift in the machine's speed hits both alike. Each call is timed like the engine's:
-    quantise, run, dequantise. Returns the cascade's run, the plain model's seconds and predictions."""
+    time, so drift in the machine's speed hits both alike, after both ran `warmup` photos untimed.
+    Each call is timed like the engine's: quantise, run, dequantise. Returns the cascade's run, the
+    plain model's seconds and predictions."""
+    for image in images[:warmup]:
+        engine.classify(image)
+        plain(image[None])
     turns, plain_seconds, plain_predictions = [], [], []
     for start in range(0, len(images), block):
         chunk = images[start : start + block]
