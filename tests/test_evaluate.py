@@ -21,7 +21,7 @@ def personalised(workspace):
     attach(AttachConfig(backbone="cifar_resnet9", out="B", classes="r,g,b,x,y"))
     coloured_photos(workspace / "photos", 30)
     personalise(PersonaliseConfig(data="photos", bundle="B", out="P", epochs=2, batch=8, views=1, personal_classes="r,g,b"))
-    labelled_folder(workspace / "test", ["r", "g", "b"], per_class=12)
+    labelled_folder(workspace / "test", ["r", "g", "b"], per_class=20)
     return workspace / "P"
 
 
@@ -31,7 +31,7 @@ def test_evaluate_profiles_exits_and_writes_a_calibrated_bundle(workspace, perso
     assert "Operating points" in result.stdout and "oracle" in result.stdout
     run = sorted((workspace / "runs").glob("evaluate-*"))[-1]
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["photos"] == {"count": 36, "skipped": 0, "calibrate": 18, "report": 18}
+    assert metrics["photos"] == {"count": 60, "skipped": 0, "calibrate": 30, "report": 30}
     assert set(metrics["operating_points"]) == {"keep", "match-generic", "match-restricted"}
     assert {"generic", "restricted"} == set(metrics["baselines"])
     rows = list(csv.DictReader((run / "exits.csv").open()))
@@ -40,14 +40,17 @@ def test_evaluate_profiles_exits_and_writes_a_calibrated_bundle(workspace, perso
     calibrated = json.loads((workspace / "C" / "ee.json").read_text())
     chosen = metrics["operating_points"]["match-generic"]["thresholds"]
     for exit_, threshold in zip(calibrated["exits"], chosen):
-        assert exit_["enabled"] == (threshold <= 1) and (exit_["threshold"] is None or exit_["threshold"] == threshold)
-    assert calibrated["policy"]["operating_point"] == "match-generic"
+        assert exit_["enabled"] == (threshold <= 1) and exit_["threshold"] == (threshold if threshold <= 1 else None)
+    assert calibrated["policy"]["operating_point"] == "match-generic" and calibrated["policy"]["set_by"] == "evaluate"
+    assert calibrated["policy"]["photos"] == 30
+    evidence = bundle.read_bundle(workspace / "C").evidence()
+    assert evidence.confidences.shape == (3, 30) and evidence.correct.shape == (4, 30)
     assert (workspace / "C" / "model.h5").read_bytes() == (personalised / "model.h5").read_bytes()
     assert json.loads((personalised / "ee.json").read_text())["exits"][0]["threshold"] is None  # input untouched
 
 
 def test_unlabelled_photos_give_agreement_clearly_labelled(workspace, personalised, cli):
-    coloured_photos(workspace / "loose", 10, seed=9)
+    coloured_photos(workspace / "loose", 60, seed=9)
     result = cli("evaluate", "--data", "loose", "--out", "C", "--latency-runs", "1", "--json")
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout)["metrics"]
@@ -56,10 +59,13 @@ def test_unlabelled_photos_give_agreement_clearly_labelled(workspace, personalis
 
 
 def test_label_free_calibration(workspace, personalised, cli):
-    coloured_photos(workspace / "held", 20, seed=11)
+    coloured_photos(workspace / "held", 40, seed=11)
     result = cli("evaluate", "--data", "test", "--calibrate-on", "held", "--use", "label-free", "--out", "C", "--latency-runs", "1", "--json")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["metrics"]["operating_points"]["label-free"]["calibration_photos"] == 20
+    assert json.loads(result.stdout)["metrics"]["operating_points"]["label-free"]["calibration_photos"] == 40
+    stored = json.loads((workspace / "C" / "ee.json").read_text())["policy"]
+    assert stored["operating_point"] == "label-free" and stored["photos"] == 40
+    assert bundle.read_bundle(workspace / "C").evidence().reference.tolist() == [1] * 40  # agreement of the final exit with itself
 
 
 @pytest.mark.parametrize(
@@ -72,11 +78,13 @@ def test_label_free_calibration(workspace, personalised, cli):
         (["--data", "test", "--calibrate-split", "1"], "--calibrate-split"),
         (["--data", "test", "--use", "fastest"], "--use"),
         (["--data", "test", "--out", "P"], "already exists"),
+        (["--data", "few"], "at least 30 are needed"),
     ],
 )
 def test_user_mistakes_are_one_line(workspace, personalised, cli, args, expected):
     (workspace / "empty").mkdir()
     labelled_folder(workspace / "mixed", ["r", "zebra"], per_class=1)
+    labelled_folder(workspace / "few", ["r", "g"], per_class=2)
     (workspace / "future").mkdir()
     meta = json.loads((personalised / "ee.json").read_text()) | {"format_version": 99}
     (workspace / "future" / "ee.json").write_text(json.dumps(meta))

@@ -45,8 +45,8 @@ COMPARE = textwrap.dedent(
 def calibrated(workspace):
     attach(AttachConfig(backbone="cifar_resnet9", out="B", classes="r,g,b,x,y"))
     coloured_photos(workspace / "photos", 120)
-    personalise(PersonaliseConfig(data="photos", bundle="B", out="P", epochs=2, batch=16, views=1, personal_classes="r,g,b", exit_target=0.0))
-    labelled_folder(workspace / "test", ["r", "g", "b"], per_class=12)
+    personalise(PersonaliseConfig(data="photos", bundle="B", out="P", epochs=2, batch=16, views=1, personal_classes="r,g,b"))
+    labelled_folder(workspace / "test", ["r", "g", "b"], per_class=20)
     evaluate(EvaluateConfig(data="test", bundle="P", out="C", latency_runs=1, max_drop=100.0))
     return workspace / "C"
 
@@ -60,7 +60,8 @@ def _compare(folder, data) -> dict:
 @pytest.mark.parametrize(("mode", "tolerance", "agreement"), [("none", 1e-5, 1.0), ("int8_full", 0.05, 0.99)])
 def test_cascade_matches_the_multi_exit_model(workspace, calibrated, mode, tolerance, agreement):
     # A near-random tiny model: a single photo moves accuracy by 2.8 points, so no accuracy bound here.
-    result = run_ee("export", "--tflite", "--quant", mode, "--out", f"E-{mode}", "--validate", "test", "--max-accuracy-drop", "100", "--json", cwd=workspace, timeout=300)
+    result = run_ee("export", "--tflite", "--quant", mode, "--out", f"E-{mode}", "--validate", "test", "--max-accuracy-drop", "100",
+                    "--policy", "recorded", "--json", cwd=workspace, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     manifest = json.loads(result.stdout)["manifest"]
     assert set(manifest["files"]) >= {"multi_exit.tflite", "final.tflite", "cascade.tflite"}
@@ -91,7 +92,7 @@ def test_run_and_evaluate_time_the_exported_files_in_litert(workspace, calibrate
     result = run_ee("run", "--tflite", "E", "--data", "test", "--json", cwd=workspace, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
-    assert report["photos"] == 36 and sum(report["histogram"].values()) == 36
+    assert report["photos"] == 60 and sum(report["histogram"].values()) == 60
     assert report["cascade_ms"]["mean"] > 0 and report["full_ms"]["mean"] > 0 and 0 <= report["accuracy"] <= 1
     assert len(report["profile"]["stage_ms"]) == len(report["histogram"])
     profiled = run_ee("evaluate", "--bundle", "C", "--data", "test", "--tflite", "E", "--latency-runs", "3", "--out", "C2", "--json", cwd=workspace, timeout=300)
@@ -100,15 +101,36 @@ def test_run_and_evaluate_time_the_exported_files_in_litert(workspace, calibrate
     assert rows["final"]["litert_p50_ms"] > 0 and rows["final"]["litert_threads"] == 1
 
 
-def test_a_bundle_with_every_exit_off_exports_a_one_stage_cascade_that_runs(workspace, calibrated):
-    personalise(PersonaliseConfig(data="photos", bundle="B", out="P0", epochs=1, batch=16, views=1, personal_classes="r,g,b", exit_target=2.0))
-    exported = run_ee("export", "--tflite", "--bundle", "P0", "--quant", "none", "--out", "E0", "--json", cwd=workspace, timeout=300)
+def test_a_bundle_without_thresholds_exports_the_plain_model_and_says_why(workspace, calibrated):
+    # P's 24 held-out photos are below the floor for thresholds: null thresholds never make a cascade.
+    assert all(e["threshold"] is None for e in json.loads((workspace / "P" / "ee.json").read_text())["exits"])
+    exported = run_ee("export", "--tflite", "--bundle", "P", "--quant", "none", "--out", "E0", cwd=workspace, timeout=300)
     assert exported.returncode == 0, exported.stderr[-2000:]
-    cascade = json.loads(exported.stdout)["manifest"]["cascade"]
+    assert "Exit policy: plain model: 24 held-out photos" in " ".join(exported.stdout.split())
+    cascade = json.loads((workspace / "E0" / "manifest.json").read_text())["cascade"]
     assert cascade["stops_after"] == ["final"] and cascade["thresholds"] == [] and len(cascade["signatures"]) == 1
     result = run_ee("run", "--tflite", "E0", "--data", "test", "--json", cwd=workspace, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert json.loads(result.stdout)["histogram"] == {"final": 36}
+    assert json.loads(result.stdout)["histogram"] == {"final": 60}
+
+
+def test_measured_policy_times_stages_and_heads_and_never_deploys_a_slower_cascade(workspace, calibrated):
+    exported = run_ee("export", "--tflite", "--quant", "int8_full", "--out", "M", "--json", cwd=workspace, timeout=300)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    manifest = json.loads(exported.stdout)["manifest"]
+    choice = manifest["cascade"]["policy"]
+    assert choice["from_bundle"]["set_by"] == "evaluate"
+    first = choice["measured"][0]
+    recorded = [i for i, t in enumerate(choice["from_bundle"]["thresholds"]) if t is not None]
+    assert first["exits"] == recorded and len(first["stage_ms"]) == len(recorded) + 1 and len(first["head_ms"]) == len(recorded)
+    assert all(ms > 0 for ms in first["stage_ms"] + first["head_ms"]) and first["plain_ms"] > 0
+    used = [e["name"] for e in manifest["exits"] if e["enabled"]]
+    assert manifest["cascade"]["stops_after"] == [*used, "final"]
+    if used:
+        assert choice["predicted"]["speedup"] > 1.0 and choice["predicted"]["unit"] == "LiteRT ms"
+    else:
+        assert choice["reason"].startswith("plain model")
+    assert not any(path.name.startswith("profile-") for path in (workspace / "M").iterdir())
 
 
 @pytest.mark.parametrize(

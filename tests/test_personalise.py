@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from conftest import one_line_error
-from ee_cli import adapt, bundle, photos
+from ee_cli import adapt, bundle, photos, policy
 from ee_cli.attach import attach
 from ee_cli.config import AttachConfig, PersonaliseConfig
 from ee_cli.personalise import personalise
@@ -53,7 +53,8 @@ def test_personalise_writes_a_personalised_bundle(workspace, attached, cli):
     assert result.exit_code == 0, result.output
     meta = json.loads((workspace / "P" / "ee.json").read_text())
     assert meta["personal_classes"] == ["r", "g", "b"] and meta["output_classes"] == ["r", "g", "b"]
-    assert all(e["trained"] and "enabled_because" in e for e in meta["exits"])
+    assert all(e["trained"] and e["threshold"] is None and not e["enabled"] for e in meta["exits"])
+    assert meta["policy"]["set_by"] == "personalise" and "10 held-out photos" in meta["policy"]["reason"]  # below the floor: all off
     assert len(meta["adapted_bn"]["layers"]) == 4 and meta["adapted_bn"]["photos"] == 48
     assert meta["provenance"][-1]["command"] == "personalise"
     model = bundle.read_bundle(workspace / "P").load_model()
@@ -204,3 +205,32 @@ def test_more_photos_continue_from_a_personalised_bundle(workspace, attached, cl
     # The generic teacher is carried over untouched; the personal heads keep training.
     np.testing.assert_array_equal(before.get_layer("predictions").get_weights()[0], after.get_layer("predictions").get_weights()[0])
     assert after.output_names == ["exit_0", "exit_1", "exit_2", "final", "generic"]
+
+
+def test_label_free_thresholds_are_chosen_on_held_out_photos_by_default(workspace, attached, cli):
+    coloured_photos(workspace / "photos", 160)
+    result = cli("personalise", "--data", "photos", "--personal-classes", "r,g,b", "--out", "P", *QUICK)
+    assert result.exit_code == 0, result.output
+    meta = json.loads((workspace / "P" / "ee.json").read_text())
+    chosen = meta["policy"]
+    assert chosen["set_by"] == "personalise" and chosen["operating_point"] == "keep (label-free)" and chosen["photos"] == 32
+    thresholds = [e["threshold"] for e in meta["exits"]]
+    assert any(t is not None for t in thresholds), chosen["reason"]
+    assert [e["enabled"] for e in meta["exits"]] == [t is not None for t in thresholds]
+    evidence = bundle.read_bundle(workspace / "P").evidence()
+    assert evidence.confidences.shape == (3, 32) and evidence.reference.tolist() == [1] * 32  # the final exit agrees with itself
+    # What the bundle says is what the policy gives on the stored evidence, and it keeps its bound there.
+    costs = policy.costs_from_macs([e["cumulative_macs"] - e["head_macs"] for e in meta["exits"]], [e["head_macs"] for e in meta["exits"]], meta["final"]["cumulative_macs"])
+    again = policy.cheapest_cascade(evidence, policy.max_drop(0.005, 1.645), costs)
+    assert [None if t >= policy.NEVER else pytest.approx(t) for t in again.thresholds] == thresholds
+    taken = policy.exit_taken(evidence.confidences, again.thresholds)
+    assert policy.outcome(taken, evidence.correct, costs.leaving(again.thresholds < policy.NEVER)).accuracy >= 1 - 0.005
+    assert chosen["predicted"]["speedup"] > 1.0 and "fewer MACs" in chosen["reason"]
+    # Re-personalising with too few photos to choose thresholds clears the stale ones.
+    coloured_photos(workspace / "few", 40, seed=5)
+    again_result = cli("personalise", "--from", "P", "--data", "few", "--personal-classes", "r,g,b", "--out", "P2", *QUICK)
+    assert again_result.exit_code == 0, again_result.output
+    cleared = json.loads((workspace / "P2" / "ee.json").read_text())
+    assert all(e["threshold"] is None and not e["enabled"] for e in cleared["exits"])
+    assert cleared["policy"]["set_by"] == "personalise" and cleared["policy"]["photos"] == 8
+    assert not (workspace / "P2" / bundle.EVIDENCE_FILE).exists()

@@ -103,3 +103,47 @@ def test_bootstrap_interval_brackets_the_mean():
     differences = np.array([0.0] * 90 + [1.0] * 10)
     low, high = policy.bootstrap_interval(differences)
     assert low < 0.1 < high and high - low < 0.15
+
+
+def _always_right(exits: int, photos: int = 40) -> policy.Evidence:
+    confidences = np.tile(np.linspace(0.99, 0.6, photos), (exits, 1))
+    correct = np.ones((exits + 1, photos), np.int8)
+    return policy.Evidence(confidences, correct, correct[-1])
+
+
+def test_the_cost_model_charges_only_the_heads_that_run():
+    costs = policy.StageCosts(np.array([10.0, 20.0, 30.0]), np.array([1.0, 2.0]), "ms")
+    np.testing.assert_allclose(costs.leaving(np.array([True, True])), [11, 33, 63])
+    np.testing.assert_allclose(costs.leaving(np.array([False, True])), [10, 32, 62])
+    assert costs.plain == 60 and policy.StageCosts(costs.segments, costs.heads, "ms", plain_cost=55).plain == 55
+
+
+def test_cheap_exits_that_are_always_right_take_every_photo():
+    costs = policy.StageCosts(np.array([10.0, 20.0, 30.0]), np.array([1.0, 1.0]), "ms")
+    choice = policy.cheapest_cascade(_always_right(2), policy.max_drop(0.0, 0.0), costs)
+    assert choice.thresholds[0] < policy.NEVER and choice.shares[0] == 1.0
+    assert choice.expected_cost == pytest.approx(11.0) and choice.speedup == pytest.approx(60 / 11)
+
+
+def test_no_exit_is_used_when_every_exit_costs_more_than_it_saves():
+    # Made-up runtime profile: a stage boundary and head so dear that even letting every photo out
+    # at the first exit costs more than the plain model (as exit_2 at 32 px int8 cost 105 %).
+    costs = policy.StageCosts(np.array([50.0, 45.0, 5.0]), np.array([60.0, 60.0]), "ms", plain_cost=100.0)
+    choice = policy.cheapest_cascade(_always_right(2), policy.max_drop(0.0, 0.0), costs)
+    assert (choice.thresholds == policy.NEVER).all() and choice.expected_cost == 100.0 and choice.shares[-1] == 1.0
+
+
+def test_an_exit_that_costs_more_than_it_saves_is_dropped_and_the_other_kept():
+    # exit_0 is cheap and right on half the photos; exit_1 is right on all, but reaching it (head included)
+    # costs 106 % of the plain model, so letting the other half out there loses time.
+    photos = 40
+    confidences = np.vstack([np.linspace(0.99, 0.6, photos), np.linspace(0.99, 0.6, photos)])
+    correct = np.ones((3, photos), np.int8)
+    correct[0, photos // 2 :] = 0
+    evidence = policy.Evidence(confidences, correct, correct[-1])
+    costs = policy.StageCosts(np.array([20.0, 75.0, 5.0]), np.array([1.0, 10.0]), "ms", plain_cost=100.0)
+    choice = policy.cheapest_cascade(evidence, policy.max_drop(0.0, 0.0), costs)
+    assert choice.thresholds[0] < policy.NEVER and choice.thresholds[1] == policy.NEVER
+    assert choice.shares[0] == pytest.approx(0.5) and choice.expected_cost < 100.0
+    greedy_with_both = policy.greedy_thresholds(confidences, correct, correct[-1], policy.max_drop(0.0, 0.0))
+    assert greedy_with_both[1] < policy.NEVER  # the MACs-blind greedy would have kept exit_1

@@ -11,12 +11,14 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ee_cli import compat
+import numpy as np
+
+from ee_cli import compat, policy
 from ee_cli.errors import UserError
 from ee_cli.runs import write_json
 
@@ -24,6 +26,7 @@ FORMAT_VERSION = 1
 MODEL_FILE = "model.h5"
 MODEL_FORMAT = "tf_keras HDF5 (.h5)"
 META_FILE = "ee.json"
+EVIDENCE_FILE = "exit_evidence.npz"  # the per-photo evidence the thresholds were chosen from
 DEFAULT_ROOT = Path("bundles")
 LATEST_FILE = DEFAULT_ROOT / "latest.json"
 
@@ -35,6 +38,61 @@ class Bundle:
 
     def load_model(self):
         return compat.keras().models.load_model(self.path / self.meta["model_file"], compile=False)
+
+    def evidence(self) -> policy.Evidence | None:
+        path = self.path / EVIDENCE_FILE
+        if not path.is_file():
+            return None
+        with np.load(path) as stored:
+            return policy.Evidence(stored["confidences"], stored["correct"], stored["reference"])
+
+
+@dataclass(frozen=True)
+class ExitPolicy:
+    """Which exits a cascade uses and where each lets photos out: the one record of a bundle's exit
+    state. An exit is off exactly when its threshold is None."""
+
+    thresholds: tuple[float | None, ...]
+    set_by: str  # the command that chose them: personalise | evaluate
+    operating_point: str  # e.g. keep (label-free)
+    photos: int  # how many photos the thresholds were chosen on
+    constraint: dict[str, float | str]  # {"kind": "max_drop" | "at_least", "drop": ..., "z": ...}
+    criterion: str = "maxprob"
+    reason: str = ""  # one line: why these exits, or why none
+    predicted: dict[str, Any] = field(default_factory=dict)  # expected cost, plain cost, unit, speed-up
+
+    @classmethod
+    def from_choice(cls, choice: policy.Choice, **fields) -> "ExitPolicy":
+        thresholds = tuple(None if t >= policy.NEVER else float(t) for t in choice.thresholds)
+        predicted = {"unit": choice.unit, "expected": choice.expected_cost, "plain": choice.plain_cost, "speedup": choice.speedup,
+                     "accuracy_on_evidence": choice.accuracy, "shares": [float(s) for s in choice.shares]}
+        return cls(thresholds=thresholds, predicted=predicted, **fields)
+
+    def constraint_function(self) -> policy.Constraint:
+        if self.constraint["kind"] == "at_least":
+            return policy.at_least(float(self.constraint["z"]))
+        return policy.max_drop(float(self.constraint["drop"]), float(self.constraint["z"]))
+
+
+def exit_policy(meta: dict[str, Any]) -> ExitPolicy | None:
+    stored = meta.get("policy")
+    if not stored or "thresholds" not in stored:
+        return None
+    return ExitPolicy(**{**stored, "thresholds": tuple(stored["thresholds"])})
+
+
+def thresholds(meta: dict[str, Any]) -> list[float | None]:
+    """Each exit's threshold; None for an exit that is off (also every exit of a bundle without a policy)."""
+    chosen = exit_policy(meta)
+    return list(chosen.thresholds) if chosen else [None] * len(meta["exits"])
+
+
+def with_exit_policy(meta: dict[str, Any], chosen: ExitPolicy | None) -> dict[str, Any]:
+    """`meta` with `chosen` as its exit state (None clears it: every exit off)."""
+    values = chosen.thresholds if chosen else (None,) * len(meta["exits"])
+    exits = [e | {"threshold": t, "enabled": t is not None} for e, t in zip(meta["exits"], values)]
+    stored = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(chosen).items()} if chosen else None
+    return {k: v for k, v in meta.items() if k != "policy"} | {"exits": exits, "policy": stored}
 
 
 def read_bundle(path: Path) -> Bundle:
@@ -80,8 +138,10 @@ def check_output(out: Path, exist_ok: bool) -> None:
         raise UserError(f"{out} exists and is not a bundle: refusing to replace it even with --exist-ok")
 
 
-def write_bundle(out: Path, model, meta: dict[str, Any], exist_ok: bool, model_file: Path | None = None) -> Path:
-    """Write `model` (or link/copy an existing `model_file`, unchanged) and `ee.json`, atomically."""
+def write_bundle(out: Path, model, meta: dict[str, Any], exist_ok: bool, model_file: Path | None = None,
+                 evidence: policy.Evidence | None = None) -> Path:
+    """Write `model` (or link/copy an existing `model_file`, unchanged), `ee.json` and the exit
+    policy's evidence, atomically."""
     check_output(out, exist_ok)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
@@ -91,6 +151,8 @@ def write_bundle(out: Path, model, meta: dict[str, Any], exist_ok: bool, model_f
             _link_or_copy(model_file, staging / MODEL_FILE)
         else:
             model.save(staging / MODEL_FILE, include_optimizer=False, save_format="h5")
+        if evidence is not None:
+            np.savez_compressed(staging / EVIDENCE_FILE, confidences=evidence.confidences, correct=evidence.correct, reference=evidence.reference)
         full_meta = {"format_version": FORMAT_VERSION, "model_file": MODEL_FILE, "model_format": MODEL_FORMAT, **meta}
         write_json(staging / META_FILE, full_meta)
         _move_into_place(staging, out)

@@ -161,8 +161,10 @@ def personalise(
     pseudo_weight: Annotated[Optional[float], typer.Option(help="Weight of the teacher's confident hard labels on strong views (default 1).", rich_help_panel="Training")] = None,
     fixmatch_weight: Annotated[Optional[float], typer.Option(help="Weight of FixMatch consistency (default 1).", rich_help_panel="Training")] = None,
     supervised_weight: Annotated[Optional[float], typer.Option(help="Weight of cross-entropy on labelled photos (default 1).", rich_help_panel="Training")] = None,
-    holdout: Annotated[Optional[float], typer.Option(help="Share of photos held out to decide which exits switch on (default 0.2).", rich_help_panel="Exits")] = None,
-    exit_target: Annotated[Optional[float], typer.Option(help="Held-out accuracy (or agreement with the teacher) an exit needs to switch on (default 0.8).", rich_help_panel="Exits")] = None,
+    exit_teacher: Annotated[Optional[str], typer.Option(help="What the early exits learn from: generic (the frozen generic classifier, restricted to the personal classes) or final (the personalised final exit as it trains) (default generic).", rich_help_panel="Training")] = None,
+    holdout: Annotated[Optional[float], typer.Option(help="Share of photos held out of training; exit thresholds are chosen on them, label-free (default 0.2; at least 30 photos set thresholds).", rich_help_panel="Exits")] = None,
+    max_drop: Annotated[Optional[float], typer.Option(help="Points of held-out agreement with the final exit the early exits may cost (default 0.5).", rich_help_panel="Exits")] = None,
+    margin_z: Annotated[Optional[float], typer.Option(help="Threshold margin: standard errors of the paired difference to clear (default 1.645, one-sided 95%).", rich_help_panel="Exits")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Push photos through the backbone every step instead of caching features (for comparison).", rich_help_panel="Training")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the latest unfinished run with the same settings.", rich_help_panel="Run")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.", rich_help_panel="Run")] = False,
@@ -181,8 +183,8 @@ def personalise(
             data=data, labelled=labelled, bundle=bundle, adapt_bn=adapt_bn, personal_classes=personal_classes,
             class_share=class_share, views=views, epochs=epochs, batch=batch, learning_rate=learning_rate,
             threshold=threshold, temperature=temperature, distill_weight=distill_weight, pseudo_weight=pseudo_weight,
-            fixmatch_weight=fixmatch_weight, supervised_weight=supervised_weight, holdout=holdout,
-            exit_target=exit_target, cache=False if no_cache else None, resume=resume or None, quiet=quiet or None,
+            fixmatch_weight=fixmatch_weight, supervised_weight=supervised_weight, exit_teacher=exit_teacher, holdout=holdout,
+            max_drop=max_drop, margin_z=margin_z, cache=False if no_cache else None, resume=resume or None, quiet=quiet or None,
             out=out, exist_ok=exist_ok or None, seed=seed,
         )
         settings = resolve(PersonaliseConfig, "personalise", config, flags)
@@ -290,7 +292,8 @@ def export_command(
     validation_photos: Annotated[Optional[int], typer.Option(help="Photos used to validate (default 300).", rich_help_panel="Photos")] = None,
     qat: Annotated[bool, typer.Option("--qat", help="Quantisation-aware training of the exit heads (tfmot) before an int8 export.", rich_help_panel="Format")] = False,
     qat_steps: Annotated[Optional[int], typer.Option(help="QAT steps (default 200).", rich_help_panel="Format")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="LiteRT threads for validation (default 1).", rich_help_panel="Run")] = None,
+    policy: Annotated[Optional[str], typer.Option(help="measured: time every stage and head in LiteRT (this mode, --threads) and re-choose the exits and thresholds on the bundle's evidence, dropping exits that cost more than they save, down to the plain model | recorded: the bundle's thresholds as they are (default measured).", rich_help_panel="Format")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="LiteRT threads for the cost profile and validation (default 1).", rich_help_panel="Run")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.", rich_help_panel="Run")] = False,
     out: Annotated[Optional[str], typer.Option("--out", help="Output folder (default: exports/<bundle>-<mode>, numbered if taken).", rich_help_panel="Output")] = None,
     exist_ok: Annotated[bool, EXIST_OK_OPTION] = False,
@@ -308,7 +311,7 @@ def export_command(
 
         flags = dict(
             quant=quant, input_type=input_type, bundle=bundle, calibration=calibration, validate=validate,
-            max_accuracy_drop=max_accuracy_drop, qat=qat or None, qat_steps=qat_steps, calibration_photos=calibration_photos, validation_photos=validation_photos, threads=threads, quiet=quiet or None, out=out,
+            max_accuracy_drop=max_accuracy_drop, qat=qat or None, qat_steps=qat_steps, policy=policy, calibration_photos=calibration_photos, validation_photos=validation_photos, threads=threads, quiet=quiet or None, out=out,
             exist_ok=exist_ok or None, seed=seed,
         )
         settings = resolve(ExportConfig, "export", config, flags)

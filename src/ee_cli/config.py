@@ -85,8 +85,10 @@ class PersonaliseConfig:
     pseudo_weight: float = 1.0
     fixmatch_weight: float = 1.0
     supervised_weight: float = 1.0
-    holdout: float = 0.2  # share of the photos kept out of training to decide which exits switch on
-    exit_target: float = 0.8  # held-out accuracy (or agreement with the teacher) an exit needs to switch on
+    exit_teacher: str = "generic"  # what the early exits distil from: generic (the frozen classifier) | final (the personalised final exit)
+    holdout: float = 0.2  # share of the photos kept out of training; exit thresholds are chosen on them
+    max_drop: float = 0.5  # points of held-out agreement with the final exit the exits may cost (label-free "keep")
+    margin_z: float = 1.645  # one-sided margin in standard errors of the paired difference (95 %)
     cache: bool = True
     resume: bool = False
     quiet: bool = False
@@ -127,5 +129,6 @@ class ExportConfig:
     max_accuracy_drop: float = 1.0  # points: fail if a quantised exit loses more than this against float Keras
     qat: bool = False  # quantisation-aware training of the exit heads before an int8 export
     qat_steps: int = 200
+    policy: str = "measured"  # measured: re-choose the exits on LiteRT's measured stage costs | recorded: the bundle's thresholds as they are
     threads: int = 1
     quiet: bool = False

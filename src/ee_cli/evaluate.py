@@ -59,8 +59,8 @@ def evaluate(config: EvaluateConfig, progress=None) -> EvaluateResult:
     labelled = found.labels is not None
     truth = found.labels if labelled else predictions[-1]
     correct = (predictions == truth[None, :]).astype(np.int8)
-    confidences = _enabled_only(np.stack([policy.confidence(p, config.criterion) for p in probabilities[:-1]]), meta)
-    costs = _costs(meta)
+    confidences = np.stack([policy.confidence(p, config.criterion) for p in probabilities[:-1]]).reshape(len(exit_names), -1)
+    costs = _stage_costs(meta)
     calibrate, report = policy.split(len(found.paths), config.calibrate_split, config.seed)
     references = {"final": correct[-1]}
     baselines = {}
@@ -68,7 +68,7 @@ def evaluate(config: EvaluateConfig, progress=None) -> EvaluateResult:
         baselines = _baselines(config, source, meta, found, size)
         references |= {name: values["correct"] for name, values in baselines.items()}
     progress("Running the model once over the photos", 1.0, "")
-    points = _operating_points(config, confidences, correct, references, calibrate, report, costs, labelled, model, meta, size, output_classes)
+    points, evidence = _operating_points(config, confidences, correct, references, calibrate, report, costs, labelled, model, meta, size, output_classes)
     if config.use not in points:
         raise UserError(f"--use {config.use}: that operating point needs {'labelled photos' if config.use.startswith('match') else '--calibrate-on'}")
     progress("Measuring latency", 0.0, "")
@@ -78,8 +78,7 @@ def evaluate(config: EvaluateConfig, progress=None) -> EvaluateResult:
     per_exit = _per_exit(meta, outputs, correct, report, costs, latency, points[config.use]["thresholds"], confidences)
     for row in per_exit:
         row |= lite_latency.get(row["exit"], {})
-    usable = np.append(np.isfinite(confidences).any(axis=1), True)  # the oracle too may only use exits that are on
-    oracle = policy.oracle(correct[usable][:, report], costs[usable])
+    oracle = policy.oracle(correct[:, report], costs.leaving(np.ones(len(exit_names), bool)))
     run_dir = runs.new_run_dir("evaluate")
     metrics = {
         "bundle": str(source.path),
@@ -98,13 +97,13 @@ def evaluate(config: EvaluateConfig, progress=None) -> EvaluateResult:
     metrics["plot"] = str(plot)
     from ee_cli.plots import plot_operating_curve
 
-    sweep = _shared_threshold_sweep(confidences[:, report], correct[:, report], costs, latency)
+    sweep = _shared_threshold_sweep(confidences[:, report], correct[:, report], costs.leaving(np.ones(len(exit_names), bool)), latency)
     plot_operating_curve(plot, sweep, metrics)
     runs.write_json(run_dir / "metrics.json", metrics)
     runs.write_json(run_dir / "config.json", as_dict(config))
     _write_csv(run_dir / "exits.csv", per_exit)
-    new_meta = _calibrated_meta(meta, source.path, config, points[config.use])
-    bundle.write_bundle(out, None, new_meta, config.exist_ok, model_file=source.path / meta["model_file"])
+    new_meta = _calibrated_meta(meta, source.path, config, points[config.use], evidence[config.use])
+    bundle.write_bundle(out, None, new_meta, config.exist_ok, model_file=source.path / meta["model_file"], evidence=evidence[config.use])
     return EvaluateResult(out, run_dir, metrics, plot, source.path, implicit)
 
 
@@ -144,19 +143,9 @@ def _probabilities(model, outputs: list[str], paths, size: int) -> list[np.ndarr
     return [np.concatenate(store) for store in collected]
 
 
-def _enabled_only(confidences: np.ndarray, meta) -> np.ndarray:
-    """Exits that personalisation left off (held-out score below its target) never take photos."""
-    off = np.array([not e["enabled"] for e in meta["exits"]], bool)
-    if "personalised" not in meta["final"]:
-        return confidences  # an attached bundle: nothing has been switched on or off yet
-    return np.where(off[:, None], -np.inf, confidences)
-
-
-def _costs(meta) -> np.ndarray:
-    """MACs of leaving at each exit (every earlier enabled head runs too) and at the final exit."""
-    heads = [e.get("head_macs", 0) if e["enabled"] or "personalised" not in meta["final"] else 0 for e in meta["exits"]]
-    exits = [e["cumulative_macs"] + sum(heads[:i]) for i, e in enumerate(meta["exits"])]
-    return np.array([*exits, meta["final"]["cumulative_macs"] + sum(heads)], float)
+def _stage_costs(meta) -> policy.StageCosts:
+    exits = meta["exits"]
+    return policy.costs_from_macs([e["cumulative_macs"] - e.get("head_macs", 0) for e in exits], [e.get("head_macs", 0) for e in exits], meta["final"]["cumulative_macs"])
 
 
 def _cut(meta, mean_cost: float) -> float:
@@ -191,28 +180,39 @@ def _baselines(config, source, meta, found: Photos, size: int) -> dict[str, dict
     }
 
 
-def _operating_points(config, confidences, correct, references, calibrate, report, costs, labelled, model, meta, size, output_classes) -> dict[str, dict]:
+def _operating_points(config, confidences, correct, references, calibrate, report, costs, labelled, model, meta, size, output_classes):
+    """Each operating point chosen on the calibration split and reported on the report split, with
+    the evidence it was chosen from."""
     z = config.margin_z
-    wanted = {"keep": ("final", policy.max_drop(config.max_drop / 100, z))}
+    wanted = {"keep": ("final", {"kind": "max_drop", "drop": config.max_drop / 100, "z": z})}
     if labelled:
-        wanted |= {"match-generic": ("generic", policy.at_least(z)), "match-restricted": ("restricted", policy.at_least(z))}
-    points = {}
+        wanted |= {name: (reference, {"kind": "at_least", "z": z}) for name, reference in (("match-generic", "generic"), ("match-restricted", "restricted"))}
+    points, evidence = {}, {}
     for name, (reference, constraint) in wanted.items():
-        thresholds = policy.greedy_thresholds(confidences[:, calibrate], correct[:, calibrate], references[reference][calibrate], constraint)
-        points[name] = _report(meta, reference, thresholds, confidences, correct, references[reference], report, costs)
+        evidence[name] = policy.Evidence(confidences[:, calibrate], correct[:, calibrate], references[reference][calibrate])
+        points[name] = _point(meta, name, reference, constraint, evidence[name], confidences, correct, references[reference], report, costs)
     if config.calibrate_on:
-        points["label-free"] = _label_free(config, model, meta, size, output_classes, confidences, correct, report, costs)
-    return points
+        evidence["label-free"] = _label_free_evidence(config, model, meta, size, output_classes)
+        constraint = {"kind": "max_drop", "drop": config.max_drop / 100, "z": z}
+        points["label-free"] = _point(meta, "label-free", "final", constraint, evidence["label-free"], confidences, correct, correct[-1], report, costs)
+    return points, evidence
 
 
-def _report(meta, reference_name, thresholds, confidences, correct, reference, report, costs) -> dict[str, Any]:
-    taken = policy.exit_taken(confidences[:, report], thresholds)
-    result = policy.outcome(taken, correct[:, report], costs)
+def _point(meta, name, reference_name, constraint, evidence, confidences, correct, reference, report, costs) -> dict[str, Any]:
+    if evidence.photos < policy.MIN_CALIBRATION_PHOTOS:
+        raise UserError(f"{evidence.photos} photos to calibrate the {name} thresholds on: at least {policy.MIN_CALIBRATION_PHOTOS} are needed")
+    recorded = bundle.ExitPolicy((), "evaluate", name, evidence.photos, constraint)
+    choice = policy.cheapest_cascade(evidence, recorded.constraint_function(), costs)
+    used = choice.thresholds < policy.NEVER
+    taken = policy.exit_taken(confidences[:, report], choice.thresholds)
+    result = policy.outcome(taken, correct[:, report], costs.leaving(used))
     differences = reference[report].astype(float) - result.correct
     low, high = policy.bootstrap_interval(differences)
     return {
         "reference": reference_name,
-        "thresholds": [float(t) for t in thresholds],
+        "constraint": constraint,
+        "thresholds": [float(t) for t in choice.thresholds],
+        "calibration_photos": evidence.photos,
         "accuracy": result.accuracy,
         "reference_accuracy": float(reference[report].mean()),
         "drop_points": 100 * float(differences.mean()),
@@ -220,20 +220,19 @@ def _report(meta, reference_name, thresholds, confidences, correct, reference, r
         "mean_mflops": result.mean_cost * 2 / 1e6,
         "cut": _cut(meta, result.mean_cost),
         "shares": result.shares.tolist(),
+        "predicted_on_calibration": {"cut": choice.speedup, "accuracy": choice.accuracy},
     }
 
 
-def _label_free(config, model, meta, size, output_classes, confidences, correct, report, costs) -> dict[str, Any]:
-    """Calibrate on held-out unlabelled photos by agreement with the final exit, as a phone would."""
+def _label_free_evidence(config, model, meta, size, output_classes) -> policy.Evidence:
+    """Held-out unlabelled photos: agreement of each exit with the final exit, as a phone would."""
     held = photos.scan_unlabelled(Path(config.calibrate_on))
     outputs = [e["name"] for e in meta["exits"]] + ["final"]
     probabilities = _probabilities(model, outputs, held.paths, size)
     predictions = np.stack([output_classes[p.argmax(axis=1)] for p in probabilities])
     agree = (predictions == predictions[-1][None, :]).astype(np.int8)
-    held_conf = _enabled_only(np.stack([policy.confidence(p, config.criterion) for p in probabilities[:-1]]), meta)
-    thresholds = policy.greedy_thresholds(held_conf, agree, agree[-1], policy.max_drop(config.max_drop / 100, config.margin_z))
-    point = _report(meta, "final", thresholds, confidences, correct, correct[-1], report, costs)
-    return point | {"calibration_photos": len(held.paths)}
+    held_conf = np.stack([policy.confidence(p, config.criterion) for p in probabilities[:-1]]).reshape(len(outputs) - 1, -1)
+    return policy.Evidence(held_conf, agree, agree[-1])
 
 
 def _latency(model, exit_names: list[str], size: int, runs_count: int) -> dict[str, dict]:
@@ -271,6 +270,7 @@ def _per_exit(meta, outputs, correct, report, costs, latency, thresholds, confid
     taken = policy.exit_taken(confidences[:, report], thresholds)
     shares = np.bincount(taken, minlength=len(outputs)) / len(report)
     depth = [e["relative_depth"] for e in meta["exits"]] + [1.0]
+    costs = costs.leaving(np.asarray(thresholds) < policy.NEVER)
     return [
         {
             "exit": name,
@@ -304,14 +304,13 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def _calibrated_meta(meta, source: Path, config, point: dict) -> dict[str, Any]:
-    exits = [
-        e | {"threshold": None if t >= policy.NEVER else t, "enabled": t < policy.NEVER}
-        for e, t in zip(meta["exits"], point["thresholds"])
-    ]
+def _calibrated_meta(meta, source: Path, config, point: dict, evidence: policy.Evidence) -> dict[str, Any]:
+    thresholds = tuple(None if t >= policy.NEVER else t for t in point["thresholds"])
+    used = [e["name"] for e, t in zip(meta["exits"], thresholds) if t is not None]
+    reason = f"{', '.join(used) or 'no exit'} on: {point['cut']:.2f}x fewer MACs on the report split, {point['drop_points']:+.2f} pts against {point['reference']}"
+    chosen = bundle.ExitPolicy(
+        thresholds, "evaluate", config.use, evidence.photos, point["constraint"], criterion=config.criterion, reason=reason,
+        predicted={"unit": "MACs", "cut_on_report": point["cut"], "accuracy_on_report": point["accuracy"], "reference": point["reference"]},
+    )
     keep = {k: v for k, v in meta.items() if k not in ("format_version", "model_file", "model_format")}
-    return keep | {
-        "exits": exits,
-        "policy": {"operating_point": config.use, "criterion": config.criterion, **{k: point[k] for k in ("accuracy", "reference", "mean_mflops", "cut")}},
-        "provenance": [*meta["provenance"], bundle.provenance("evaluate", as_dict(config), source)],
-    }
+    return bundle.with_exit_policy(keep | {"provenance": [*meta["provenance"], bundle.provenance("evaluate", as_dict(config), source)]}, chosen)

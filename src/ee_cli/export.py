@@ -18,12 +18,13 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ee_cli import bundle, compat, litert, photos, runs, stages
+from ee_cli import bundle, compat, deploy, litert, photos, runs, stages
 from ee_cli.config import ExportConfig, as_dict
 from ee_cli.errors import UserError
 
 MODES = ("none", "fp16", "dynamic", "int8", "int8_full")
 INT8_MODES = ("int8", "int8_full")
+POLICIES = ("measured", "recorded")
 MIN_CALIBRATION_PHOTOS = 100
 DEFAULT_ROOT = Path("exports")
 
@@ -73,21 +74,36 @@ def export(config: ExportConfig, progress=None) -> ExportResult:
 
         progress("Quantisation-aware training of the heads", 0.0, f"{config.qat_steps} steps")
         exported = quantisation_aware_heads(model, meta, calibration, config.qat_steps, seed=config.seed)
-    enabled = [e for e in meta["exits"] if e["enabled"]]
     exit_names = [e["name"] for e in meta["exits"]]
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=_parent(out)))
     try:
-        files = {}
-        jobs = _jobs(exported, meta, enabled, exit_names, calibration)
-        for number, (filename, signatures) in enumerate(jobs):
-            progress("Converting to TFLite", number / len(jobs), filename)
-            (staging / filename).write_bytes(convert(signatures, config))
+        files: dict[str, int] = {}
+
+        def write(filename: str, signatures: list[Signature] | bytes) -> None:
+            progress("Converting to TFLite", len(files) / (len(exit_names) + 3), filename)
+            (staging / filename).write_bytes(signatures if isinstance(signatures, bytes) else convert(signatures, config))
             files[filename] = (staging / filename).stat().st_size
+
+        for filename, signatures in _whole_model_jobs(exported, exit_names, calibration):
+            write(filename, signatures)
+        progress("Choosing the cascade's exits on LiteRT's measured costs", 0.0, "")
+        deployment = deploy.choose(
+            source,
+            lambda exits: convert(_cascade_signatures(exported, [meta["exits"][i] for i in exits], calibration), config),
+            lambda exits: convert(_head_signatures(exported, [meta["exits"][i] for i in exits], calibration), config),
+            staging / "final.tflite", (calibration if calibration is not None else validation)[0], config.threads, staging,
+            measured=config.policy == "measured",
+        )
+        enabled = [meta["exits"][i] | {"threshold": t} for i, t in zip(deployment.exits, deployment.thresholds)]
+        write("cascade.tflite", deployment.cascade)
+        for exit_ in enabled:
+            prefix = stages.segment(exported, None, [exit_["name"]], exit_["name"], softmax=(exit_["name"],))
+            write(f"{exit_['name']}.tflite", [Signature("serving_default", prefix, {exit_["name"]: "probabilities"}, calibration)])
         progress("Converting to TFLite", 1.0, "")
         progress("Validating in LiteRT", 0.0, "")
         validation_report = validate(model, staging / "multi_exit.tflite", [*exit_names, "final"], validation, validation_labels, meta, config)
         progress("Validating in LiteRT", 1.0, "")
-        manifest = _manifest(meta, source.path, config, files, enabled, staging, validation_report, validation_note)
+        manifest = _manifest(meta, source.path, config, files, enabled, staging, validation_report, validation_note, deployment.record)
         runs.write_json(staging / "manifest.json", manifest)
         _move_into_place(staging, out)
     except BaseException:
@@ -104,6 +120,8 @@ def _check(config: ExportConfig) -> None:
         raise UserError(f"--quant must be one of {', '.join(MODES)}")
     if config.input_type not in ("uint8", "int8"):
         raise UserError("--input-type must be uint8 or int8")
+    if config.policy not in POLICIES:
+        raise UserError(f"--policy must be one of {', '.join(POLICIES)}")
     if config.threads < 1:
         raise UserError("--threads must be at least 1")
     if config.qat and config.quant not in INT8_MODES:
@@ -173,15 +191,19 @@ def _photos(config: ExportConfig, meta, size: int):
     return calibration, validation, labels, note
 
 
-def _jobs(model, meta, enabled, exit_names, calibration) -> list[tuple[str, list[Signature]]]:
-    keras_outputs = {name: name for name in [*exit_names, "final"]}
-    multi = stages.segment(model, None, [*exit_names, "final"], "multi_exit", softmax=tuple(keras_outputs))
-    jobs = [("multi_exit.tflite", [Signature("serving_default", multi, keras_outputs, calibration)])]
+def _whole_model_jobs(model, exit_names, calibration) -> list[tuple[str, list[Signature]]]:
+    """Every exit at once, and the plain model: files that do not depend on the exit policy."""
+    outputs = [*exit_names, "final"]
+    multi = stages.segment(model, None, outputs, "multi_exit", softmax=tuple(outputs))
     plain = stages.segment(model, None, ["final"], "final", softmax=("final",))
-    jobs.append(("final.tflite", [Signature("serving_default", plain, {"final": "probabilities"}, calibration)]))
-    for exit_ in enabled:
-        prefix = stages.segment(model, None, [exit_["name"]], exit_["name"], softmax=(exit_["name"],))
-        jobs.append((f"{exit_['name']}.tflite", [Signature("serving_default", prefix, {exit_["name"]: "probabilities"}, calibration)]))
+    return [
+        ("multi_exit.tflite", [Signature("serving_default", multi, {name: name for name in outputs}, calibration)]),
+        ("final.tflite", [Signature("serving_default", plain, {"final": "probabilities"}, calibration)]),
+    ]
+
+
+def _cascade_signatures(model, enabled: list[dict], calibration) -> list[Signature]:
+    """One signature per stage; each int8 stage calibrated on what the previous stage hands on."""
     cascade = stages.cascade_stages(model, [e["graft_layer"] for e in enabled], [e["name"] for e in enabled])
     signatures, carried = [], calibration
     for index, stage in enumerate(cascade):
@@ -189,9 +211,24 @@ def _jobs(model, meta, enabled, exit_names, calibration) -> list[tuple[str, list
         names = {"final": "probabilities"} if is_last else {enabled[index]["graft_layer"]: "features", enabled[index]["name"]: "probabilities"}
         signatures.append(Signature(f"stage_{index}", stage, names, carried, takes_pixels=index == 0))
         if carried is not None and not is_last:
-            carried = np.concatenate([stage(carried[i : i + 100], training=False)[enabled[index]["graft_layer"]].numpy() for i in range(0, len(carried), 100)])
-    jobs.append(("cascade.tflite", signatures))
-    return jobs
+            carried = _batched(stage, carried, enabled[index]["graft_layer"])
+    return signatures
+
+
+def _head_signatures(model, enabled: list[dict], calibration) -> list[Signature]:
+    """Each head alone, from its graft point's activations: what it costs, for the exit policy."""
+    grafts = [e["graft_layer"] for e in enabled]
+    features = stages.segment(model, None, grafts, "graft_points")
+    signatures = []
+    for index, exit_ in enumerate(enabled):
+        head = stages.segment(model, exit_["graft_layer"], [exit_["name"]], f"head_{index}", softmax=(exit_["name"],))
+        carried = _batched(features, calibration, exit_["graft_layer"]) if calibration is not None else None
+        signatures.append(Signature(f"head_{index}", head, {exit_["name"]: "probabilities"}, carried, takes_pixels=False))
+    return signatures
+
+
+def _batched(model, inputs: np.ndarray, output: str, batch: int = 100) -> np.ndarray:
+    return np.concatenate([model(inputs[i : i + batch], training=False)[output].numpy() for i in range(0, len(inputs), batch)])
 
 
 def convert(signatures: list[Signature], config: ExportConfig) -> bytes:
@@ -294,12 +331,13 @@ def _cascade_weights(sizes: dict[str, int], enabled) -> str:
     )
 
 
-def _manifest(meta, source: Path, config, files, enabled, staging: Path, validation, validation_note) -> dict[str, Any]:
+def _manifest(meta, source: Path, config, files, enabled, staging: Path, validation, validation_note, choice) -> dict[str, Any]:
     cascade = litert.interpreter(staging / "cascade.tflite", 1)
     keys = litert.stage_keys(cascade)
     stage_io = [_stage_io(litert.Runner(cascade, key)) for key in keys]
     pixels = stage_io[0]["input"]
     sizes = {name: size for name, size in files.items()}
+    used = {e["name"]: e["threshold"] for e in enabled}
     return {
         "bundle": str(source.resolve()),
         "quant": config.quant,
@@ -313,7 +351,7 @@ def _manifest(meta, source: Path, config, files, enabled, staging: Path, validat
         },
         "classes": meta.get("output_classes") or meta["classes"],
         "exits": [
-            {k: e.get(k) for k in ("name", "graft_layer", "relative_depth", "cumulative_mflops", "threshold", "enabled")}
+            {k: e.get(k) for k in ("name", "graft_layer", "relative_depth", "cumulative_mflops")} | {"threshold": used.get(e["name"]), "enabled": e["name"] in used}
             for e in meta["exits"]
         ],
         "final_mflops": meta["final"]["cumulative_mflops"],
@@ -326,6 +364,7 @@ def _manifest(meta, source: Path, config, files, enabled, staging: Path, validat
             "stops_after": [e["name"] for e in enabled] + ["final"],
             "thresholds": [e["threshold"] for e in enabled],
             "weights": _cascade_weights(sizes, enabled),
+            "policy": choice,
         },
         "validation": validation | {"on": validation_note},
         "config": as_dict(config),

@@ -68,6 +68,13 @@ def same_encoding(produced: dict, wanted: dict) -> bool:
     return zero_a == zero_b and abs(scale_a - scale_b) <= 1e-6 * max(abs(scale_a), abs(scale_b))
 
 
+def hand_on(features: np.ndarray, produced: dict, wanted: dict) -> np.ndarray:
+    """Activations encoded as `produced`, re-encoded as `wanted` (unchanged when they agree)."""
+    if same_encoding(produced, wanted):
+        return features
+    return quantise(dequantise(features, produced), wanted)
+
+
 def highest_probability(detail: dict) -> float:
     """The largest probability an output can hold: 1 in float, (max - zero point) x scale quantised."""
     if np.issubdtype(detail["dtype"], np.floating):
@@ -98,9 +105,10 @@ class CascadeEngine:
     rounding), so they pass unchanged; otherwise they are requantised.
     """
 
-    def __init__(self, path: Path, thresholds: list[float], threads: int):
+    def __init__(self, path: Path, thresholds: list[float | None] | None, threads: int):
         self.interpreter = interpreter(path, threads)
         self.stages = [Runner(self.interpreter, key) for key in stage_keys(self.interpreter)]
+        thresholds = [None] * (len(self.stages) - 1) if thresholds is None else thresholds
         if len(thresholds) != len(self.stages) - 1:
             raise ValueError(f"{len(self.stages)} stages need {len(self.stages) - 1} thresholds")
         # None: never calibrated, never leaves. A uint8 probability tops out at 255/256: a threshold
@@ -115,7 +123,7 @@ class CascadeEngine:
             probabilities = dequantise(raw["probabilities"], stage.outputs["probabilities"])[0]
             if index == len(self.stages) - 1 or probabilities.max() >= thresholds[index]:
                 return index, probabilities
-            carried = self._hand_on(raw["features"], stage.outputs["features"], self.stages[index + 1].input_detail)
+            carried = hand_on(raw["features"], stage.outputs["features"], self.stages[index + 1].input_detail)
         raise AssertionError("unreachable")
 
     def stage_inputs(self, pixels: np.ndarray) -> list[np.ndarray]:
@@ -125,7 +133,7 @@ class CascadeEngine:
             inputs.append(carried)
             if index < len(self.stages) - 1:
                 raw = stage.raw(carried)
-                carried = self._hand_on(raw["features"], stage.outputs["features"], self.stages[index + 1].input_detail)
+                carried = hand_on(raw["features"], stage.outputs["features"], self.stages[index + 1].input_detail)
         return inputs
 
     def stage_seconds(self, pixels: np.ndarray, runs: int) -> list[np.ndarray]:
@@ -143,14 +151,8 @@ class CascadeEngine:
             raw = stage.raw(carried)
             found.append(dequantise(raw["probabilities"], stage.outputs["probabilities"])[0])
             if index < len(self.stages) - 1:
-                carried = self._hand_on(raw["features"], stage.outputs["features"], self.stages[index + 1].input_detail)
+                carried = hand_on(raw["features"], stage.outputs["features"], self.stages[index + 1].input_detail)
         return found
-
-    @staticmethod
-    def _hand_on(features: np.ndarray, produced: dict, wanted: dict) -> np.ndarray:
-        if same_encoding(produced, wanted):
-            return features
-        return quantise(dequantise(features, produced), wanted)
 
     def run(self, images: np.ndarray) -> CascadeRun:
         exits, probabilities, seconds = [], [], []

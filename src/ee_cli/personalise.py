@@ -12,13 +12,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ee_cli import adapt, bundle, cache, compat, photos, runs, ssl
+from ee_cli import adapt, bundle, cache, compat, photos, policy, runs, ssl
 from ee_cli.config import PersonaliseConfig, as_dict
 from ee_cli.errors import UserError
 from ee_cli.personal_model import GENERIC_OUTPUT, PersonalHead, build_personal_model
 
 Progress = Callable[[str, float, str], None]
-LOSS_TERMS = ("distill", "pseudo", "fixmatch", "supervised")
+EXIT_TEACHERS = ("final", "generic")
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,8 @@ def personalise(config: PersonaliseConfig, progress: Progress | None = None) -> 
     history = train_heads(tails, source_of_batches, roles, np.array(personal), config, run_dir, progress)
     train_seconds = time.perf_counter() - train_started
 
-    scores = _holdout_scores(personal_model, heads, paths, roles, np.array(personal), size, inference_batch)
+    scores, evidence = _holdout_evidence(personal_model, heads, paths, roles, size, inference_batch)
+    chosen = _label_free_policy(evidence, meta, config)
     metrics = {
         "photos": {"unlabelled": len(unlabelled), "labelled": len(labelled) if labelled else 0, "skipped": _merge_skips(unlabelled, labelled)},
         "adapted_bn": {"layers": adapted, "of": len(bn_layers), "photos": len(unlabelled), "seconds": round(adapt_seconds, 2)},
@@ -104,10 +105,11 @@ def personalise(config: PersonaliseConfig, progress: Progress | None = None) -> 
         "epochs": config.epochs,
         "last_epoch": history[-1] if history else None,
         "holdout": scores,
+        "policy": {k: v for k, v in vars(chosen).items() if k != "constraint"},
     }
-    new_meta = _personalised_meta(meta, source.path, config, personal, adapted, len(unlabelled), scores, metrics)
+    new_meta = _personalised_meta(meta, source.path, config, personal, adapted, len(unlabelled), scores, chosen)
     runs.write_json(run_dir / "metrics.json", metrics)
-    bundle.write_bundle(out, personal_model, new_meta, config.exist_ok)
+    bundle.write_bundle(out, personal_model, new_meta, config.exist_ok, evidence=evidence if chosen.predicted else None)
     runs.write_json(run_dir / "state.json", {"status": "done", "bundle": str(out)})
     return PersonaliseResult(out, run_dir, new_meta, metrics, source.path, source_implicit)
 
@@ -120,6 +122,8 @@ def _check_numbers(config: PersonaliseConfig) -> None:
         (0 <= config.holdout < 1, "--holdout must be in [0, 1)"),
         (0 < config.threshold <= 1, "--threshold must be in (0, 1]"),
         (0 < config.class_share < 1, "--class-share must be in (0, 1)"),
+        (config.max_drop >= 0, "--max-drop must be 0 or more (points of agreement with the final exit)"),
+        (config.exit_teacher in EXIT_TEACHERS, f"--exit-teacher must be one of {', '.join(EXIT_TEACHERS)}"),
         (config.temperature > 0, "--temperature must be positive"),
     ]
     for ok, message in checks:
@@ -282,9 +286,13 @@ def _make_step(tails, optimizer, personal, config: PersonaliseConfig):
     variables = [v for tail in tails for v in tail.trainable_variables]
 
     def losses(inputs):
-        teacher = tf.gather(tf.convert_to_tensor(inputs["teacher"]), personal, axis=1)
+        generic = tf.gather(tf.convert_to_tensor(inputs["teacher"]), personal, axis=1)
+        exits_teacher = generic
+        if config.exit_teacher == "final":  # the personalised final exit as it trains (it starts as `generic`)
+            exits_teacher = tf.stop_gradient(tails[-1](inputs["weak"][-1], training=False))
         report, total = {}, 0.0
         for index, (name, tail) in enumerate(zip(names, tails)):
+            teacher = generic if index == len(tails) - 1 else exits_teacher
             weak = tail(inputs["weak"][index], training=True)
             strong = tail(inputs["strong"][index], training=True)
             terms = {
@@ -311,19 +319,43 @@ def _make_step(tails, optimizer, personal, config: PersonaliseConfig):
     return step
 
 
-def _holdout_scores(personal_model, heads, paths, roles: Roles, personal: np.ndarray, size: int, batch: int) -> dict[str, Any]:
-    """Per head, on held-out photos: accuracy where labels exist, else agreement with the teacher."""
+def _holdout_evidence(personal_model, heads, paths, roles: Roles, size: int, batch: int):
+    """Per exit, on held-out photos: accuracy where labels exist, else agreement with the
+    personalised final exit; and the per-photo evidence exit thresholds are chosen from."""
     labelled = len(roles.holdout_labelled) > 0
     indices = roles.holdout_labelled if labelled else roles.holdout_unlabelled
     if len(indices) == 0:
-        return {"kind": "none", "photos": 0, "scores": {}}
+        return {"kind": "none", "photos": 0, "scores": {}}, None
     keras = compat.keras()
-    probe = keras.Model(personal_model.inputs, [personal_model.get_layer(h.name).output for h in heads] + [personal_model.get_layer(GENERIC_OUTPUT).output])
+    probe = keras.Model(personal_model.inputs, [personal_model.get_layer(h.name).output for h in heads])
     outputs = [probe(np.asarray(images, np.float32), training=False) for images in photos.dataset([paths[i] for i in indices], size, batch)]
-    logits = [np.concatenate([o[k].numpy() for o in outputs]) for k in range(len(heads) + 1)]
-    target = roles.labels[indices] if labelled else logits[-1][:, personal].argmax(1)
-    scores = {head.name: round(float(np.mean(logits[k].argmax(1) == target)), 4) for k, head in enumerate(heads)}
-    return {"kind": "accuracy" if labelled else "agreement with the teacher", "photos": int(len(indices)), "scores": scores}
+    logits = [np.concatenate([o[k].numpy() for o in outputs]) for k in range(len(heads))]
+    truth = roles.labels[indices] if labelled else logits[-1].argmax(1)
+    correct = np.stack([(l.argmax(1) == truth) for l in logits]).astype(np.int8)
+    probabilities = [compat.tf().nn.softmax(l).numpy() for l in logits[:-1]]
+    evidence = policy.Evidence(np.stack([policy.confidence(p) for p in probabilities]).reshape(len(logits) - 1, -1), correct, correct[-1])
+    scores = {head.name: round(float(correct[k].mean()), 4) for k, head in enumerate(heads)}
+    kind = "accuracy" if labelled else "agreement with the personalised final exit"
+    return {"kind": kind, "photos": int(len(indices)), "scores": scores}, evidence
+
+
+def _label_free_policy(evidence: policy.Evidence | None, meta, config: PersonaliseConfig) -> bundle.ExitPolicy:
+    """Thresholds that keep the held-out agreement with the final exit within --max-drop points
+    (one-sided margin), choosing the exits that cut the most compute; none below the photo floor."""
+    constraint = {"kind": "max_drop", "drop": config.max_drop / 100, "z": config.margin_z}
+    photo_count = evidence.photos if evidence is not None else 0
+    exits = meta["exits"]
+    if photo_count < policy.MIN_CALIBRATION_PHOTOS:
+        reason = (f"{photo_count} held-out photos: thresholds need at least {policy.MIN_CALIBRATION_PHOTOS} "
+                  "(more photos or a larger --holdout), so every exit stays off; `ee evaluate` can set them")
+        return bundle.ExitPolicy((None,) * len(exits), "personalise", "keep (label-free)", photo_count, constraint, reason=reason)
+    costs = policy.costs_from_macs([e["cumulative_macs"] - e["head_macs"] for e in exits], [e["head_macs"] for e in exits], meta["final"]["cumulative_macs"])
+    choice = policy.cheapest_cascade(evidence, policy.max_drop(config.max_drop / 100, config.margin_z), costs)
+    used = [e["name"] for e, t in zip(exits, choice.thresholds) if t < policy.NEVER]
+    reason = (f"{', '.join(used)} on: {choice.speedup:.2f}x fewer MACs expected on {photo_count} held-out photos" if used
+              else f"no exit lets enough of {photo_count} held-out photos out early to pay for its head")
+    return bundle.ExitPolicy.from_choice(choice, set_by="personalise", operating_point="keep (label-free)", photos=photo_count,
+                                         constraint=constraint, reason=reason)
 
 
 def _merge_skips(unlabelled, labelled) -> dict[str, int]:
@@ -333,16 +365,12 @@ def _merge_skips(unlabelled, labelled) -> dict[str, int]:
     return merged
 
 
-def _personalised_meta(meta, source: Path, config, personal, adapted, photo_count, scores, metrics) -> dict[str, Any]:
+def _personalised_meta(meta, source: Path, config, personal, adapted, photo_count, scores, chosen: bundle.ExitPolicy) -> dict[str, Any]:
     names = [meta["classes"][i] for i in personal]
-    exits = []
-    for exit_ in meta["exits"]:
-        score = scores["scores"].get(exit_["name"])
-        enabled = score is not None and score >= config.exit_target
-        exits.append(exit_ | {"trained": True, "enabled": enabled, "holdout_score": score, "enabled_because": _why(score, config.exit_target)})
+    exits = [e | {"trained": True, "holdout_score": scores["scores"].get(e["name"])} for e in meta["exits"]]
     final = meta["final"] | {"trained": True, "personalised": True, "holdout_score": scores["scores"].get("final")}
     keep = {k: v for k, v in meta.items() if k not in ("format_version", "model_file", "model_format")}
-    return keep | {
+    personalised = keep | {
         "personal_classes": names,
         "output_classes": names,
         "generic_output": GENERIC_OUTPUT,
@@ -353,9 +381,4 @@ def _personalised_meta(meta, source: Path, config, personal, adapted, photo_coun
         "personal_photos": {"data": str(Path(config.data).resolve()), "labelled": str(Path(config.labelled).resolve()) if config.labelled else None},
         "provenance": [*meta["provenance"], bundle.provenance("personalise", as_dict(config), source)],
     }
-
-
-def _why(score, target: float) -> str:
-    if score is None:
-        return "no held-out photos to judge it"
-    return f"held-out score {score:.3f} {'>=' if score >= target else '<'} target {target}"
+    return bundle.with_exit_policy(personalised, chosen)  # replaces any earlier command's thresholds

@@ -121,3 +121,102 @@ def split(count: int, calibrate_share: float, seed: int) -> tuple[np.ndarray, np
     order = np.random.default_rng([seed, 11]).permutation(count)
     cut = int(round(calibrate_share * count))
     return np.sort(order[:cut]), np.sort(order[cut:])
+
+
+# --- Which exits to use, and their thresholds, against what each stage really costs -------------
+
+MIN_CALIBRATION_PHOTOS = 30  # fewer photos than this set no threshold: every exit stays off
+MAX_SUBSETS_EXITS = 8  # beyond this many candidate exits, only nested subsets are tried
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What thresholds are chosen from: per photo, each exit's confidence (-inf where an exit may
+    not be used), whether each exit and the final exit is right (or agrees with the final exit,
+    label-free), and the reference the accuracy constraint compares with."""
+
+    confidences: np.ndarray  # (exits, photos)
+    correct: np.ndarray  # (exits + 1, photos)
+    reference: np.ndarray  # (photos,)
+
+    @property
+    def photos(self) -> int:
+        return int(self.correct.shape[1])
+
+
+@dataclass(frozen=True)
+class StageCosts:
+    """The cost model of a cascade: the backbone segment before each graft point (and the last one,
+    to the final classifier), and each exit's head. Units: MACs, or measured milliseconds."""
+
+    segments: np.ndarray  # (exits + 1,)
+    heads: np.ndarray  # (exits,)
+    unit: str
+    plain_cost: float | None = None  # the plain model, where measured apart (a cascade's stages add overhead)
+
+    @property
+    def plain(self) -> float:
+        return float(self.segments.sum()) if self.plain_cost is None else float(self.plain_cost)
+
+    def leaving(self, used: np.ndarray) -> np.ndarray:
+        """Cost of leaving at each exit and at the final exit when only the exits in `used` run a head."""
+        heads = np.where(used, self.heads, 0.0)
+        reached = np.cumsum(self.segments)
+        paid_heads = np.cumsum(heads)
+        return np.append(reached[:-1] + paid_heads, reached[-1] + paid_heads[-1] if len(heads) else reached[-1])
+
+
+@dataclass(frozen=True)
+class Choice:
+    thresholds: np.ndarray  # NEVER where an exit is off
+    expected_cost: float  # per photo, on the evidence
+    plain_cost: float
+    accuracy: float  # on the evidence (agreement with the final exit when label-free)
+    shares: np.ndarray
+    unit: str
+
+    @property
+    def speedup(self) -> float:
+        return self.plain_cost / self.expected_cost if self.expected_cost > 0 else 1.0
+
+
+def cheapest_cascade(evidence: Evidence, constraint: Constraint, costs: StageCosts) -> Choice:
+    """Among subsets of the usable exits, the thresholds (greedy, earliest first) whose expected
+    cost under `costs` is lowest while `constraint` holds; an exit whose head costs more than the
+    photos it lets out save is dropped, down to none (the plain model)."""
+    exits = evidence.confidences.shape[0]
+    usable = np.flatnonzero(np.isfinite(evidence.confidences).any(axis=1))
+    best = _plain_choice(evidence, costs)
+    for subset in _subsets(usable):
+        allowed = np.zeros(exits, bool)
+        allowed[list(subset)] = True
+        confidences = np.where(allowed[:, None], evidence.confidences, -np.inf)
+        thresholds = greedy_thresholds(confidences, evidence.correct, evidence.reference, constraint)
+        used = thresholds < NEVER
+        if not used.any():
+            continue
+        result = outcome(exit_taken(confidences, thresholds), evidence.correct, costs.leaving(used))
+        if result.mean_cost < best.expected_cost - 1e-12:
+            best = Choice(thresholds, result.mean_cost, costs.plain, result.accuracy, result.shares, costs.unit)
+    return best
+
+
+def _plain_choice(evidence: Evidence, costs: StageCosts) -> Choice:
+    exits = evidence.confidences.shape[0]
+    shares = np.zeros(exits + 1)
+    shares[-1] = 1.0
+    accuracy = float(evidence.correct[-1].mean()) if evidence.photos else 0.0
+    return Choice(np.full(exits, NEVER), costs.plain, costs.plain, accuracy, shares, costs.unit)
+
+
+def _subsets(usable: np.ndarray):
+    """Every non-empty subset of the usable exits (nested prefixes only when there are many)."""
+    if len(usable) > MAX_SUBSETS_EXITS:
+        return [tuple(usable[:count]) for count in range(1, len(usable) + 1)]
+    return [tuple(usable[mask]) for mask in (np.arange(1, 2 ** len(usable))[:, None] >> np.arange(len(usable)) & 1).astype(bool)]
+
+
+def costs_from_macs(graft_macs: list[int], head_macs: list[int], total_macs: int) -> StageCosts:
+    """The MACs cost model: what a policy knows before any runtime has been measured."""
+    reached = np.array([*graft_macs, total_macs], float)
+    return StageCosts(np.diff(reached, prepend=0.0), np.array(head_macs, float), "MACs")

@@ -45,21 +45,25 @@ def personalise_report(meta: dict[str, Any], metrics: dict[str, Any]):
         lines.append(f"Feature cache: {metrics['cache']['bytes'] / 1e6:.1f} MB, built in {metrics['cache']['build_seconds']:.1f} s; heads trained in {metrics['train_seconds']:.1f} s")
     holdout = metrics["holdout"]
     table = Table(title=f"Exits ({holdout['kind']} on {holdout['photos']} held-out photos)")
-    for column in ("exit", "depth %", "MFLOPs", "held-out", "mask rate", "on"):
+    for column in ("exit", "depth %", "MFLOPs", "held-out", "mask rate", "threshold", "leaves here"):
         table.add_column(column, justify="left" if column == "exit" else "right")
     last = metrics["last_epoch"] or {}
-    for exit_ in [*meta["exits"], meta["final"] | {"enabled": True}]:
+    chosen = metrics["policy"]
+    shares = (chosen.get("predicted") or {}).get("shares") or []
+    for index, exit_ in enumerate([*meta["exits"], meta["final"] | {"threshold": "—"}]):
         score = holdout["scores"].get(exit_["name"])
         mask = last.get(f"{exit_['name']}/mask_rate")
+        threshold = exit_["threshold"]
         table.add_row(
             exit_["name"],
             f"{100 * exit_['relative_depth']:.0f}",
             f"{exit_['cumulative_mflops']:,.1f}",
             "—" if score is None else f"{100 * score:.1f}%",
             "—" if mask is None else f"{mask:.2f}",
-            "yes" if exit_["enabled"] else "no",
+            "off" if threshold is None else (threshold if isinstance(threshold, str) else f"{threshold:.3f}"),
+            f"{100 * shares[index]:.0f}%" if index < len(shares) else "—",
         )
-    return Group(*lines, table)
+    return Group(*lines, table, f"Exit policy ({chosen['operating_point']}, chosen on held-out photos): {chosen['reason']}")
 
 
 def evaluate_report(metrics: dict[str, Any]):
@@ -113,6 +117,7 @@ def export_report(manifest: dict[str, Any]):
         checks.add_row(name, f"{100 * entry['top1_agreement']:.1f}%", f"{entry['max_probability_difference']:.4f}", "—" if delta is None else f"{delta:+.2f}")
     cascade = manifest["cascade"]
     lines = [f"Cascade: {len(cascade['signatures'])} stages, stopping after {', '.join(cascade['stops_after'])}; weights {cascade['weights']}",
+             f"Exit policy: {cascade['policy']['reason']}",
              "Validation: passed" if validation["passed"] else f"Validation FAILED: {validation['failure']}"]
     return Group(files, checks, *lines)
 

@@ -1,0 +1,117 @@
+"""Which exits an exported cascade uses, chosen against the runtime's own measured costs.
+
+A bundle's thresholds were chosen on MACs (by `ee personalise`, label-free, or `ee evaluate`) from
+per-photo evidence stored beside them. Compute is not latency: in int8 at 32x32 an exit at 81 % of
+the MACs cost 105 % of the plain model's latency. So export converts the cascade, times each stage
+and each head alone in LiteRT (its own mode and thread count), and chooses again on the same
+evidence with those costs. An exit whose head and stage boundary cost more than the photos it lets
+out save is dropped, down to none: then the export is the plain model, and says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ee_cli import bundle, litert, policy
+
+PROFILE_RUNS = 100  # timed calls per stage and head (medians)
+
+
+@dataclass(frozen=True)
+class Deployment:
+    exits: list[int]  # indices into the bundle's exits, in order
+    thresholds: list[float]  # one per exit used
+    cascade: bytes
+    record: dict[str, Any]  # what the manifest says about the choice
+
+
+@dataclass(frozen=True)
+class Profile:
+    stage_ms: np.ndarray  # each cascade stage's signature call (with its head)
+    head_ms: np.ndarray  # each head alone, from the graft point's activations
+    plain_ms: float  # the plain model (final.tflite)
+
+    def costs(self) -> policy.StageCosts:
+        segments = self.stage_ms - np.append(self.head_ms, 0.0)
+        return policy.StageCosts(np.maximum(segments, 0.0), self.head_ms, "LiteRT ms", plain_cost=self.plain_ms)
+
+
+def choose(source: bundle.Bundle, convert_cascade: Callable[[list[int]], bytes], convert_heads: Callable[[list[int]], bytes],
+           plain: Path, pixels: np.ndarray, threads: int, scratch: Path, measured: bool = True) -> Deployment:
+    """The cascade to deploy: the bundle's exits with thresholds, re-chosen on measured costs
+    (`measured`), or as recorded."""
+    recorded = bundle.exit_policy(source.meta)
+    candidates = [i for i, t in enumerate(bundle.thresholds(source.meta)) if t is not None]
+    if not candidates:
+        why = recorded.reason if recorded and recorded.reason else "the bundle has no exit thresholds"
+        return Deployment([], [], convert_cascade([]), {"reason": f"plain model: {why}", "from_bundle": _summary(recorded)})
+    evidence = source.evidence()
+    if evidence is None or not measured:
+        why = "--policy recorded" if not measured else "the bundle holds no per-photo evidence to re-choose them"
+        thresholds = [bundle.thresholds(source.meta)[i] for i in candidates]
+        return Deployment(candidates, thresholds, convert_cascade(candidates), {"reason": f"thresholds as recorded ({why})", "from_bundle": _summary(recorded)})
+    return _rechoose(recorded, evidence, candidates, convert_cascade, convert_heads, plain, pixels, threads, scratch)
+
+
+def _rechoose(recorded, evidence, candidates, convert_cascade, convert_heads, plain, pixels, threads, scratch) -> Deployment:
+    """Measure the cascade of the current exits, choose among their subsets, repeat until stable."""
+    exits, rounds = list(candidates), []
+    while True:
+        cascade = convert_cascade(exits)
+        if not exits:
+            plain_ms = _median_ms(litert.Runner(litert.interpreter(plain, threads), "serving_default"), pixels)
+            rounds.append({"exits": [], "plain_ms": plain_ms})
+            return Deployment([], [], cascade, _record(recorded, rounds, None, "plain model: no exit is predicted to pay for its cost in LiteRT"))
+        profile = measure(cascade, convert_heads(exits), plain, pixels, threads, scratch)
+        local = policy.Evidence(evidence.confidences[exits], evidence.correct[[*exits, -1]], evidence.reference)
+        choice = policy.cheapest_cascade(local, recorded.constraint_function(), profile.costs())
+        kept = [exit_ for exit_, t in zip(exits, choice.thresholds) if t < policy.NEVER]
+        rounds.append({"exits": exits, "stage_ms": profile.stage_ms.tolist(), "head_ms": profile.head_ms.tolist(), "plain_ms": profile.plain_ms, "kept": kept})
+        if kept == exits:
+            thresholds = [float(t) for t in choice.thresholds]
+            return Deployment(exits, thresholds, cascade, _record(recorded, rounds, choice, f"{len(exits)} exit(s) predicted {choice.speedup:.2f}x faster than the plain model"))
+        exits = kept
+
+
+def measure(cascade: bytes, heads: bytes, plain: Path, pixels: np.ndarray, threads: int, scratch: Path) -> Profile:
+    """Median LiteRT milliseconds of each stage, each head alone and the plain model, on one photo."""
+    cascade_path, heads_path = scratch / "profile-cascade.tflite", scratch / "profile-heads.tflite"
+    cascade_path.write_bytes(cascade)
+    heads_path.write_bytes(heads)
+    try:
+        engine = litert.CascadeEngine(cascade_path, None, threads)
+        stage_inputs = engine.stage_inputs(pixels)
+        stage_ms = np.array([_median_ms(stage, None, raw=carried) for stage, carried in zip(engine.stages, stage_inputs)])
+        head_interpreter = litert.interpreter(heads_path, threads)
+        heads = [litert.Runner(head_interpreter, key) for key in litert.stage_keys(head_interpreter)]
+        head_ms = np.array([_median_ms(head, None, raw=litert.hand_on(carried, stage.input_detail, head.input_detail))
+                            for head, stage, carried in zip(heads, engine.stages[1:], stage_inputs[1:])])
+        plain_ms = _median_ms(litert.Runner(litert.interpreter(plain, threads), "serving_default"), pixels)
+    finally:
+        cascade_path.unlink(missing_ok=True)
+        heads_path.unlink(missing_ok=True)
+    return Profile(stage_ms, head_ms, plain_ms)
+
+
+def _median_ms(runner: litert.Runner, pixels: np.ndarray | None, raw: np.ndarray | None = None) -> float:
+    call = (lambda: runner.raw(raw)) if raw is not None else (lambda: runner(pixels[None]))
+    return 1000 * float(np.median(litert.wall_times(call, PROFILE_RUNS)))
+
+
+def _summary(recorded: bundle.ExitPolicy | None) -> dict[str, Any] | None:
+    if recorded is None:
+        return None
+    return {"set_by": recorded.set_by, "operating_point": recorded.operating_point, "photos": recorded.photos,
+            "thresholds": list(recorded.thresholds), "predicted": recorded.predicted}
+
+
+def _record(recorded, rounds, choice: policy.Choice | None, reason: str) -> dict[str, Any]:
+    predicted = None
+    if choice is not None:
+        predicted = {"unit": choice.unit, "expected": choice.expected_cost, "plain": choice.plain_cost, "speedup": choice.speedup,
+                     "accuracy_on_evidence": choice.accuracy, "shares": choice.shares.tolist()}
+    return {"reason": reason, "from_bundle": _summary(recorded), "measured": rounds, "predicted": predicted}
