@@ -38,36 +38,66 @@ def draws(seed: int, view: int, indices) -> dict[str, np.ndarray]:
     return {key: table[:, i] for i, key in enumerate(keys)}
 
 
+VIEW_COLUMNS = ("flip", "top", "left", "op0", "op1", "mag0", "mag1", "cut_top", "cut_left")
+
+
+def view_table(seed: int, view: int, indices, height: int, width: int) -> np.ndarray:
+    """Per photo, the view's parameters as one float32 row (VIEW_COLUMNS; offsets already in
+    pixels): computed on the host with numpy alone, so a process without TensorFlow (the LiteRT
+    trainer) feeds the very same views to the on-device artefact."""
+    params = draws(seed, view, indices)
+    pad, side = max(1, height // 8), max(1, height // 3)
+    columns = (
+        params["flip"],
+        np.floor(params["dy"] * (2 * pad + 1)),
+        np.floor(params["dx"] * (2 * pad + 1)),
+        params["op0"],
+        params["op1"],
+        params["mag0"],
+        params["mag1"],
+        np.floor(params["cy"] * (height - side + 1)),
+        np.floor(params["cx"] * (width - side + 1)),
+    )
+    return np.stack(columns, axis=1).astype(np.float32).reshape(-1, len(VIEW_COLUMNS))
+
+
 def weak(images, seed: int, view: int, indices):
-    return _weak(images, draws(seed, view, indices))
+    return weak_from_table(images, view_table(seed, view, indices, *_sides(images)))
 
 
 def strong(images, seed: int, view: int, indices):
-    params = draws(seed, view, indices)
-    tf = compat.tf()
-    images = _weak(images, params)
-    for step in range(2):
-        op = tf.constant(params[f"op{step}"].astype(np.int32))
-        magnitude = tf.constant(params[f"mag{step}"].astype(np.float32))
-        candidates = tf.stack([_apply(name, images, magnitude) for name in STRONG_OPS], axis=1)  # (B, ops, H, W, C)
-        images = tf.gather(candidates, op, axis=1, batch_dims=1)
-    return _cutout(images, params)
+    return strong_from_table(images, view_table(seed, view, indices, *_sides(images)))
 
 
-def _weak(images, params):
+def _sides(images) -> tuple[int, int]:
+    return int(images.shape[1]), int(images.shape[2])
+
+
+def weak_from_table(images, table):
+    """Flip and pad-and-crop, as tensor ops on a view table (also traced into the LiteRT artefact)."""
     tf = compat.tf()
-    images = tf.cast(images, tf.float32)
-    flip = tf.constant(params["flip"].astype(bool))[:, None, None, None]
+    images, table = tf.cast(images, tf.float32), tf.convert_to_tensor(table, tf.float32)
+    flip = (table[:, 0] > 0.5)[:, None, None, None]
     images = tf.where(flip, tf.reverse(images, axis=[2]), images)
-    height, width = int(images.shape[1]), int(images.shape[2])
+    height, width = _sides(images)
     pad = max(1, height // 8)
     padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
-    top = np.floor(params["dy"] * (2 * pad + 1)).astype(np.int32)
-    left = np.floor(params["dx"] * (2 * pad + 1)).astype(np.int32)
-    rows = tf.constant(top[:, None] + np.arange(height)[None, :])
-    cols = tf.constant(left[:, None] + np.arange(width)[None, :])
+    rows = tf.cast(table[:, 1], tf.int32)[:, None] + tf.range(height)[None, :]
+    cols = tf.cast(table[:, 2], tf.int32)[:, None] + tf.range(width)[None, :]
     cropped = tf.gather(padded, rows, axis=1, batch_dims=1)
     return tf.gather(cropped, cols, axis=2, batch_dims=1)
+
+
+def strong_from_table(images, table):
+    tf = compat.tf()
+    table = tf.convert_to_tensor(table, tf.float32)
+    images = weak_from_table(images, table)
+    for step in range(2):
+        op = tf.cast(table[:, 3 + step], tf.int32)
+        magnitude = table[:, 5 + step]
+        candidates = tf.stack([_apply(name, images, magnitude) for name in STRONG_OPS], axis=1)  # (B, ops, H, W, C)
+        images = tf.gather(candidates, op, axis=1, batch_dims=1)
+    return _cutout(images, table)
 
 
 def _apply(op: str, images, magnitude):
@@ -81,13 +111,13 @@ def _apply(op: str, images, magnitude):
         mean = tf.reduce_mean(unit, axis=[1, 2, 3], keepdims=True)
         unit = (unit - mean) * (0.3 + 1.4 * m) + mean
     elif op in ("saturation", "hue"):
-        hsv = tf.image.rgb_to_hsv(tf.clip_by_value(unit, 0.0, 1.0))
+        hsv = rgb_to_hsv(tf.clip_by_value(unit, 0.0, 1.0))
         h, s, v = hsv[..., 0:1], hsv[..., 1:2], hsv[..., 2:3]
         if op == "saturation":
             s = tf.clip_by_value(s * 2.0 * m, 0.0, 1.0)
         else:
             h = tf.math.floormod(h + (m - 0.5) * 0.3, 1.0)
-        unit = tf.image.hsv_to_rgb(tf.concat([h, s, v], axis=-1))
+        unit = hsv_to_rgb(tf.concat([h, s, v], axis=-1))
     elif op == "posterize":
         levels = tf.round(2.0 ** (2.0 + 4.0 * (1.0 - m)))
         unit = tf.round(unit * levels) / levels
@@ -100,14 +130,41 @@ def _apply(op: str, images, magnitude):
     return tf.clip_by_value(unit, 0.0, 1.0) * 255.0
 
 
-def _cutout(images, params):
+def _cutout(images, table):
     """Grey out a square of a third of the side at a random place in each photo."""
     tf = compat.tf()
-    height, width = int(images.shape[1]), int(images.shape[2])
+    height, width = _sides(images)
     side = max(1, height // 3)
-    top = np.floor(params["cy"] * (height - side + 1))[:, None, None]
-    left = np.floor(params["cx"] * (width - side + 1))[:, None, None]
-    rows = np.arange(height)[None, :, None]
-    cols = np.arange(width)[None, None, :]
+    top = tf.cast(table[:, 7], tf.int32)[:, None, None]
+    left = tf.cast(table[:, 8], tf.int32)[:, None, None]
+    rows = tf.range(height)[None, :, None]
+    cols = tf.range(width)[None, None, :]
     inside = (rows >= top) & (rows < top + side) & (cols >= left) & (cols < left + side)
-    return tf.where(tf.constant(inside[..., None]), 127.5, images)
+    return tf.where(inside[..., None], 127.5, images)
+
+
+def rgb_to_hsv(rgb):
+    """TF's RGBToHSV kernel in elementwise ops: that kernel is no TFLite builtin, and the LiteRT
+    artefact must hold builtins only (phones often lack the Flex runtime)."""
+    tf = compat.tf()
+    r, g, b = rgb[..., 0:1], rgb[..., 1:2], rgb[..., 2:3]
+    value = tf.reduce_max(rgb, axis=-1, keepdims=True)
+    spread = value - tf.reduce_min(rgb, axis=-1, keepdims=True)
+    saturation = tf.where(value > 0, spread / tf.maximum(value, 1e-12), 0.0)
+    norm = 1.0 / (6.0 * tf.maximum(spread, 1e-12))
+    hue = tf.where(r == value, norm * (g - b), tf.where(g == value, norm * (b - r) + 2.0 / 6.0, norm * (r - g) + 4.0 / 6.0))
+    hue = tf.where(spread > 0, hue, 0.0)
+    hue = tf.where(hue < 0, hue + 1.0, hue)
+    return tf.concat([hue, saturation, value], axis=-1)
+
+
+def hsv_to_rgb(hsv):
+    """TF's HSVToRGB kernel in elementwise ops (the hexcone: channel n at k = (n + 6h) mod 6)."""
+    tf = compat.tf()
+    hue, saturation, value = hsv[..., 0:1], hsv[..., 1:2], hsv[..., 2:3]
+    chroma = saturation * value
+    channels = []
+    for n in (5.0, 3.0, 1.0):
+        k = tf.math.floormod(n + 6.0 * hue, 6.0)
+        channels.append(value - chroma * tf.clip_by_value(tf.minimum(k, 4.0 - k), 0.0, 1.0))
+    return tf.concat(channels, axis=-1)

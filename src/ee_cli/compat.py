@@ -106,6 +106,13 @@ def litert_interpreter_class():
     return Interpreter
 
 
+def litert_schema():
+    """LiteRT's flatbuffer schema (no TensorFlow): read a .tflite file's operator codes."""
+    from ai_edge_litert import schema_py_generated
+
+    return schema_py_generated
+
+
 def seed_everything(seed: int) -> None:
     """Python, numpy and TF seeds at once; training is then bit-identical at a fixed thread count."""
     keras().utils.set_random_seed(seed)
