@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +21,22 @@ def workspace(tmp_path, monkeypatch) -> Path:
     """Run each test in its own folder, so bundles/ and runs/ land there."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@contextlib.contextmanager
+def prepared_workspace(tmp_path_factory, name: str):
+    """Build once per module what several tests start from (bundles are slow to make); each test
+    then gets its own copy through `copy_workspace`."""
+    root = tmp_path_factory.mktemp(name)
+    with contextlib.chdir(root):
+        yield root
+
+
+def copy_workspace(template: Path, workspace: Path) -> None:
+    """A prepared workspace copied into a test's own; the absolute paths its bundles record follow it."""
+    shutil.copytree(template, workspace, dirs_exist_ok=True)
+    for recorded in [*workspace.glob("**/ee.json"), *workspace.glob("bundles/latest.json")]:
+        recorded.write_text(recorded.read_text().replace(str(template), str(workspace)))
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import one_line_error
+from conftest import copy_workspace, one_line_error, prepared_workspace
 from ee_cli import bundle
 from ee_cli.attach import attach
 from ee_cli.config import AttachConfig, PersonaliseConfig
@@ -16,12 +16,19 @@ from ee_cli.personalise import personalise
 from test_personalise import coloured_photos, labelled_folder
 
 
+@pytest.fixture(scope="module")
+def personalised_template(tmp_path_factory):
+    with prepared_workspace(tmp_path_factory, "personalised") as root:
+        attach(AttachConfig(backbone="cifar_resnet9", out="B", classes="r,g,b,x,y"))
+        coloured_photos(root / "photos", 30)
+        personalise(PersonaliseConfig(data="photos", bundle="B", out="P", epochs=2, batch=8, views=1, personal_classes="r,g,b"))
+        labelled_folder(root / "test", ["r", "g", "b"], per_class=20)
+    return root
+
+
 @pytest.fixture
-def personalised(workspace):
-    attach(AttachConfig(backbone="cifar_resnet9", out="B", classes="r,g,b,x,y"))
-    coloured_photos(workspace / "photos", 30)
-    personalise(PersonaliseConfig(data="photos", bundle="B", out="P", epochs=2, batch=8, views=1, personal_classes="r,g,b"))
-    labelled_folder(workspace / "test", ["r", "g", "b"], per_class=20)
+def personalised(workspace, personalised_template):
+    copy_workspace(personalised_template, workspace)
     return workspace / "P"
 
 

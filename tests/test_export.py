@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from conftest import one_line_error, run_ee
+from conftest import copy_workspace, one_line_error, prepared_workspace, run_ee
 from ee_cli.attach import attach
 from ee_cli.config import AttachConfig, EvaluateConfig, PersonaliseConfig
 from ee_cli.evaluate import evaluate
@@ -41,13 +41,20 @@ COMPARE = textwrap.dedent(
 )
 
 
+@pytest.fixture(scope="module")
+def calibrated_template(tmp_path_factory):
+    with prepared_workspace(tmp_path_factory, "calibrated") as root:
+        attach(AttachConfig(backbone="cifar_resnet9", out="B", classes="r,g,b,x,y"))
+        coloured_photos(root / "photos", 120)
+        personalise(PersonaliseConfig(data="photos", bundle="B", out="P", epochs=2, batch=16, views=1, personal_classes="r,g,b"))
+        labelled_folder(root / "test", ["r", "g", "b"], per_class=20)
+        evaluate(EvaluateConfig(data="test", bundle="P", out="C", latency_runs=1, max_drop=100.0))
+    return root
+
+
 @pytest.fixture
-def calibrated(workspace):
-    attach(AttachConfig(backbone="cifar_resnet9", out="B", classes="r,g,b,x,y"))
-    coloured_photos(workspace / "photos", 120)
-    personalise(PersonaliseConfig(data="photos", bundle="B", out="P", epochs=2, batch=16, views=1, personal_classes="r,g,b"))
-    labelled_folder(workspace / "test", ["r", "g", "b"], per_class=20)
-    evaluate(EvaluateConfig(data="test", bundle="P", out="C", latency_runs=1, max_drop=100.0))
+def calibrated(workspace, calibrated_template):
+    copy_workspace(calibrated_template, workspace)
     return workspace / "C"
 
 

@@ -63,8 +63,7 @@ def _rechoose(recorded, evidence, candidates, convert_cascade, convert_heads, pl
     while True:
         cascade = convert_cascade(exits)
         if not exits:
-            plain_ms = _median_ms(litert.Runner(litert.interpreter(plain, threads), "serving_default"), pixels)
-            rounds.append({"exits": [], "plain_ms": plain_ms})
+            rounds.append({"exits": [], "plain_ms": _plain_ms(plain, pixels, threads)})
             return Deployment([], [], cascade, _record(recorded, rounds, None, "plain model: no exit is predicted to pay for its cost in LiteRT"))
         profile = measure(cascade, convert_heads(exits), plain, pixels, threads, scratch)
         local = policy.Evidence(evidence.confidences[exits], evidence.correct[[*exits, -1]], evidence.reference)
@@ -78,28 +77,32 @@ def _rechoose(recorded, evidence, candidates, convert_cascade, convert_heads, pl
 
 
 def measure(cascade: bytes, heads: bytes, plain: Path, pixels: np.ndarray, threads: int, scratch: Path) -> Profile:
-    """Median LiteRT milliseconds of each stage, each head alone and the plain model, on one photo."""
+    """Median LiteRT milliseconds of each stage, each head alone and the plain model on one photo,
+    timed in turns so that drift in the machine's speed hits them alike."""
     cascade_path, heads_path = scratch / "profile-cascade.tflite", scratch / "profile-heads.tflite"
     cascade_path.write_bytes(cascade)
     heads_path.write_bytes(heads)
     try:
         engine = litert.CascadeEngine(cascade_path, None, threads)
         stage_inputs = engine.stage_inputs(pixels)
-        stage_ms = np.array([_median_ms(stage, None, raw=carried) for stage, carried in zip(engine.stages, stage_inputs)])
         head_interpreter = litert.interpreter(heads_path, threads)
         heads = [litert.Runner(head_interpreter, key) for key in litert.stage_keys(head_interpreter)]
-        head_ms = np.array([_median_ms(head, None, raw=litert.hand_on(carried, stage.input_detail, head.input_detail))
-                            for head, stage, carried in zip(heads, engine.stages[1:], stage_inputs[1:])])
-        plain_ms = _median_ms(litert.Runner(litert.interpreter(plain, threads), "serving_default"), pixels)
+        head_inputs = [litert.hand_on(carried, stage.input_detail, head.input_detail) for head, stage, carried in zip(heads, engine.stages[1:], stage_inputs[1:])]
+        plain_runner = litert.Runner(litert.interpreter(plain, threads), "serving_default")
+        calls = {"plain": lambda: plain_runner(pixels[None])}
+        calls |= {f"stage_{i}": (lambda s=stage, x=x: s.raw(x)) for i, (stage, x) in enumerate(zip(engine.stages, stage_inputs))}
+        calls |= {f"head_{i}": (lambda h=head, x=x: h.raw(x)) for i, (head, x) in enumerate(zip(heads, head_inputs))}
+        times = {name: 1000 * float(np.median(found)) for name, found in litert.alternating_wall_times(calls, PROFILE_RUNS).items()}
     finally:
         cascade_path.unlink(missing_ok=True)
         heads_path.unlink(missing_ok=True)
-    return Profile(stage_ms, head_ms, plain_ms)
+    stage_ms = np.array([times[f"stage_{i}"] for i in range(len(engine.stages))])
+    return Profile(stage_ms, np.array([times[f"head_{i}"] for i in range(len(heads))]), times["plain"])
 
 
-def _median_ms(runner: litert.Runner, pixels: np.ndarray | None, raw: np.ndarray | None = None) -> float:
-    call = (lambda: runner.raw(raw)) if raw is not None else (lambda: runner(pixels[None]))
-    return 1000 * float(np.median(litert.wall_times(call, PROFILE_RUNS)))
+def _plain_ms(plain: Path, pixels: np.ndarray, threads: int) -> float:
+    runner = litert.Runner(litert.interpreter(plain, threads), "serving_default")
+    return 1000 * float(np.median(litert.wall_times(lambda: runner(pixels[None]), PROFILE_RUNS)))
 
 
 def _summary(recorded: bundle.ExitPolicy | None) -> dict[str, Any] | None:

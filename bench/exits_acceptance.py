@@ -1,0 +1,117 @@
+"""Early exits on CIFAR-10 users, through the commands exactly as a user types them (no labels).
+
+    PYTHONPATH=. .venv/bin/python -m bench.exits_acceptance --generic ~/.cache/ee/models/cifar_resnet9.h5 \
+        --users k2-low_light:0,k3-colour_cast:1 --out bench/results/exits.jsonl [--exit-teacher final]
+
+Per user, in a scratch folder: `ee attach --backbone GENERIC --classes ...` (default exits),
+`ee personalise --data unlabelled` (defaults: label-free thresholds on its held-out photos),
+`ee export --tflite --quant none` and `ee export --tflite` (int8_full, the default), each followed by
+`ee run` on the user's test photos, which nothing above has seen. Beside them, on the same test
+photos: every exit's accuracy, the label-free policy's accuracy and MACs cut against the final
+exit's, and the generic model restricted to the user's true classes (the free baseline).
+`--ablate KEY=VALUE` adds personalise flags (e.g. exit-teacher=final) to compare designs on dev users.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.protocol import SCENARIOS, predict, restricted_accuracy
+
+EE = [sys.executable, "-m", "ee_cli"]
+
+
+def ee(*args: str, cwd: Path) -> dict:
+    done = subprocess.run([*EE, *args, "--json"], cwd=cwd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"ee {' '.join(args)} failed: {done.stderr[-1500:]}")
+    return json.loads(done.stdout)
+
+
+def run_user(generic: str, scenario: str, seed: int, work: Path, unlabelled: int, test_per_class: int, extra: list[str], modes: tuple[str, ...]) -> dict:
+    from datasets import cifar10, scenarios
+
+    k, condition = next((s.k, s.condition) for s in SCENARIOS if s.name == scenario)
+    data = cifar10.load()
+    user = scenarios.make_user(data, seed, k=k, condition=condition, unlabelled=unlabelled)
+    keep = np.sort(np.concatenate([np.flatnonzero(user.test_y == c)[:test_per_class] for c in user.classes]))
+    user = scenarios.User(user.seed, user.classes, user.condition, user.unlabelled, user.labelled, user.labelled_y, user.test[keep], user.test_y[keep])
+    folders = scenarios.write_user(user, work / "photos")
+    started = time.perf_counter()
+    ee("attach", "--backbone", generic, "--classes", ",".join(cifar10.CLASSES), cwd=work)
+    personalised = ee("personalise", "--data", str(folders["unlabelled"]), "--quiet", *extra, cwd=work)
+    personalise_seconds = time.perf_counter() - started
+    row = {"scenario": scenario, "seed": seed, "classes": user.class_names, "extra": extra, "personalise_seconds": personalise_seconds,
+           "personal_classes": personalised["metrics"]["personal_classes"], "policy": personalised["metrics"]["policy"]}
+    row |= _on_test_photos(Path(personalised["bundle"]), user)
+    for mode in modes:
+        exported = ee("export", "--tflite", "--quant", mode, "--out", f"export-{mode}", "--quiet", cwd=work)
+        ran = ee("run", "--tflite", f"export-{mode}", "--data", str(folders["test"]), cwd=work)
+        row[mode] = {"policy": exported["manifest"]["cascade"]["policy"], "stops_after": exported["manifest"]["cascade"]["stops_after"],
+                     "speedup": ran["speedup"], "accuracy": ran["accuracy"], "full_accuracy": ran["full_accuracy"], "histogram": ran["histogram"],
+                     "cascade_ms": ran["cascade_ms"]["mean"], "full_ms": ran["full_ms"]["mean"],
+                     "latency_share": ran["profile"]["latency_share"], "mflops_share": ran["profile"]["mflops_share"]}
+    return row
+
+
+def _on_test_photos(personal: Path, user) -> dict:
+    """Each exit's accuracy, and the bundle's label-free thresholds applied to the test photos."""
+    from ee_cli import bundle, compat, policy
+
+    found = bundle.read_bundle(personal)
+    meta, model = found.meta, found.load_model()
+    names = [e["name"] for e in meta["exits"]] + ["final"]
+    classes = np.array([user.names.index(c) for c in meta["output_classes"]])
+    logits = [predict(model, name, user.test) for name in names]
+    correct = np.stack([(classes[l.argmax(1)] == user.test_y) for l in logits]).astype(np.int8)
+    confidences = np.stack([policy.confidence(compat.tf().nn.softmax(l).numpy()) for l in logits[:-1]])
+    thresholds = np.array([policy.NEVER if t is None else t for t in bundle.thresholds(meta)])
+    exits = meta["exits"]
+    costs = policy.costs_from_macs([e["cumulative_macs"] - e["head_macs"] for e in exits], [e["head_macs"] for e in exits], meta["final"]["cumulative_macs"])
+    result = policy.outcome(policy.exit_taken(confidences, thresholds), correct, costs.leaving(thresholds < policy.NEVER))
+    oracle = policy.oracle(correct, costs.leaving(np.ones(len(exits), bool)))
+    generic_logits = predict(model, "generic", user.test)
+    return {
+        "test_photos": len(user.test),
+        "exit_accuracy": {name: float(c.mean()) for name, c in zip(names, correct)},
+        "restricted": restricted_accuracy(generic_logits, user.classes, user.test_y),
+        "label_free": {"accuracy": result.accuracy, "drop_points": 100 * (float(correct[-1].mean()) - result.accuracy),
+                       "cut": costs.plain / result.mean_cost, "shares": result.shares.tolist()},
+        "oracle_cut": costs.plain / oracle.mean_cost,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--generic", required=True)
+    parser.add_argument("--users", required=True, help="scenario:seed,... e.g. k2-low_light:0,k3-colour_cast:1")
+    parser.add_argument("--unlabelled", type=int, default=500)
+    parser.add_argument("--test-per-class", type=int, default=300)
+    parser.add_argument("--ablate", action="append", default=[], help="KEY=VALUE personalise flag, e.g. exit-teacher=final")
+    parser.add_argument("--no-export", action="store_true", help="personalise and measure on the test photos only (for ablations)")
+    parser.add_argument("--work", type=Path, default=Path("build/exits-acceptance"))
+    parser.add_argument("--out", type=Path, required=True, help="JSON lines, one user per line (appended)")
+    args = parser.parse_args()
+    extra = [part for item in args.ablate for part in (f"--{item.split('=', 1)[0]}", item.split("=", 1)[1])]
+    for user in args.users.split(","):
+        scenario, seed = user.split(":")
+        work = args.work / f"{scenario}-{seed}-{'-'.join(args.ablate) or 'default'}"
+        if work.exists():
+            subprocess.run(["rm", "-rf", str(work)], check=True)
+        work.mkdir(parents=True)
+        row = run_user(str(Path(args.generic).expanduser().resolve()), scenario, int(seed), work, args.unlabelled, args.test_per_class, extra,
+                       () if args.no_export else ("none", "int8_full"))
+        with args.out.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        print(json.dumps({k: row[k] for k in ("scenario", "seed", "exit_accuracy", "restricted", "label_free")}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
