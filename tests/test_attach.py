@@ -226,3 +226,33 @@ def test_caffe_preprocessing_is_bgr_minus_imagenet_means(workspace):
     layer = model.get_layer(backbones.PREPROCESS_LAYER)
     pixel = np.array([[[[10.0, 20.0, 30.0]]]], np.float32)
     np.testing.assert_allclose(layer(pixel).numpy()[0, 0, 0], [30 - 103.939, 20 - 116.779, 10 - 123.68], rtol=1e-6)
+
+
+def pointwise_classifier(path: Path, flatten: bool) -> Path:
+    """MobileNet's (Reshape) or MobileNetV3's (Flatten) classifier: a 1x1 conv on the pooled map."""
+    keras = compat.keras()
+    layers = keras.layers
+    pixels = keras.Input((16, 16, 3))
+    x = layers.Conv2D(8, 3, strides=2, activation="relu", name="c1")(layers.Rescaling(1 / 255.0)(pixels))
+    x = layers.Conv2D(16, 3, strides=2, activation="relu", name="c2")(x)
+    x = layers.Dropout(0.2)(layers.GlobalAveragePooling2D(keepdims=True)(x))
+    x = layers.Conv2D(4, 1, name="preds")(x)
+    x = layers.Flatten()(x) if flatten else layers.Reshape((4,))(x)
+    keras.Model(pixels, layers.Activation("softmax")(x)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("flatten", [False, True])
+def test_a_pointwise_conv_classifier_becomes_the_same_dense_classifier(workspace, flatten):
+    path = pointwise_classifier(workspace / "user.h5", flatten)
+    original = compat.keras().models.load_model(path, compile=False)
+    result = attach(AttachConfig(backbone=str(path), exits=(0.4,), out="B"))
+    assert len(result.meta["classes"]) == 4
+    loaded = bundle.read_bundle(result.bundle_path).load_model()
+    pixels = random_pixels(5, 16)
+    np.testing.assert_allclose(compat.tf().nn.softmax(loaded(pixels)[-1]).numpy(), original(pixels).numpy(), rtol=1e-5, atol=1e-6)
+    kernel, bias = loaded.get_layer("preds").get_weights()
+    expected_kernel, expected_bias = original.get_layer("preds").get_weights()
+    np.testing.assert_array_equal(kernel, expected_kernel.reshape(16, 4))
+    np.testing.assert_array_equal(bias, expected_bias)
+

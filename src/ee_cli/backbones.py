@@ -228,19 +228,59 @@ def load_model_file(path: Path) -> Backbone:
 
 
 def _classifier_logits(model, path: Path):
-    """The logits tensor of the model's classifier, looking through a final softmax."""
+    """The logits tensor of the model's classifier, looking through a final softmax.
+
+    A Dense classifier is used as it is. A 1x1 convolution on a 1x1 map followed by Reshape or
+    Flatten (MobileNet, MobileNetV3) becomes the equivalent Dense layer (same weights, reshaped):
+    everything downstream then finds one kind of classifier.
+    """
     keras = compat.keras()
     layer = model.layers[-1]
-    if isinstance(layer, keras.layers.Softmax) or (
-        isinstance(layer, keras.layers.Activation) and keras.activations.serialize(layer.activation) == "softmax"
-    ):
-        inbound = layer._inbound_nodes[0].inbound_layers
-        layer = inbound if not isinstance(inbound, list) else inbound[0]
+    while _is_output_activation(layer):
+        layer = _producer(layer)
+    if isinstance(layer, (keras.layers.Reshape, keras.layers.Flatten)) and _is_pointwise_classifier(_producer(layer)):
+        return _as_dense(_producer(layer))
     if not isinstance(layer, keras.layers.Dense) or len(layer.output_shape) != 2 or layer.output_shape[-1] < 2:
-        raise UserError(f"{path} does not end in a classifier (a Dense layer with at least 2 outputs)")
-    if keras.activations.serialize(layer.activation) != "linear":
-        layer.activation = keras.activations.linear  # teacher and losses want logits
+        raise UserError(
+            f"{path} does not end in a classifier (a Dense layer, or a 1x1 convolution then Reshape or Flatten, "
+            "with at least 2 outputs)"
+        )
+    layer.activation = keras.activations.linear  # teacher and losses want logits
     return layer.output
+
+
+def _producer(layer):
+    inbound = layer._inbound_nodes[0].inbound_layers
+    return inbound if not isinstance(inbound, list) else inbound[0]
+
+
+def _is_output_activation(layer) -> bool:
+    """A softmax or linear activation after the classifier: looked through to the logits."""
+    keras = compat.keras()
+    if isinstance(layer, keras.layers.Softmax):
+        return True
+    return isinstance(layer, keras.layers.Activation) and getattr(layer.activation, "__name__", "") in ("softmax", "linear")
+
+
+def _is_pointwise_classifier(layer) -> bool:
+    keras = compat.keras()
+    return (
+        isinstance(layer, keras.layers.Conv2D)
+        and tuple(layer.kernel_size) == (1, 1)
+        and layer.groups == 1
+        and tuple(layer.input_shape[1:3]) == (1, 1)
+        and layer.filters >= 2
+    )
+
+
+def _as_dense(conv):
+    keras = compat.keras()
+    features = keras.layers.Flatten(name=f"{conv.name}_flatten")(conv.input)
+    dense = keras.layers.Dense(conv.filters, use_bias=conv.use_bias, name=conv.name)
+    logits = dense(features)
+    kernel, *bias = conv.get_weights()
+    dense.set_weights([kernel.reshape(kernel.shape[-2:]), *bias])
+    return logits
 
 
 def _refuse_keras3_file(path: Path) -> None:
