@@ -144,7 +144,7 @@ def _keras3_file(path: Path) -> Path:
         (["--backbone", "vgg99"], "unknown backbone"),
         (["--backbone", "cifar_resnet9", "--exits", "0.5,1.5"], "fraction"),
         (["--backbone", "cifar_resnet9", "--exits", "half"], "comma-separated numbers"),
-        (["--backbone", "cifar_resnet9", "--exits", "0.2,0.21"], "both land on"),
+        (["--backbone", "cifar_resnet9", "--exits", "0.1,0.2,0.3,0.4,0.5,0.6,0.7"], "asks for 7 exits but this backbone has 6"),
         (["--backbone", "cifar_resnet9", "--head", "huge"], "unknown --head"),
         (["--backbone", "cifar_resnet9", "--classes", "a,b,c", "--num-classes", "5"], "3 class names"),
         (["--backbone", "headless.h5", "--num-classes", "5"], "does not end in a classifier"),
@@ -256,3 +256,50 @@ def test_a_pointwise_conv_classifier_becomes_the_same_dense_classifier(workspace
     np.testing.assert_array_equal(kernel, expected_kernel.reshape(16, 4))
     np.testing.assert_array_equal(bias, expected_bias)
 
+
+def test_list_graft_points_shows_every_candidate_and_the_chosen_ones_and_writes_nothing(workspace, cli):
+    listed = cli("attach", "--backbone", "cifar_resnet9", "--list-graft-points", "--exits", "0.2,0.4")
+    assert listed.exit_code == 0, listed.output
+    assert all(name in listed.stdout for name in ("prep_relu", "layer1_pool", "layer3_add", "exit_1"))
+    as_json = json.loads(cli("attach", "--backbone", "cifar_resnet9", "--list-graft-points", "--json").stdout)
+    rows = {row["layer"]: row for row in as_json["graft_points"]}
+    assert len(rows) == 6 and rows["layer1_add"]["relative_depth"] == pytest.approx(0.406, abs=1e-3)
+    assert [row["exit"] for row in as_json["graft_points"] if row["exit"]] == ["exit_0", "exit_1", "exit_2"]
+    assert rows["layer3_add"]["cumulative_mflops"] == pytest.approx(190.513, abs=1e-3)
+    assert list(workspace.iterdir()) == []
+
+
+def test_a_plain_stack_gets_three_exits_by_default_and_is_told_where_they_could_not_go(workspace, cli):
+    keras = compat.keras()
+    pixels = keras.Input((16, 16, 3))
+    x = pixels
+    for width in (8, 16, 32):  # strided conv -> BN -> ReLU, three times
+        x = keras.layers.ReLU()(keras.layers.BatchNormalization()(keras.layers.Conv2D(width, 3, strides=2, padding="same")(x)))
+    keras.Model(pixels, keras.layers.Dense(3, activation="softmax")(keras.layers.GlobalAveragePooling2D()(x))).save(workspace / "plain.h5")
+    result = cli("attach", "--backbone", "plain.h5", "--out", "B")
+    assert result.exit_code == 0, result.output
+    meta = json.loads((workspace / "B" / "ee.json").read_text())
+    assert len({e["graft_layer"] for e in meta["exits"]}) == 3
+    assert "Note: exit at 0.75" in " ".join(result.stdout.split())
+
+
+def test_cells_reading_two_previous_cells_are_grafted_through_handoffs_and_cut_exactly(workspace):
+    from test_graft import two_path_cells
+
+    from ee_cli import stages
+
+    original = two_path_cells()
+    original.save(workspace / "cells.h5")
+    result = attach(AttachConfig(backbone=str(workspace / "cells.h5"), out="B"))
+    assert [e["graft_layer"] for e in result.meta["exits"]] == ["ee_handoff_cell0_out", "ee_handoff_cell1_out", "cell2_out"]
+    loaded = bundle.read_bundle(result.bundle_path).load_model()
+    pixels = random_pixels(3, 16)
+    outputs = [output.numpy() for output in loaded(pixels)]
+    np.testing.assert_allclose(compat.tf().nn.softmax(outputs[-1]).numpy(), original(pixels).numpy(), rtol=1e-5, atol=1e-6)
+    graft_layers = [e["graft_layer"] for e in result.meta["exits"]]
+    carried = pixels
+    for index, stage in enumerate(stages.cascade_stages(loaded, graft_layers, ["exit_0", "exit_1", "exit_2"])):
+        staged = stage(carried)
+        name = f"exit_{index}" if index < 3 else "final"
+        np.testing.assert_allclose(staged[name].numpy(), compat.tf().nn.softmax(outputs[index]).numpy(), rtol=1e-5, atol=1e-6)
+        carried = staged.get(graft_layers[index]) if index < 3 else None

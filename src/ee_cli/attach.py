@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ee_cli import backbones, bundle, compat, flops, graft
+from ee_cli import backbones, bundle, compat, flops, graft, handoff
 from ee_cli.config import AttachConfig, as_dict
 from ee_cli.errors import UserError
 from ee_cli.heads import HEAD_KINDS
@@ -17,7 +17,27 @@ class AttachResult:
     bundle_path: Path
     meta: dict[str, Any]
     candidates: list[graft.GraftPoint]
+    placement: graft.Placement  # where the exits went (before any handoff), with notes where not as asked
     model: Any  # the in-memory multi-exit model that was saved
+
+    def as_json(self) -> dict[str, Any]:
+        rows = graft_point_rows(self.candidates, self.placement.points)
+        return {"bundle": str(self.bundle_path), **self.meta, "notes": self.placement.notes, "graft_points": rows}
+
+
+@dataclass(frozen=True)
+class Survey:
+    backbone: backbones.Backbone
+    candidates: list[graft.GraftPoint]
+    placement: graft.Placement  # where the asked exits would go
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "backbone": self.backbone.name,
+            "input_shape": list(self.backbone.input_shape),
+            "graft_points": graft_point_rows(self.candidates, self.placement.points),
+            "notes": self.placement.notes,
+        }
 
 
 def attach(config: AttachConfig) -> AttachResult:
@@ -35,14 +55,45 @@ def attach(config: AttachConfig) -> AttachResult:
     if len(names) != backbone.num_classes:
         raise UserError(f"{len(names)} class names given but the classifier has {backbone.num_classes} outputs")
     candidates = graft.graft_points(backbone.model)
-    if config.exit_layers:
-        points = graft.choose_by_name(backbone.model, candidates, config.exit_layers)
-    else:
-        points = graft.choose_by_fraction(candidates, config.exits)
-    model, exits = graft.graft_exits(backbone.model, points, config.head, backbone.num_classes)
+    placement = place_exits(backbone.model, candidates, config)
+    packed, points = handoff.pack(backbone.model, placement.points)
+    model, exits = graft.graft_exits(packed, points, config.head, backbone.num_classes)
     meta = describe(backbone, exits, config.head, names, as_dict(config))
     bundle.write_bundle(out, model, meta, config.exist_ok)
-    return AttachResult(out, meta, candidates, model)
+    return AttachResult(out, meta, candidates, placement, model)
+
+
+def survey(config: AttachConfig) -> Survey:
+    """A backbone's graft points and where the asked exits would go; writes nothing. Built-in
+    backbones are built without weights: the points don't depend on them."""
+    weights = "none" if config.backbone in backbones.BUILTIN_BACKBONES else config.weights
+    backbone = backbones.build_backbone(config.backbone, weights, config.input_size, config.num_classes)
+    candidates = graft.graft_points(backbone.model)
+    return Survey(backbone, candidates, place_exits(backbone.model, candidates, config))
+
+
+def place_exits(model, candidates: list[graft.GraftPoint], config: AttachConfig) -> graft.Placement:
+    if config.exit_layers:
+        return graft.Placement(graft.choose_by_name(model, candidates, config.exit_layers), [])
+    # The default fractions adapt to a backbone with fewer graft points; fractions the user gave don't.
+    return graft.choose_by_fraction(candidates, config.exits, fewer_ok=config.exits == AttachConfig().exits)
+
+
+def graft_point_rows(candidates: list[graft.GraftPoint], chosen: list[graft.GraftPoint]) -> list[dict[str, Any]]:
+    """Every candidate with its cumulative compute, for --list-graft-points and --json."""
+    exits = dict(zip((point.layer for point in chosen), graft.exit_names(len(chosen))))
+    return [
+        {
+            "layer": point.layer,
+            "kind": point.kind,
+            "feature_shape": list(point.shape),
+            "relative_depth": round(point.relative_depth, 4),
+            "cumulative_mflops": round(flops.mflops(point.macs), 3),
+            "carries": point.carries,
+            "exit": exits.get(point.layer),
+        }
+        for point in candidates
+    ]
 
 
 def _stem(backbone: str) -> str:

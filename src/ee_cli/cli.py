@@ -97,7 +97,8 @@ def attach(
     num_classes: Annotated[Optional[int], typer.Option(help="Classifier size of a backbone built without ImageNet weights.", rich_help_panel="Backbone")] = None,
     classes: Annotated[Optional[str], typer.Option(help="Class names: a,b,c or a file with one per line (default: ImageNet's names, else 0..N-1).", rich_help_panel="Backbone")] = None,
     exits: Annotated[Optional[str], typer.Option(help="Exit positions as fractions of the backbone's FLOPs, each taken to the nearest block output (default 0.25,0.5,0.75).", rich_help_panel="Exits")] = None,
-    exit_layers: Annotated[Optional[str], typer.Option(help="Graft onto these block-output layers instead (comma-separated names).", rich_help_panel="Exits")] = None,
+    exit_layers: Annotated[Optional[str], typer.Option(help="Graft onto these block-output layers instead (comma-separated names; see --list-graft-points).", rich_help_panel="Exits")] = None,
+    list_graft_points: Annotated[bool, typer.Option("--list-graft-points", help="List every graft point with its share of the compute, mark where --exits would go, and write nothing.", rich_help_panel="Exits")] = False,
     head: Annotated[Optional[str], typer.Option(help="Exit head: light (average-pool to a 4x4 grid -> dense -> dense; cheap to cache and train) or conv (2 convs -> pool -> dense, as drawn in the paper) (default light).", rich_help_panel="Exits")] = None,
     out: Annotated[Optional[str], OUT_OPTION] = None,
     exist_ok: Annotated[bool, EXIST_OK_OPTION] = False,
@@ -107,7 +108,7 @@ def attach(
 ) -> None:
     """Graft early exits onto a pretrained CNN and write a multi-exit bundle."""
     with user_errors():
-        from ee_cli.attach import attach as run_attach
+        from ee_cli.attach import attach as run_attach, survey
         from ee_cli.config import AttachConfig, resolve
 
         flags = dict(
@@ -116,15 +117,19 @@ def attach(
             exist_ok=exist_ok or None, seed=seed,
         )
         settings = resolve(AttachConfig, "attach", config, flags)
-        with _status(f"Building {settings.backbone} and grafting exits", quiet=as_json):
-            result = run_attach(settings)
+        with _status(f"Building {settings.backbone}" + ("" if list_graft_points else " and grafting exits"), quiet=as_json):
+            result = survey(settings) if list_graft_points else run_attach(settings)
     if as_json:
-        typer.echo(json.dumps({"bundle": str(result.bundle_path), **result.meta}, indent=2))
+        typer.echo(json.dumps(result.as_json(), indent=2))
         return
-    from ee_cli.render import attach_table
+    from ee_cli.render import attach_table, graft_points_table
 
     console = _console()
-    console.print(attach_table(result.meta))
+    console.print(graft_points_table(result.as_json()) if list_graft_points else attach_table(result.meta))
+    for note in result.placement.notes:
+        console.print(f"Note: {note}")
+    if list_graft_points:
+        return
     console.print(f"Bundle written to [bold]{result.bundle_path}[/] ({result.meta['backbone']['name']}, {len(result.meta['exits'])} exits, untrained)")
     console.print("Next: [bold cyan]ee personalise --data ./user_photos[/]")
 

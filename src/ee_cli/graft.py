@@ -1,14 +1,20 @@
 """Where exits can go on a backbone, what each costs, and grafting them into one flat model.
 
 Candidate graft points are block outputs: layers every input-to-output path passes through (so a
-staged cascade can cut the network there and hand on a single tensor) that end a residual block
-or a pooling step, plus the last feature map. Following Shallow-Deep Networks, exits sit at chosen
-fractions of the backbone's compute.
+staged cascade can cut the network there and hand on a single tensor), before the global pooling,
+that end a block: a residual add, a concatenation, a pooling step, or an activation (a plain
+stack's conv-BN-activation unit, or the activation after a resolution change) that is not the wide
+inside of an inverted-residual block, plus the last feature map. Where no single layer separates
+the blocks (NASNet's cells read the two previous cells), a cell output that the rest of the network
+reads only together with one other layer is a candidate too; it is packed into one tensor when
+grafted (handoff.py). Following Shallow-Deep Networks, exits sit at chosen fractions of the
+backbone's compute.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import groupby
 from typing import Any
 
 from ee_cli import compat, flops, heads
@@ -17,8 +23,11 @@ from ee_cli.errors import UserError
 
 FINAL_OUTPUT = "final"
 _POOLS = {"MaxPooling2D", "AveragePooling2D"}
-_MERGES = {"Add"}
-_ACTIVATIONS = {"Activation", "ReLU"}
+_MERGES = {"Add", "Concatenate", "Average", "Maximum"}
+# Nonlinear layers without an `activation` attribute; Multiply gates (hard-swish, squeeze-excite).
+_NONLINEAR = {"ReLU", "LeakyReLU", "PReLU", "ELU", "ThresholdedReLU", "Multiply"}
+# Where the spatial feature maps end and the classifier begins (also when they keep 1x1 dims).
+_GLOBAL_POOLS = {"GlobalAveragePooling2D", "GlobalMaxPooling2D"}
 
 
 @dataclass(frozen=True)
@@ -35,6 +44,16 @@ class GraftPoint:
     relative_depth: float  # share of the backbone's MACs spent before this point
     macs: int  # cumulative backbone MACs up to and including this layer
     shape: tuple[int, ...]
+    kind: str = ""  # the layer's class, e.g. Add, ReLU, MaxPooling2D
+    # A layer whose output the rest of the network also reads (NASNet's previous cell): the cut
+    # hands on both, packed into one tensor when grafted (see handoff.py).
+    carries: str | None = None
+
+
+@dataclass(frozen=True)
+class Placement:
+    points: list[GraftPoint]  # shallowest first
+    notes: list[str]  # where an exit could not go to the point nearest its fraction, why
 
 
 def layer_graph(model) -> LayerGraph:
@@ -49,6 +68,12 @@ def layer_graph(model) -> LayerGraph:
     kinds = {layer.name: type(layer).__name__ for layer in model.layers}
     order = _topological(names, producers, consumers)
     return LayerGraph(order, producers, {k: tuple(v) for k, v in consumers.items()}, kinds)
+
+
+def model_nodes(model) -> dict:
+    """Each layer's call inside `model`. A layer also called elsewhere (in a sub-model, or before a
+    handoff was packed) has more calls, and `layer.output` is its first one's."""
+    return {node.layer.name: node for nodes in model._nodes_by_depth.values() for node in nodes}
 
 
 def _inbound_names(structure: Any, known: set[str]) -> list[str]:
@@ -97,88 +122,205 @@ def articulation_layers(graph: LayerGraph) -> set[str]:
     return cuts
 
 
-def cumulative_macs(model, graph: LayerGraph, layer_name: str) -> int:
-    seen, stack = set(), [layer_name]
+def ancestors(graph: LayerGraph, names: list[str]) -> set[str]:
+    """The layers `names` and every layer they depend on."""
+    seen, stack = set(), list(names)
     while stack:
         name = stack.pop()
         if name not in seen:
             seen.add(name)
             stack.extend(graph.producers[name])
-    return sum(flops.layer_macs(model.get_layer(name)) for name in seen)
+    return seen
 
 
-def _is_feature_map(model, name: str) -> bool:
-    """A 4-D activation of the backbone proper (not its input or our preprocessing)."""
-    layer = model.get_layer(name)
-    is_backbone = type(layer).__name__ != "InputLayer" and layer.name != PREPROCESS_LAYER
-    return is_backbone and len(layer.output_shape) == 4
+def cumulative_macs(model, graph: LayerGraph, layer_name: str) -> int:
+    return sum(flops.layer_macs(model.get_layer(name)) for name in ancestors(graph, [layer_name]))
+
+
+def feature_maps(model, graph: LayerGraph) -> list[str]:
+    """Articulation layers with a 4-D output, from the backbone's first convolution to its global pooling."""
+    cuts = articulation_layers(graph)
+    maps = []
+    for name in graph.order:
+        layer = model.get_layer(name)
+        input_side = not maps and (name == PREPROCESS_LAYER or not flops.layer_macs(layer))  # rescaling, padding
+        if name not in cuts or input_side:
+            continue
+        if graph.kinds[name] in _GLOBAL_POOLS or len(layer.output_shape) != 4:
+            break
+        maps.append(name)
+    return maps
 
 
 def graft_points(model) -> list[GraftPoint]:
     """Candidate graft points of a backbone, shallowest first."""
     graph = layer_graph(model)
-    cuts = [name for name in graph.order if name in articulation_layers(graph) and _is_feature_map(model, name)]
-    if not cuts:
+    maps = feature_maps(model, graph)
+    if not maps:
         raise UserError(f"model {model.name} has no feature map to graft an exit onto")
-    candidates = {name for name in cuts if _ends_a_block(name, graph)} | {cuts[-1]}
-    # Prefer the later tensor when reaching it costs nothing (add -> relu, relu -> pool).
-    redundant = {
-        name
-        for name in candidates
-        if len(graph.consumers[name]) == 1
-        and graph.consumers[name][0] in candidates
-        and not model.get_layer(graph.consumers[name][0]).weights
-    }
+    candidates = _block_outputs(model, graph, maps)
+    candidates -= _free_to_skip(model, graph, candidates)
+    pairs = pair_cuts(model, graph, maps)
     total = cumulative_macs(model, graph, graph.order[-1])
-    points = []
-    for name in cuts:
-        if name in candidates and name not in redundant:
-            macs = cumulative_macs(model, graph, name)
-            shape = tuple(int(d) for d in model.get_layer(name).output_shape[1:])
-            points.append(GraftPoint(name, macs / total, macs, shape))
-    return points
+    points = [_point(model, graph, name, total, pairs.get(name)) for name in graph.order if name in candidates or name in pairs]
+    return sorted(points, key=lambda point: point.macs)
 
 
-def _ends_a_block(name: str, graph: LayerGraph) -> bool:
-    kind = graph.kinds[name]
-    if kind in _MERGES or kind in _POOLS:
+def _point(model, graph: LayerGraph, name: str, total: int, carries: str | None = None) -> GraftPoint:
+    macs = cumulative_macs(model, graph, name)
+    shape = tuple(int(d) for d in model.get_layer(name).output_shape[1:])
+    if carries is not None:
+        shape = (*shape[:-1], shape[-1] + int(model.get_layer(carries).output_shape[-1]))
+    return GraftPoint(name, macs / total, macs, shape, graph.kinds[name], carries)
+
+
+def pair_cuts(model, graph: LayerGraph, maps: list[str]) -> dict[str, str]:
+    """Merges that are no articulation layer but where the network can still be cut, handing on
+    one more tensor of the same spatial size: {merge: the other layer}.
+
+    NASNet's cells each read the two previous cells' outputs, so no single layer separates them.
+    """
+    if not maps:
+        return {}
+    position = {name: index for index, name in enumerate(graph.order)}
+    first, last = position[maps[0]], position[maps[-1]]
+    articulated = set(maps)
+    found = {}
+    for name in graph.order[first:last]:
+        if graph.kinds[name] not in _MERGES or name in articulated:
+            continue
+        upstream = ancestors(graph, [name])
+        leaving = {layer for layer in upstream if any(consumer not in upstream for consumer in graph.consumers[layer])}
+        others = leaving - {name}
+        if len(leaving) == 2 and len(others) == 1:
+            other = others.pop()
+            if model.get_layer(other).output_shape[1:3] == model.get_layer(name).output_shape[1:3]:
+                found[name] = other
+    return found
+
+
+def _block_outputs(model, graph: LayerGraph, maps: list[str]) -> set[str]:
+    expanded = _inside_expansions(model, maps)
+    found = {maps[-1]}
+    for name in maps:
+        kind = graph.kinds[name]
+        if kind in _MERGES or kind in _POOLS or any(graph.kinds[consumer] in _MERGES for consumer in graph.consumers[name]):
+            found.add(name)
+        elif _is_nonlinear(model.get_layer(name)) and name not in expanded:
+            found.add(name)
+    return found
+
+
+def _is_nonlinear(layer) -> bool:
+    if type(layer).__name__ in _NONLINEAR:
         return True
-    if any(graph.kinds[consumer] in _MERGES for consumer in graph.consumers[name]):
-        return True
-    return kind in _ACTIVATIONS and any(graph.kinds[source] in _MERGES for source in graph.producers[name])
+    activation = getattr(layer, "activation", None)
+    return activation is not None and getattr(activation, "__name__", "") != "linear"
 
 
-def choose_by_fraction(points: list[GraftPoint], fractions: tuple[float, ...]) -> list[GraftPoint]:
-    chosen: dict[str, float] = {}
+def _inside_expansions(model, maps: list[str]) -> set[str]:
+    """Feature maps wider than the maps on both sides: the inside of an inverted-residual block.
+
+    MobileNetV2/V3 and EfficientNet blocks widen, then project back; their wide activations are
+    articulation layers, but an exit there sees what the narrow block output shows, at several
+    times the size to cache and to hand from one cascade stage to the next.
+    """
+    widths = [(name, int(model.get_layer(name).output_shape[-1])) for name in maps]
+    runs = [(width, [name for name, _ in group]) for width, group in groupby(widths, key=lambda item: item[1])]
+    return {
+        name
+        for (before, _), (width, names), (after, _) in zip(runs, runs[1:], runs[2:])
+        if before < width > after
+        for name in names
+    }
+
+
+def _free_to_skip(model, graph: LayerGraph, candidates: set[str]) -> set[str]:
+    """Candidates from which a later one is reached through weightless layers only (add -> relu,
+    relu -> pad -> pool): the later tensor costs nothing more and is no bigger."""
+    skipped = set()
+    for name in candidates:
+        current = name
+        while len(graph.consumers[current]) == 1:
+            current = graph.consumers[current][0]
+            if model.get_layer(current).weights:
+                break
+            if current in candidates:
+                skipped.add(name)
+                break
+    return skipped
+
+
+def choose_by_fraction(points: list[GraftPoint], fractions: tuple[float, ...], fewer_ok: bool = False) -> Placement:
+    """Distinct points as close as possible to the fractions (least squares, order kept).
+
+    With fewer points than fractions, every point is taken if `fewer_ok` (default fractions),
+    else the request is refused.
+    """
     for fraction in fractions:
         if not 0 < fraction <= 1:
             raise UserError(f"exit position {fraction} must be a fraction of the backbone's compute in (0, 1]")
+    asked = sorted(fractions)
+    depths = [point.relative_depth for point in points]
+    if len(asked) <= len(points):
+        pairs = list(zip(asked, _monotone_match(asked, depths)))
+        notes = []
+    elif fewer_ok:
+        pairs = [(asked[index], column) for column, index in enumerate(_monotone_match(depths, asked))]
+        notes = [f"this backbone has only {len(points)} graft point(s), so {len(points)} exit(s) instead of {len(asked)}"]
+    else:
+        raise UserError(
+            f"--exits asks for {len(asked)} exits but this backbone has {len(points)} graft point(s) "
+            "(see ee attach --list-graft-points): ask for fewer"
+        )
+    return Placement([points[column] for _, column in pairs], notes + _moved_notes(points, pairs))
+
+
+def _monotone_match(rows: list[float], columns: list[float]) -> list[int]:
+    """Increasing column indices, one per sorted row (len(rows) <= len(columns)), minimising the
+    total squared distance: dynamic programming over (rows matched, columns seen)."""
+    inf = float("inf")
+    best = [[0.0] * (len(columns) + 1)] + [[inf] * (len(columns) + 1) for _ in rows]
+    for i, row in enumerate(rows, 1):
+        for j in range(i, len(columns) + 1):
+            best[i][j] = min(best[i][j - 1], best[i - 1][j - 1] + (row - columns[j - 1]) ** 2)
+    picks, j = [], len(columns)
+    for i in range(len(rows), 0, -1):
+        while best[i][j] == best[i][j - 1]:
+            j -= 1
+        picks.append(j - 1)
+        j -= 1
+    return picks[::-1]
+
+
+def _moved_notes(points: list[GraftPoint], pairs: list[tuple[float, int]]) -> list[str]:
+    notes = []
+    for fraction, column in pairs:
         nearest = min(points, key=lambda point: abs(point.relative_depth - fraction))
-        if nearest.layer in chosen:
-            raise UserError(
-                f"--exits {chosen[nearest.layer]} and {fraction} both land on block output {nearest.layer}: "
-                f"spread them further apart (this backbone has {len(points)} graft points)"
+        chosen = points[column]
+        if chosen is not nearest and abs(chosen.relative_depth - fraction) > abs(nearest.relative_depth - fraction):
+            notes.append(
+                f"exit at {fraction:g}: the nearest graft point {nearest.layer} ({nearest.relative_depth:.2f}) "
+                f"serves another exit, so this one goes to {chosen.layer} ({chosen.relative_depth:.2f})"
             )
-        chosen[nearest.layer] = fraction
-    return sorted((point for point in points if point.layer in chosen), key=lambda point: point.relative_depth)
+    return notes
 
 
 def choose_by_name(model, points: list[GraftPoint], names: tuple[str, ...]) -> list[GraftPoint]:
     by_name = {point.layer: point for point in points}
     graph = layer_graph(model)
-    cuts = articulation_layers(graph)
+    maps = set(feature_maps(model, graph))
+    total = cumulative_macs(model, graph, graph.order[-1])
     chosen = []
     for name in dict.fromkeys(names):
         if name in by_name:
             chosen.append(by_name[name])
         elif name not in graph.kinds:
             raise UserError(f"--exit-layers: no layer named {name!r} in the backbone")
-        elif name not in cuts or not _is_feature_map(model, name):
+        elif name not in maps:
             raise UserError(f"--exit-layers: {name} is inside a block; graft onto a block output such as {', '.join(list(by_name)[:4])}")
         else:
-            macs = cumulative_macs(model, graph, name)
-            shape = tuple(int(d) for d in model.get_layer(name).output_shape[1:])
-            chosen.append(GraftPoint(name, macs / cumulative_macs(model, graph, graph.order[-1]), macs, shape))
+            chosen.append(_point(model, graph, name, total))
     return sorted(chosen, key=lambda point: point.relative_depth)
 
 
@@ -204,10 +346,8 @@ def graft_exits(backbone_model, points: list[GraftPoint], head_kind: str, num_cl
     for layer in backbone_model.layers:
         layer.trainable = False
     names = exit_names(len(points))
-    outputs = [
-        heads.build_head(head_kind, backbone_model.get_layer(point.layer).output, num_classes, name)
-        for name, point in zip(names, points)
-    ]
+    nodes = model_nodes(backbone_model)
+    outputs = [heads.build_head(head_kind, nodes[point.layer].outputs, num_classes, name) for name, point in zip(names, points)]
     final = keras.layers.Activation("linear", name=FINAL_OUTPUT)(backbone_model.output)
     model = keras.Model(backbone_model.inputs, [*outputs, final], name=f"{backbone_model.name}_ee")
     grafted = []

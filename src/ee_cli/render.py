@@ -27,6 +27,26 @@ def attach_table(meta: dict[str, Any]):
     return table
 
 
+def graft_points_table(survey: dict[str, Any]):
+    """`ee attach --list-graft-points`: every candidate with its cumulative compute and chosen exit."""
+    from rich.table import Table
+
+    shape = "×".join(str(d) for d in survey["input_shape"])
+    table = Table(title=f"Graft points of {survey['backbone']} @ {shape} (depth: share of the backbone's MACs)")
+    for column in ("layer", "kind", "feature map", "depth %", "cum. MFLOPs", "exit"):
+        table.add_column(column, justify="right" if column in ("depth %", "cum. MFLOPs") else "left", no_wrap=column == "layer")
+    for row in survey["graft_points"]:
+        table.add_row(
+            row["layer"] + (f" (+ {row['carries']})" if row["carries"] else ""),
+            row["kind"],
+            "×".join(str(d) for d in row["feature_shape"]),
+            f"{100 * row['relative_depth']:.1f}",
+            f"{row['cumulative_mflops']:,.1f}",
+            row["exit"] or "",
+        )
+    return table
+
+
 def personalise_report(meta: dict[str, Any], metrics: dict[str, Any]):
     from rich.console import Group
     from rich.table import Table

@@ -8,17 +8,7 @@ The sub-models reuse the bundle's layer objects (weights shared, nothing copied)
 from __future__ import annotations
 
 from ee_cli import compat
-from ee_cli.graft import LayerGraph, layer_graph
-
-
-def _ancestors(graph: LayerGraph, names: list[str]) -> set[str]:
-    seen, stack = set(), list(names)
-    while stack:
-        name = stack.pop()
-        if name not in seen:
-            seen.add(name)
-            stack.extend(graph.producers[name])
-    return seen
+from ee_cli.graft import LayerGraph, ancestors, layer_graph, model_nodes
 
 
 def _resolve(graph: LayerGraph, name: str) -> str:
@@ -35,21 +25,20 @@ def segment(model, start: str | None, ends: list[str], name: str, softmax: tuple
     graph = layer_graph(model)
     start = _resolve(graph, start) if start is not None else None
     resolved = {end: _resolve(graph, end) for end in ends}
-    needed = _ancestors(graph, list(resolved.values()))
+    needed = ancestors(graph, list(resolved.values()))
     if start is None:
         start_layer = model.layers[0]
         inputs = keras.Input(tuple(model.input_shape[1:]), name="pixels")
         skip = {start_layer.name}
     else:
         inputs = keras.Input(tuple(model.get_layer(start).output.shape[1:]), name="features")
-        skip = _ancestors(graph, [start])
+        skip = ancestors(graph, [start])
     tensors = {start or model.layers[0].name: inputs}
+    nodes = model_nodes(model)
     for layer_name in graph.order:
         if layer_name not in needed or layer_name in skip:
             continue
-        sources = [tensors[source] for source in graph.producers[layer_name]]
-        layer = model.get_layer(layer_name)
-        tensors[layer_name] = layer(sources if len(sources) > 1 else sources[0])
+        tensors[layer_name] = replay(nodes[layer_name], tensors)
     outputs = {}
     for end in ends:
         tensor = tensors[resolved[end]]
@@ -57,6 +46,24 @@ def segment(model, start: str | None, ends: list[str], name: str, softmax: tuple
             tensor = keras.layers.Softmax(name=f"{end}_probabilities")(tensor)
         outputs[end] = tensor
     return keras.Model(inputs, outputs, name=name)
+
+
+def replay(node, tensors: dict):
+    """Call the node's layer again as it was called, with `tensors` (by producing layer name) in
+    place of its input tensors: TFOpLambda layers (MobileNetV3's `x + 3`, slices) keep their
+    constants in the call's arguments, not in the layer's config."""
+    tf = compat.tf()
+
+    def swap(value):
+        history = getattr(value, "_keras_history", None)
+        if history is None:
+            return value
+        produced = tensors[history.layer.name]
+        return produced[history.tensor_index] if isinstance(produced, (list, tuple)) else produced
+
+    args = tf.nest.map_structure(swap, node.call_args)
+    kwargs = tf.nest.map_structure(swap, node.call_kwargs)
+    return node.layer(*args, **kwargs)
 
 
 def cascade_stages(model, graft_layers: list[str], exit_names: list[str]):
