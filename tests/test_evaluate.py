@@ -39,6 +39,8 @@ def test_evaluate_profiles_exits_and_writes_a_calibrated_bundle(workspace, perso
     run = sorted((workspace / "runs").glob("evaluate-*"))[-1]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["photos"] == {"count": 60, "skipped": 0, "calibrate": 30, "report": 30}
+    split = json.loads((run / "split.json").read_text())  # which photos chose thresholds, which reported
+    assert len(split["report"]) == 30 and len(split["calibrate"]) == 30 and not set(split["report"]) & set(split["calibrate"])
     assert set(metrics["operating_points"]) == {"keep", "match-generic", "match-restricted"}
     assert {"generic", "restricted"} == set(metrics["baselines"])
     rows = list(csv.DictReader((run / "exits.csv").open()))

@@ -39,72 +39,106 @@ class EvaluateResult:
     source_implicit: bool
 
 
+@dataclass(frozen=True)
+class Profile:
+    """One pass of the model over the photos: what every later step reads."""
+
+    meta: dict[str, Any]
+    outputs: list[str]  # the exits, then "final"
+    confidences: np.ndarray  # (exits, photos)
+    correct: np.ndarray  # (exits + 1, photos): right, or agreeing with the final exit when unlabelled
+    references: dict[str, np.ndarray]  # per reference model, per photo: right?
+    baselines: dict[str, dict]
+    calibrate: np.ndarray  # photo indices that choose thresholds
+    report: np.ndarray  # disjoint photo indices that report
+    costs: policy.StageCosts
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.baselines)
+
+    def all_exits(self) -> np.ndarray:
+        return self.costs.leaving(np.ones(len(self.outputs) - 1, bool))
+
+
 def evaluate(config: EvaluateConfig, progress=None) -> EvaluateResult:
     progress = progress or (lambda stage, fraction, info: None)
     _check(config)
     source, implicit = bundle.input_bundle(config.bundle)
-    meta = source.meta
     out = Path(config.out) if config.out else bundle.default_output(f"{source.path.name.removesuffix('-calibrated')}-calibrated")
     bundle.check_output(out, config.exist_ok)
-    found = _read_photos(Path(config.data), meta)
-    _refuse_training_photos(Path(config.data), meta)
-    size = int(meta["input"]["shape"][0])
+    found = _read_photos(Path(config.data), source.meta)
+    _refuse_training_photos(Path(config.data), source.meta)
     model = source.load_model()
-    exit_names = [e["name"] for e in meta["exits"]]
-    outputs = [*exit_names, "final"]
-    output_classes = np.array(meta.get("output_classes") or meta["classes"])
     progress("Running the model once over the photos", 0.0, "")
-    probabilities = _probabilities(model, outputs, found.paths, size)
-    predictions = np.stack([output_classes[p.argmax(axis=1)] for p in probabilities])
-    labelled = found.labels is not None
-    truth = found.labels if labelled else predictions[-1]
-    correct = (predictions == truth[None, :]).astype(np.int8)
-    confidences = np.stack([policy.confidence(p, config.criterion) for p in probabilities[:-1]]).reshape(len(exit_names), -1)
-    costs = _stage_costs(meta)
-    calibrate, report = policy.split(len(found.paths), config.calibrate_split, config.seed)
-    references = {"final": correct[-1]}
-    baselines = {}
-    if labelled:
-        baselines = _baselines(config, source, meta, found, size)
-        references |= {name: values["correct"] for name, values in baselines.items()}
+    profile = _profile(config, source, model, found)
     progress("Running the model once over the photos", 1.0, "")
-    points, evidence = _operating_points(config, confidences, correct, references, calibrate, report, costs, labelled, model, meta, size, output_classes)
+    points, evidence = _operating_points(config, profile, model)
     if config.use not in points:
         raise UserError(f"--use {config.use}: that operating point needs {'labelled photos' if config.use.startswith('match') else '--calibrate-on'}")
     progress("Measuring latency", 0.0, "")
-    latency = _latency(model, exit_names, size, config.latency_runs)
-    lite_latency = _litert_latency(Path(config.tflite), outputs, size, config.threads, config.latency_runs) if config.tflite else {}
+    latency = _latency(model, profile.outputs[:-1], _size(source.meta), config.latency_runs)
+    lite_latency = _litert_latency(Path(config.tflite), profile.outputs, _size(source.meta), config.threads, config.latency_runs) if config.tflite else {}
     progress("Measuring latency", 1.0, "")
-    per_exit = _per_exit(meta, outputs, correct, report, costs, latency, points[config.use]["thresholds"], confidences)
-    for row in per_exit:
-        row |= lite_latency.get(row["exit"], {})
-    oracle = policy.oracle(correct[:, report], costs.leaving(np.ones(len(exit_names), bool)))
+    per_exit = [row | lite_latency.get(row["exit"], {}) for row in _per_exit(profile, latency, points[config.use]["thresholds"])]
     run_dir = runs.new_run_dir("evaluate")
-    metrics = {
-        "bundle": str(source.path),
-        "photos": {"count": len(found.paths), "skipped": found.skipped, "calibrate": len(calibrate), "report": len(report)},
-        "measure": "accuracy" if labelled else "agreement with the final exit",
+    metrics = {"bundle": str(source.path)} | _metrics(found, profile, points, per_exit, latency, config.use)
+    _write_run(run_dir, config, metrics, profile, latency, found)
+    new_meta = _calibrated_meta(source.meta, source.path, config, points[config.use], evidence[config.use])
+    bundle.write_bundle(out, None, new_meta, config.exist_ok, model_file=source.path / source.meta["model_file"], evidence=evidence[config.use])
+    return EvaluateResult(out, run_dir, metrics, Path(metrics["plot"]), source.path, implicit)
+
+
+def _size(meta) -> int:
+    return int(meta["input"]["shape"][0])
+
+
+def _profile(config: EvaluateConfig, source, model, found: Photos) -> Profile:
+    meta = source.meta
+    outputs = [e["name"] for e in meta["exits"]] + ["final"]
+    output_classes = np.array(meta.get("output_classes") or meta["classes"])
+    probabilities = _probabilities(model, outputs, found.paths, _size(meta))
+    predictions = np.stack([output_classes[p.argmax(axis=1)] for p in probabilities])
+    truth = found.labels if found.labels is not None else predictions[-1]
+    correct = (predictions == truth[None, :]).astype(np.int8)
+    confidences = np.stack([policy.confidence(p, config.criterion) for p in probabilities[:-1]]).reshape(len(outputs) - 1, -1)
+    baselines = _baselines(config, source, meta, found, _size(meta)) if found.labels is not None else {}
+    references = {"final": correct[-1]} | {name: values["correct"] for name, values in baselines.items()}
+    calibrate, report = policy.split(len(found.paths), config.calibrate_split, config.seed)
+    return Profile(meta, outputs, confidences, correct, references, baselines, calibrate, report, _stage_costs(meta))
+
+
+def _metrics(found: Photos, profile: Profile, points, per_exit, latency, used: str) -> dict[str, Any]:
+    report, correct, meta = profile.report, profile.correct, profile.meta
+    oracle = policy.oracle(correct[:, report], profile.all_exits())
+    baselines = {name: {k: v for k, v in values.items() if k != "correct"} | {"accuracy": float(values["correct"][report].mean())}
+                 for name, values in profile.baselines.items()}
+    return {
+        "photos": {"count": len(found.paths), "skipped": found.skipped, "calibrate": len(profile.calibrate), "report": len(report)},
+        "measure": "accuracy" if found.labels is not None else "agreement with the final exit",
         "final_accuracy": float(correct[-1, report].mean()),
-        "baselines": {name: {k: v for k, v in values.items() if k != "correct"} | {"accuracy": float(values["correct"][report].mean())} for name, values in baselines.items()},
+        "baselines": baselines,
         "exits": per_exit,
         "operating_points": points,
-        "used": config.use,
+        "used": used,
         "oracle": {"accuracy": oracle.accuracy, "mean_mflops": oracle.mean_cost * 2 / 1e6, "cut": _cut(meta, oracle.mean_cost), "shares": oracle.shares.tolist()},
         "plain_mflops": meta["final"]["cumulative_mflops"],
         "latency_ms": latency,
     }
-    plot = run_dir / "accuracy_vs_cost.png"
-    metrics["plot"] = str(plot)
+
+
+def _write_run(run_dir: Path, config: EvaluateConfig, metrics: dict, profile: Profile, latency, found: Photos) -> None:
+    """metrics.json, config.json, exits.csv, the plot, and which photos calibrated and which reported."""
     from ee_cli.plots import plot_operating_curve
 
-    sweep = _shared_threshold_sweep(confidences[:, report], correct[:, report], costs.leaving(np.ones(len(exit_names), bool)), latency)
+    plot = run_dir / "accuracy_vs_cost.png"
+    metrics["plot"] = str(plot)
+    sweep = _shared_threshold_sweep(profile.confidences[:, profile.report], profile.correct[:, profile.report], profile.all_exits(), latency)
     plot_operating_curve(plot, sweep, metrics)
     runs.write_json(run_dir / "metrics.json", metrics)
     runs.write_json(run_dir / "config.json", as_dict(config))
-    _write_csv(run_dir / "exits.csv", per_exit)
-    new_meta = _calibrated_meta(meta, source.path, config, points[config.use], evidence[config.use])
-    bundle.write_bundle(out, None, new_meta, config.exist_ok, model_file=source.path / meta["model_file"], evidence=evidence[config.use])
-    return EvaluateResult(out, run_dir, metrics, plot, source.path, implicit)
+    runs.write_json(run_dir / "split.json", {part: [str(found.paths[i]) for i in indices] for part, indices in (("calibrate", profile.calibrate), ("report", profile.report))})
+    _write_csv(run_dir / "exits.csv", metrics["exits"])
 
 
 def _check(config: EvaluateConfig) -> None:
@@ -180,55 +214,54 @@ def _baselines(config, source, meta, found: Photos, size: int) -> dict[str, dict
     }
 
 
-def _operating_points(config, confidences, correct, references, calibrate, report, costs, labelled, model, meta, size, output_classes):
+def _operating_points(config, profile: Profile, model) -> tuple[dict[str, dict], dict[str, policy.Evidence]]:
     """Each operating point chosen on the calibration split and reported on the report split, with
     the evidence it was chosen from."""
-    z = config.margin_z
-    wanted = {"keep": ("final", {"kind": "max_drop", "drop": config.max_drop / 100, "z": z})}
-    if labelled:
+    z, calibrate = config.margin_z, profile.calibrate
+    keep = {"kind": "max_drop", "drop": config.max_drop / 100, "z": z}
+    wanted = {"keep": ("final", keep)}
+    if profile.labelled:
         wanted |= {name: (reference, {"kind": "at_least", "z": z}) for name, reference in (("match-generic", "generic"), ("match-restricted", "restricted"))}
-    points, evidence = {}, {}
-    for name, (reference, constraint) in wanted.items():
-        evidence[name] = policy.Evidence(confidences[:, calibrate], correct[:, calibrate], references[reference][calibrate])
-        points[name] = _point(meta, name, reference, constraint, evidence[name], confidences, correct, references[reference], report, costs)
+    evidence = {name: policy.Evidence(profile.confidences[:, calibrate], profile.correct[:, calibrate], profile.references[reference][calibrate])
+                for name, (reference, _) in wanted.items()}
     if config.calibrate_on:
-        evidence["label-free"] = _label_free_evidence(config, model, meta, size, output_classes)
-        constraint = {"kind": "max_drop", "drop": config.max_drop / 100, "z": z}
-        points["label-free"] = _point(meta, "label-free", "final", constraint, evidence["label-free"], confidences, correct, correct[-1], report, costs)
+        evidence["label-free"] = _label_free_evidence(config, model, profile.meta)
+        wanted["label-free"] = ("final", keep)
+    points = {name: _point(profile, name, reference, constraint, evidence[name]) for name, (reference, constraint) in wanted.items()}
     return points, evidence
 
 
-def _point(meta, name, reference_name, constraint, evidence, confidences, correct, reference, report, costs) -> dict[str, Any]:
+def _point(profile: Profile, name: str, reference_name: str, constraint: dict, evidence: policy.Evidence) -> dict[str, Any]:
     if evidence.photos < policy.MIN_CALIBRATION_PHOTOS:
         raise UserError(f"{evidence.photos} photos to calibrate the {name} thresholds on: at least {policy.MIN_CALIBRATION_PHOTOS} are needed")
-    recorded = bundle.ExitPolicy((), "evaluate", name, evidence.photos, constraint)
-    choice = policy.cheapest_cascade(evidence, recorded.constraint_function(), costs)
-    used = choice.thresholds < policy.NEVER
-    taken = policy.exit_taken(confidences[:, report], choice.thresholds)
-    result = policy.outcome(taken, correct[:, report], costs.leaving(used))
+    chosen = policy.cheapest_cascade(evidence, bundle.ExitPolicy((), "evaluate", name, evidence.photos, constraint).constraint_function(), profile.costs)
+    report, reference = profile.report, profile.references[reference_name]
+    taken = policy.exit_taken(profile.confidences[:, report], chosen.thresholds)
+    result = policy.outcome(taken, profile.correct[:, report], profile.costs.leaving(chosen.thresholds < policy.NEVER))
     differences = reference[report].astype(float) - result.correct
     low, high = policy.bootstrap_interval(differences)
     return {
         "reference": reference_name,
         "constraint": constraint,
-        "thresholds": [float(t) for t in choice.thresholds],
+        "thresholds": [float(t) for t in chosen.thresholds],
         "calibration_photos": evidence.photos,
         "accuracy": result.accuracy,
         "reference_accuracy": float(reference[report].mean()),
         "drop_points": 100 * float(differences.mean()),
         "drop_ci95_points": [100 * low, 100 * high],
         "mean_mflops": result.mean_cost * 2 / 1e6,
-        "cut": _cut(meta, result.mean_cost),
+        "cut": _cut(profile.meta, result.mean_cost),
         "shares": result.shares.tolist(),
-        "predicted_on_calibration": {"cut": choice.speedup, "accuracy": choice.accuracy},
+        "predicted_on_calibration": {"cut": chosen.speedup, "accuracy": chosen.accuracy},
     }
 
 
-def _label_free_evidence(config, model, meta, size, output_classes) -> policy.Evidence:
+def _label_free_evidence(config, model, meta) -> policy.Evidence:
     """Held-out unlabelled photos: agreement of each exit with the final exit, as a phone would."""
     held = photos.scan_unlabelled(Path(config.calibrate_on))
     outputs = [e["name"] for e in meta["exits"]] + ["final"]
-    probabilities = _probabilities(model, outputs, held.paths, size)
+    output_classes = np.array(meta.get("output_classes") or meta["classes"])
+    probabilities = _probabilities(model, outputs, held.paths, _size(meta))
     predictions = np.stack([output_classes[p.argmax(axis=1)] for p in probabilities])
     agree = (predictions == predictions[-1][None, :]).astype(np.int8)
     held_conf = np.stack([policy.confidence(p, config.criterion) for p in probabilities[:-1]]).reshape(len(outputs) - 1, -1)
@@ -266,16 +299,17 @@ def _litert_latency(folder: Path, outputs: list[str], size: int, threads: int, r
     return measured
 
 
-def _per_exit(meta, outputs, correct, report, costs, latency, thresholds, confidences) -> list[dict]:
-    taken = policy.exit_taken(confidences[:, report], thresholds)
+def _per_exit(profile: Profile, latency, thresholds) -> list[dict]:
+    report, outputs = profile.report, profile.outputs
+    taken = policy.exit_taken(profile.confidences[:, report], thresholds)
     shares = np.bincount(taken, minlength=len(outputs)) / len(report)
-    depth = [e["relative_depth"] for e in meta["exits"]] + [1.0]
-    costs = costs.leaving(np.asarray(thresholds) < policy.NEVER)
+    depth = [e["relative_depth"] for e in profile.meta["exits"]] + [1.0]
+    costs = profile.costs.leaving(np.asarray(thresholds) < policy.NEVER)
     return [
         {
             "exit": name,
             "relative_depth": depth[i],
-            "accuracy": float(correct[i, report].mean()),
+            "accuracy": float(profile.correct[i, report].mean()),
             "cumulative_mflops": float(costs[i] * 2 / 1e6),
             "latency_p50_ms": latency[name]["p50"],
             "latency_p90_ms": latency[name]["p90"],
