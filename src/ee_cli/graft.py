@@ -13,7 +13,7 @@ backbone's compute.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import groupby
 from typing import Any
 
@@ -36,6 +36,7 @@ class LayerGraph:
     producers: dict[str, tuple[str, ...]]
     consumers: dict[str, tuple[str, ...]]
     kinds: dict[str, str]
+    layers: dict[str, Any] = field(default_factory=dict)  # by name: model.get_layer scans every layer
 
 
 @dataclass(frozen=True)
@@ -65,9 +66,10 @@ def layer_graph(model) -> LayerGraph:
     for name, sources in producers.items():
         for source in sources:
             consumers[source].append(name)
-    kinds = {layer.name: type(layer).__name__ for layer in model.layers}
+    layers = {layer.name: layer for layer in model.layers}
+    kinds = {name: type(layer).__name__ for name, layer in layers.items()}
     order = _topological(names, producers, consumers)
-    return LayerGraph(order, producers, {k: tuple(v) for k, v in consumers.items()}, kinds)
+    return LayerGraph(order, producers, {k: tuple(v) for k, v in consumers.items()}, kinds, layers)
 
 
 def model_nodes(model) -> dict:
@@ -133,16 +135,16 @@ def ancestors(graph: LayerGraph, names: list[str]) -> set[str]:
     return seen
 
 
-def cumulative_macs(model, graph: LayerGraph, layer_name: str) -> int:
-    return sum(flops.layer_macs(model.get_layer(name)) for name in ancestors(graph, [layer_name]))
+def cumulative_macs(graph: LayerGraph, layer_name: str) -> int:
+    return sum(flops.layer_macs(graph.layers[name]) for name in ancestors(graph, [layer_name]))
 
 
-def feature_maps(model, graph: LayerGraph) -> list[str]:
+def feature_maps(graph: LayerGraph) -> list[str]:
     """Articulation layers with a 4-D output, from the backbone's first convolution to its global pooling."""
     cuts = articulation_layers(graph)
     maps = []
     for name in graph.order:
-        layer = model.get_layer(name)
+        layer = graph.layers[name]
         input_side = not maps and (name == PREPROCESS_LAYER or not flops.layer_macs(layer))  # rescaling, padding
         if name not in cuts or input_side:
             continue
@@ -155,26 +157,26 @@ def feature_maps(model, graph: LayerGraph) -> list[str]:
 def graft_points(model) -> list[GraftPoint]:
     """Candidate graft points of a backbone, shallowest first."""
     graph = layer_graph(model)
-    maps = feature_maps(model, graph)
+    maps = feature_maps(graph)
     if not maps:
         raise UserError(f"model {model.name} has no feature map to graft an exit onto")
-    candidates = _block_outputs(model, graph, maps)
-    candidates -= _free_to_skip(model, graph, candidates)
-    pairs = pair_cuts(model, graph, maps)
-    total = cumulative_macs(model, graph, graph.order[-1])
-    points = [_point(model, graph, name, total, pairs.get(name)) for name in graph.order if name in candidates or name in pairs]
+    candidates = _block_outputs(graph, maps)
+    candidates -= _free_to_skip(graph, candidates)
+    pairs = pair_cuts(graph, maps)
+    total = cumulative_macs(graph, graph.order[-1])
+    points = [_point(graph, name, total, pairs.get(name)) for name in graph.order if name in candidates or name in pairs]
     return sorted(points, key=lambda point: point.macs)
 
 
-def _point(model, graph: LayerGraph, name: str, total: int, carries: str | None = None) -> GraftPoint:
-    macs = cumulative_macs(model, graph, name)
-    shape = tuple(int(d) for d in model.get_layer(name).output_shape[1:])
+def _point(graph: LayerGraph, name: str, total: int, carries: str | None = None) -> GraftPoint:
+    macs = cumulative_macs(graph, name)
+    shape = tuple(int(d) for d in graph.layers[name].output_shape[1:])
     if carries is not None:
-        shape = (*shape[:-1], shape[-1] + int(model.get_layer(carries).output_shape[-1]))
+        shape = (*shape[:-1], shape[-1] + int(graph.layers[carries].output_shape[-1]))
     return GraftPoint(name, macs / total, macs, shape, graph.kinds[name], carries)
 
 
-def pair_cuts(model, graph: LayerGraph, maps: list[str]) -> dict[str, str]:
+def pair_cuts(graph: LayerGraph, maps: list[str]) -> dict[str, str]:
     """Merges that are no articulation layer but where the network can still be cut, handing on
     one more tensor of the same spatial size: {merge: the other layer}.
 
@@ -194,19 +196,19 @@ def pair_cuts(model, graph: LayerGraph, maps: list[str]) -> dict[str, str]:
         others = leaving - {name}
         if len(leaving) == 2 and len(others) == 1:
             other = others.pop()
-            if model.get_layer(other).output_shape[1:3] == model.get_layer(name).output_shape[1:3]:
+            if graph.layers[other].output_shape[1:3] == graph.layers[name].output_shape[1:3]:
                 found[name] = other
     return found
 
 
-def _block_outputs(model, graph: LayerGraph, maps: list[str]) -> set[str]:
-    expanded = _inside_expansions(model, maps)
+def _block_outputs(graph: LayerGraph, maps: list[str]) -> set[str]:
+    expanded = _inside_expansions(graph, maps)
     found = {maps[-1]}
     for name in maps:
         kind = graph.kinds[name]
         if kind in _MERGES or kind in _POOLS or any(graph.kinds[consumer] in _MERGES for consumer in graph.consumers[name]):
             found.add(name)
-        elif _is_nonlinear(model.get_layer(name)) and name not in expanded:
+        elif _is_nonlinear(graph.layers[name]) and name not in expanded:
             found.add(name)
     return found
 
@@ -218,14 +220,14 @@ def _is_nonlinear(layer) -> bool:
     return activation is not None and getattr(activation, "__name__", "") != "linear"
 
 
-def _inside_expansions(model, maps: list[str]) -> set[str]:
+def _inside_expansions(graph: LayerGraph, maps: list[str]) -> set[str]:
     """Feature maps wider than the maps on both sides: the inside of an inverted-residual block.
 
     MobileNetV2/V3 and EfficientNet blocks widen, then project back; their wide activations are
     articulation layers, but an exit there sees what the narrow block output shows, at several
     times the size to cache and to hand from one cascade stage to the next.
     """
-    widths = [(name, int(model.get_layer(name).output_shape[-1])) for name in maps]
+    widths = [(name, int(graph.layers[name].output_shape[-1])) for name in maps]
     runs = [(width, [name for name, _ in group]) for width, group in groupby(widths, key=lambda item: item[1])]
     return {
         name
@@ -235,7 +237,7 @@ def _inside_expansions(model, maps: list[str]) -> set[str]:
     }
 
 
-def _free_to_skip(model, graph: LayerGraph, candidates: set[str]) -> set[str]:
+def _free_to_skip(graph: LayerGraph, candidates: set[str]) -> set[str]:
     """Candidates from which a later one is reached through weightless layers only (add -> relu,
     relu -> pad -> pool): the later tensor costs nothing more and is no bigger."""
     skipped = set()
@@ -243,7 +245,7 @@ def _free_to_skip(model, graph: LayerGraph, candidates: set[str]) -> set[str]:
         current = name
         while len(graph.consumers[current]) == 1:
             current = graph.consumers[current][0]
-            if model.get_layer(current).weights:
+            if graph.layers[current].weights:
                 break
             if current in candidates:
                 skipped.add(name)
@@ -309,8 +311,8 @@ def _moved_notes(points: list[GraftPoint], pairs: list[tuple[float, int]]) -> li
 def choose_by_name(model, points: list[GraftPoint], names: tuple[str, ...]) -> list[GraftPoint]:
     by_name = {point.layer: point for point in points}
     graph = layer_graph(model)
-    maps = set(feature_maps(model, graph))
-    total = cumulative_macs(model, graph, graph.order[-1])
+    maps = set(feature_maps(graph))
+    total = cumulative_macs(graph, graph.order[-1])
     chosen = []
     for name in dict.fromkeys(names):
         if name in by_name:
@@ -320,7 +322,7 @@ def choose_by_name(model, points: list[GraftPoint], names: tuple[str, ...]) -> l
         elif name not in maps:
             raise UserError(f"--exit-layers: {name} is inside a block; graft onto a block output such as {', '.join(list(by_name)[:4])}")
         else:
-            chosen.append(_point(model, graph, name, total))
+            chosen.append(_point(graph, name, total))
     return sorted(chosen, key=lambda point: point.relative_depth)
 
 
