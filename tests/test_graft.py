@@ -124,6 +124,9 @@ def test_imagenet_backbones_compute_matches_the_reference(name, reference_gmacs)
     points = graft.graft_points(backbone.model)
     macs = [point.macs for point in points]
     assert len(points) >= 4 and macs == sorted(macs) and macs[-1] <= total
+    placement = graft.choose_by_fraction(points, (0.25, 0.5, 0.75))
+    depths = [point.relative_depth for point in placement.points]
+    assert not placement.notes and all(abs(asked - depth) <= 0.1 for asked, depth in zip((0.25, 0.5, 0.75), depths)), depths
 
 
 
