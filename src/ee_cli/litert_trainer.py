@@ -86,14 +86,15 @@ def _job(paths, roles, config, head_names: list[str], size: int) -> dict[str, An
 def run_child(run_dir: Path, progress) -> None:
     """Run the LiteRT loop in a fresh interpreter process; relay its progress lines."""
     command = [sys.executable, "-m", "ee_cli.litert_trainer", str(run_dir)]
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in child.stdout:
-        if line.startswith("{"):
-            update = json.loads(line)
-            progress(update["stage"], update["fraction"], update["info"])
-    errors = child.stderr.read()
+    log = run_dir / "litert_stderr.log"  # a file, not a pipe: a chatty child can never block on it
+    with open(log, "w") as errors:
+        child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, text=True)
+        for line in child.stdout:
+            if line.startswith("{"):
+                update = json.loads(line)
+                progress(update["stage"], update["fraction"], update["info"])
     if child.wait() != 0:
-        raise RuntimeError(f"the LiteRT trainer failed (exit {child.returncode}): {errors.strip()[-2000:]}")
+        raise RuntimeError(f"the LiteRT trainer failed (exit {child.returncode}): {log.read_text().strip()[-2000:]}")
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -134,7 +135,7 @@ def train(run_dir: Path, job: dict[str, Any], progress) -> dict[str, Any]:
         "engine": "litert", "tensorflow_imported": "tensorflow" in sys.modules,
         "peak_rss_mb": peak_rss_mb(),
         "cache_seconds": round(features.seconds, 3), "train_seconds": round(time.perf_counter() - started, 3),
-        "steps": len(step_seconds), "step_ms_median": round(1000 * float(np.median(step_seconds)), 3) if step_seconds else None,
+        "batch": int(heads.inputs["teacher"]["shape"][0]), "steps": len(step_seconds), "step_ms_median": round(1000 * float(np.median(step_seconds)), 3) if step_seconds else None,
         "artefact_bytes": (run_dir / ARTEFACT).stat().st_size, "state_bytes": (run_dir / STATE_FILE).stat().st_size,
     }
 
