@@ -1,7 +1,8 @@
-"""Early exits on CIFAR-10 users, through the commands exactly as a user types them (no labels).
+"""Early exits on users of a data set, through the commands exactly as a user types them (no labels).
 
     PYTHONPATH=. .venv/bin/python -m bench.exits_acceptance --generic ~/.cache/ee/models/cifar_resnet9.h5 \
-        --users k2-low_light:0,k3-colour_cast:1 --out bench/results/exits.jsonl [--exit-teacher final]
+        --users k2-low_light:0,k3-colour_cast:1 --out bench/results/exits.jsonl [--ablate exit-teacher=final]
+    PYTHONPATH=. .venv/bin/python -m bench.exits_acceptance --data fashion --generic models/fashion_resnet9.h5 ...
 
 Per user, in a scratch folder: `ee attach --backbone GENERIC --classes ...` (default exits),
 `ee personalise --data unlabelled` (defaults: label-free thresholds on its held-out photos),
@@ -19,6 +20,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,23 +37,41 @@ def ee(*args: str, cwd: Path) -> dict:
     return json.loads(done.stdout)
 
 
-def run_user(generic: str, scenario: str, seed: int, work: Path, unlabelled: int, test_per_class: int, extra: list[str], modes: tuple[str, ...]) -> dict:
-    from datasets import cifar10, scenarios
+@dataclass(frozen=True)
+class Job:
+    generic: str  # the generic model file
+    data: str  # cifar10 | fashion
+    unlabelled: int
+    test_per_class: int
+    extra: tuple[str, ...]  # personalise flags
+    modes: tuple[str, ...]  # export modes run with `ee run`
+
+
+def load(source: str) -> tuple[dict, tuple[str, ...]]:
+    from datasets import cifar10, fashion_mnist
+
+    if source == "fashion":
+        return fashion_mnist.load(), fashion_mnist.CLASSES
+    return cifar10.load(), cifar10.CLASSES
+
+
+def run_user(job: Job, scenario: str, seed: int, work: Path) -> dict:
+    from datasets import scenarios
 
     k, condition = next((s.k, s.condition) for s in SCENARIOS if s.name == scenario)
-    data = cifar10.load()
-    user = scenarios.make_user(data, seed, k=k, condition=condition, unlabelled=unlabelled)
-    keep = np.sort(np.concatenate([np.flatnonzero(user.test_y == c)[:test_per_class] for c in user.classes]))
-    user = scenarios.User(user.seed, user.classes, user.condition, user.unlabelled, user.labelled, user.labelled_y, user.test[keep], user.test_y[keep])
+    data, names = load(job.data)
+    user = scenarios.make_user(data, seed, k=k, condition=condition, unlabelled=job.unlabelled, names=names)
+    keep = np.sort(np.concatenate([np.flatnonzero(user.test_y == c)[: job.test_per_class] for c in user.classes]))
+    user = replace(user, test=user.test[keep], test_y=user.test_y[keep])
     folders = scenarios.write_user(user, work / "photos")
     started = time.perf_counter()
-    ee("attach", "--backbone", generic, "--classes", ",".join(cifar10.CLASSES), cwd=work)
-    personalised = ee("personalise", "--data", str(folders["unlabelled"]), "--quiet", *extra, cwd=work)
+    ee("attach", "--backbone", job.generic, "--classes", ",".join(names), cwd=work)
+    personalised = ee("personalise", "--data", str(folders["unlabelled"]), "--quiet", *job.extra, cwd=work)
     personalise_seconds = time.perf_counter() - started
-    row = {"scenario": scenario, "seed": seed, "classes": user.class_names, "extra": extra, "personalise_seconds": personalise_seconds,
+    row = {"data": job.data, "scenario": scenario, "seed": seed, "classes": user.class_names, "extra": list(job.extra), "personalise_seconds": personalise_seconds,
            "personal_classes": personalised["metrics"]["personal_classes"], "policy": personalised["metrics"]["policy"]}
-    row |= _on_test_photos(Path(personalised["bundle"]), user)
-    for mode in modes:
+    row |= _on_test_photos(work / personalised["bundle"], user)
+    for mode in job.modes:
         exported = ee("export", "--tflite", "--quant", mode, "--out", f"export-{mode}", "--quiet", cwd=work)
         ran = ee("run", "--tflite", f"export-{mode}", "--data", str(folders["test"]), cwd=work)
         row[mode] = {"policy": exported["manifest"]["cascade"]["policy"], "stops_after": exported["manifest"]["cascade"]["stops_after"],
@@ -91,6 +111,7 @@ def _on_test_photos(personal: Path, user) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--generic", required=True)
+    parser.add_argument("--data", choices=("cifar10", "fashion"), default="cifar10")
     parser.add_argument("--users", required=True, help="scenario:seed,... e.g. k2-low_light:0,k3-colour_cast:1")
     parser.add_argument("--unlabelled", type=int, default=500)
     parser.add_argument("--test-per-class", type=int, default=300)
@@ -99,15 +120,15 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("build/exits-acceptance"))
     parser.add_argument("--out", type=Path, required=True, help="JSON lines, one user per line (appended)")
     args = parser.parse_args()
-    extra = [part for item in args.ablate for part in (f"--{item.split('=', 1)[0]}", item.split("=", 1)[1])]
+    extra = tuple(part for item in args.ablate for part in (f"--{item.split('=', 1)[0]}", item.split("=", 1)[1]))
+    job = Job(str(Path(args.generic).expanduser().resolve()), args.data, args.unlabelled, args.test_per_class, extra, () if args.no_export else ("none", "int8_full"))
     for user in args.users.split(","):
         scenario, seed = user.split(":")
-        work = args.work / f"{scenario}-{seed}-{'-'.join(args.ablate) or 'default'}"
+        work = args.work / f"{args.data}-{scenario}-{seed}-{'-'.join(args.ablate) or 'default'}"
         if work.exists():
             subprocess.run(["rm", "-rf", str(work)], check=True)
         work.mkdir(parents=True)
-        row = run_user(str(Path(args.generic).expanduser().resolve()), scenario, int(seed), work, args.unlabelled, args.test_per_class, extra,
-                       () if args.no_export else ("none", "int8_full"))
+        row = run_user(job, scenario, int(seed), work)
         with args.out.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
         print(json.dumps({k: row[k] for k in ("scenario", "seed", "exit_accuracy", "restricted", "label_free")}), flush=True)

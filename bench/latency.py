@@ -1,6 +1,6 @@
 """An exported cascade against its plain model in LiteRT, photo by photo and taking turns a block
 of photos at a time (as `ee run` does), on the photos `ee evaluate` reported on (never those it
-calibrated on)."""
+calibrated on): its run folder's split.json names them."""
 
 from __future__ import annotations
 
@@ -10,23 +10,20 @@ from typing import Any
 
 import numpy as np
 
-from ee_cli import litert, photos, policy
+from ee_cli import litert, photos
 from ee_cli.engine import run_in_turns
 
 
-def report_photos(test: Path, classes: list[str], seed: int, calibrate_split: float = 0.5):
-    """The report half of `ee evaluate --data test --seed seed`: same scan, same split."""
-    found = photos.scan_folder(test, classes)
-    labels = photos.label_names(found, classes)
-    _, report = policy.split(len(found.paths), calibrate_split, seed)
-    return [found.paths[i] for i in report], labels[report]
+def report_photos(evaluate_run: Path) -> tuple[list[Path], np.ndarray]:
+    """The photos an `ee evaluate` run reported on, and their classes (their folders' names)."""
+    paths = [Path(p) for p in json.loads((Path(evaluate_run) / "split.json").read_text())["report"]]
+    return paths, np.array([path.parent.name for path in paths])
 
 
-def measure(export_dir: Path, test: Path, all_classes: list[str], seed: int, threads: int, warmup: int = 20) -> dict[str, Any]:
-    """`all_classes`: the bundle's (what `ee evaluate` scanned with); the export's are the personal ones."""
+def measure(export_dir: Path, evaluate_run: Path, threads: int, warmup: int = 20) -> dict[str, Any]:
     manifest = json.loads((Path(export_dir) / "manifest.json").read_text())
     classes = manifest["classes"]
-    paths, labels = report_photos(test, list(all_classes), seed)
+    paths, labels = report_photos(evaluate_run)
     images = photos.load_array(paths, int(manifest["input"]["shape"][1])).astype(np.float32)
     engine = litert.CascadeEngine(Path(export_dir) / "cascade.tflite", manifest["cascade"]["thresholds"], threads)
     plain = litert.Runner(litert.interpreter(Path(export_dir) / "final.tflite", threads), "serving_default")

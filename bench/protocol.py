@@ -170,13 +170,13 @@ def _personalised(job: UserJob, user, folders: dict, attached: Path, labels: int
         "seconds": {"command": seconds, "train": result.metrics["train_seconds"], "cache_build": (result.metrics["cache"] or {}).get("build_seconds")},
     }
     if labels == 0:
-        figures["operating_points"] = _operating_points(job, result.bundle_path, folders["test"], names)
+        figures["operating_points"] = _operating_points(job, result.bundle_path, folders["test"])
     if labels == 0 and job.settings.whole_network:
         figures["whole_network"] = _whole_network(job, user, personal)
     return figures
 
 
-def _operating_points(job: UserJob, personal: Path, test: Path, names) -> dict[str, Any]:
+def _operating_points(job: UserJob, personal: Path, test: Path) -> dict[str, Any]:
     """`ee evaluate` calibrates each point on half the test photos; each is exported and timed on the other half."""
     from bench import latency
     from ee_cli.config import EvaluateConfig, ExportConfig
@@ -198,7 +198,7 @@ def _operating_points(job: UserJob, personal: Path, test: Path, names) -> dict[s
                 exported = export(config).out
             except ValidationFailed as failed:  # kept and reported: the bench states what it measured
                 exported = failed.result.out
-            figures["litert"][mode] = latency.measure(exported, test, names, job.seed, job.settings.latency_threads)
+            figures["litert"][mode] = latency.measure(exported, evaluated.run_dir, job.settings.latency_threads)
         found[point] = figures
     return found
 

@@ -62,7 +62,7 @@ def jobs_for(args, work: Path, generic: str) -> list:
 
 def smoke_defaults(args) -> None:
     """Tiny everything; the generic model is an untrained, narrow cifar_resnet9 written to the work folder."""
-    args.unlabelled, args.test_per_class, args.epochs, args.quant = min(args.unlabelled, 40), min(args.test_per_class, 12), min(args.epochs, 1), "none"
+    args.unlabelled, args.test_per_class, args.epochs, args.quant = min(args.unlabelled, 40), min(args.test_per_class, 30), min(args.epochs, 1), "none"
     if args.labels == "0,10":
         args.labels = "0,2"
 

@@ -14,7 +14,7 @@ import pytest
 from bench import report
 
 REPO = Path(__file__).resolve().parent.parent
-SMOKE_USERS = ["--scenarios", "k2-low_light,k3-colour_cast", "--seeds", "0,1"]  # 4 users
+SMOKE_USERS = ["--scenarios", "k2-low_light,k3-colour_cast", "--seeds", "0"]  # 2 users
 TIMINGS = {"seconds", "cascade_ms", "plain_ms", "speedup"}
 
 
@@ -51,7 +51,7 @@ def test_missing_figures_show_as_not_measured():
     assert "| — | not measured |" in report.headline_table(found, (0,), ("none",))
 
 
-def _bench(tmp: Path, name: str, *extra: str, timeout: float = 400) -> dict:
+def _bench(tmp: Path, name: str, *extra: str, timeout: float = 900) -> dict:
     out = tmp / f"{name}.json"
     command = [sys.executable, "-m", "bench.run", "--smoke", *SMOKE_USERS, "--threads", "1", "--work", str(tmp / name), "--out", str(out), *extra]
     env = os.environ | {"PYTHONPATH": str(REPO)}
@@ -70,7 +70,7 @@ def serial(tmp_path_factory):
 
 def test_smoke_bench_measures_every_baseline_and_writes_tables(serial):
     tmp, results = serial
-    assert len(results["users"]) == 4 and {u["scenario"] for u in results["users"]} == {"k2-low_light", "k3-colour_cast"}
+    assert len(results["users"]) == 2 and {u["scenario"] for u in results["users"]} == {"k2-low_light", "k3-colour_cast"}
     for user in results["users"]:
         for value in (user["generic"], user["restricted"], user["bn_only"]["accuracy"], user["labels_0"]["accuracy"]["final"],
                       user["labels_2"]["accuracy"]["final"], user["labels_0"]["whole_network"]["accuracy"]):
@@ -79,11 +79,11 @@ def test_smoke_bench_measures_every_baseline_and_writes_tables(serial):
         timed = user["labels_0"]["operating_points"]["match-generic"]["litert"]["none"]
         assert timed["photos"] == user["photos"]["test"] // 2 and timed["cascade_ms"] > 0 and timed["plain_ms"] > 0
         assert sum(timed["histogram"].values()) == timed["photos"]
-    assert results["summary"]["training_ratio"]["users"] == 4
+    assert results["summary"]["training_ratio"]["users"] == 2
     assert Path(results["plot"]).stat().st_size > 0
     text = (tmp / "README.md").read_text()
     assert text.startswith("# Bench\n\nbefore\n") and text.endswith("after\n") and "old table" not in text
-    assert "| accuracy gain over the generic model, 0 labels/class | +15.9 pts |" in text and "| k3-colour_cast | 2 |" in text
+    assert "| accuracy gain over the generic model, 0 labels/class | +15.9 pts |" in text and "| k3-colour_cast | 1 |" in text
 
 
 def _without_timings(value):
@@ -94,11 +94,11 @@ def _without_timings(value):
     return value
 
 
-def test_ray_runs_four_users_at_once_with_the_serial_figures(serial):
+def test_ray_runs_users_at_once_with_the_serial_figures(serial):
     pytest.importorskip("ray")
     tmp, serial_results = serial
-    parallel = _bench(tmp, "ray", "--workers", "4")
-    assert parallel["workers"] == 4
+    parallel = _bench(tmp, "ray", "--workers", "2")
+    assert parallel["workers"] == 2
     for alone, fanned in zip(serial_results["users"], parallel["users"]):
         assert (alone["scenario"], alone["seed"]) == (fanned["scenario"], fanned["seed"])
         assert _without_timings(fanned) == _without_timings(alone)
