@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ee_cli import compat, policy
+from ee_cli import compat, policy, runs
 from ee_cli.errors import UserError
 from ee_cli.runs import write_json
 
@@ -143,22 +142,14 @@ def write_bundle(out: Path, model, meta: dict[str, Any], exist_ok: bool, model_f
     """Write `model` (or link/copy an existing `model_file`, unchanged), `ee.json` and the exit
     policy's evidence, atomically."""
     check_output(out, exist_ok)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
-        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private; a bundle is an ordinary folder
+    with runs.staged_folder(out) as staging:
         if model_file is not None:
             _link_or_copy(model_file, staging / MODEL_FILE)
         else:
             model.save(staging / MODEL_FILE, include_optimizer=False, save_format="h5")
         if evidence is not None:
             np.savez_compressed(staging / EVIDENCE_FILE, confidences=evidence.confidences, correct=evidence.correct, reference=evidence.reference)
-        full_meta = {"format_version": FORMAT_VERSION, "model_file": MODEL_FILE, "model_format": MODEL_FORMAT, **meta}
-        write_json(staging / META_FILE, full_meta)
-        _move_into_place(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        write_json(staging / META_FILE, {"format_version": FORMAT_VERSION, "model_file": MODEL_FILE, "model_format": MODEL_FORMAT, **meta})
     record_latest(out, meta.get("provenance", [{}])[-1].get("command", ""))
     return out
 
@@ -168,22 +159,6 @@ def _link_or_copy(source: Path, target: Path) -> None:
         os.link(source, target)  # bundles never modify their files, so sharing one is safe
     except OSError:
         shutil.copy2(source, target)
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
-
-
-def _move_into_place(staging: Path, out: Path) -> None:
-    if not out.exists():
-        staging.rename(out)
-        return
-    retired = out.with_name(f".{out.name}.replaced-{os.getpid()}")
-    out.rename(retired)
-    staging.rename(out)
-    shutil.rmtree(retired, ignore_errors=True)
 
 
 def record_latest(path: Path, command: str) -> None:

@@ -118,17 +118,14 @@ def seed_everything(seed: int) -> None:
     keras().utils.set_random_seed(seed)
 
 
-def clear_session() -> None:
-    keras().backend.clear_session()
-
-
 def imagenet_class_names() -> list[str]:
     """The 1,000 ImageNet class names, from Keras' cache or its download (reachable whenever the weights were)."""
     import json
 
+    utils = keras().utils  # prepares TF's environment before tf_keras.src is imported
     from tf_keras.src.applications.imagenet_utils import CLASS_INDEX_PATH
 
-    path = keras().utils.get_file("imagenet_class_index.json", CLASS_INDEX_PATH, cache_subdir="models")
+    path = utils.get_file("imagenet_class_index.json", CLASS_INDEX_PATH, cache_subdir="models")
     with open(path) as handle:
         index = json.load(handle)
     return [index[str(i)][1] for i in range(1000)]

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from ee_cli import bundle, compat, litert, photos, policy, runs
+from ee_cli import bundle, compat, flops, litert, photos, policy, runs
 from ee_cli.config import EvaluateConfig, as_dict
 from ee_cli.errors import UserError
-from ee_cli.personal_model import GENERIC_OUTPUT
+from ee_cli.personal_model import generic_output
 
 OPERATING_POINTS = ("keep", "match-generic", "match-restricted", "label-free")
 
@@ -121,7 +121,7 @@ def _metrics(found: Photos, profile: Profile, points, per_exit, latency, used: s
         "exits": per_exit,
         "operating_points": points,
         "used": used,
-        "oracle": {"accuracy": oracle.accuracy, "mean_mflops": oracle.mean_cost * 2 / 1e6, "cut": _cut(meta, oracle.mean_cost), "shares": oracle.shares.tolist()},
+        "oracle": {"accuracy": oracle.accuracy, "mean_mflops": flops.mflops(oracle.mean_cost), "cut": _cut(meta, oracle.mean_cost), "shares": oracle.shares.tolist()},
         "plain_mflops": meta["final"]["cumulative_mflops"],
         "latency_ms": latency,
     }
@@ -168,7 +168,7 @@ def _refuse_training_photos(root: Path, meta) -> None:
 def _probabilities(model, outputs: list[str], paths, size: int) -> list[np.ndarray]:
     keras = compat.keras()
     probe = keras.Model(model.inputs, [model.get_layer(name).output for name in outputs])
-    batch = max(8, min(256, 2**18 // (size * size)))
+    batch = photos.inference_batch(size)
     collected = [[] for _ in outputs]
     for images in photos.dataset(paths, size, batch):
         results = probe(np.asarray(images, np.float32), training=False)
@@ -201,7 +201,7 @@ def _baselines(config, source, meta, found: Photos, size: int) -> dict[str, dict
     """The generic model, and the generic model restricted to the person's classes (free)."""
     generic_bundle, how = _generic_source(config, source, meta)
     model = generic_bundle.load_model()
-    output = GENERIC_OUTPUT if GENERIC_OUTPUT in model.output_names else "final"
+    output = generic_output(model)
     logits = _probabilities(model, [output], found.paths, size)[0]
     classes = np.array(generic_bundle.meta["classes"])
     personal = sorted(set(found.labels), key=list(classes).index)  # the person's true classes: those of their labelled photos
@@ -249,7 +249,7 @@ def _point(profile: Profile, name: str, reference_name: str, constraint: dict, e
         "reference_accuracy": float(reference[report].mean()),
         "drop_points": 100 * float(differences.mean()),
         "drop_ci95_points": [100 * low, 100 * high],
-        "mean_mflops": result.mean_cost * 2 / 1e6,
+        "mean_mflops": flops.mflops(result.mean_cost),
         "cut": _cut(profile.meta, result.mean_cost),
         "shares": result.shares.tolist(),
         "predicted_on_calibration": {"cut": chosen.speedup, "accuracy": chosen.accuracy},
@@ -310,7 +310,7 @@ def _per_exit(profile: Profile, latency, thresholds) -> list[dict]:
             "exit": name,
             "relative_depth": depth[i],
             "accuracy": float(profile.correct[i, report].mean()),
-            "cumulative_mflops": float(costs[i] * 2 / 1e6),
+            "cumulative_mflops": flops.mflops(costs[i]),
             "latency_p50_ms": latency[name]["p50"],
             "latency_p90_ms": latency[name]["p90"],
             "threshold": float(thresholds[i]) if i < len(thresholds) else None,
@@ -327,7 +327,7 @@ def _shared_threshold_sweep(confidences, correct, costs, latency) -> list[dict]:
     for threshold in np.linspace(0, 1, 101):
         taken = policy.exit_taken(confidences, [threshold] * len(confidences))
         result = policy.outcome(taken, correct, costs)
-        points.append({"threshold": float(threshold), "accuracy": result.accuracy, "mean_mflops": result.mean_cost * 2 / 1e6, "latency_ms": float(latencies[taken].mean())})
+        points.append({"threshold": float(threshold), "accuracy": result.accuracy, "mean_mflops": flops.mflops(result.mean_cost), "latency_ms": float(latencies[taken].mean())})
     return points
 
 

@@ -34,5 +34,5 @@ def model_macs(model) -> int:
     return sum(layer_macs(layer) for layer in model.layers)
 
 
-def mflops(macs: int) -> float:
-    return 2 * macs / 1e6
+def mflops(macs: float) -> float:
+    return float(2 * macs / 1e6)

@@ -48,10 +48,14 @@ def _inbound_layer(layer):
     return inbound[0] if isinstance(inbound, list) else inbound
 
 
+def generic_output(model) -> str:
+    """The output holding the generic classifier's logits: `generic` in a personalised model, else `final`."""
+    return GENERIC_OUTPUT if GENERIC_OUTPUT in model.output_names else FINAL_OUTPUT
+
+
 def generic_classifier(model):
-    """The backbone's classifier (a Dense): behind `generic` in a personalised model, else behind `final`."""
-    name = GENERIC_OUTPUT if GENERIC_OUTPUT in model.output_names else FINAL_OUTPUT
-    return _inbound_layer(_output_layer(model, name))
+    """The backbone's classifier (a Dense), behind the generic output."""
+    return _inbound_layer(_output_layer(model, generic_output(model)))
 
 
 def build_personal_model(model, output_classes: list[str], class_names: list[str], personal: list[int]):

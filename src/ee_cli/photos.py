@@ -147,6 +147,11 @@ def load_array(paths, size: int) -> np.ndarray:
     return np.stack([load_photo(Path(p), size) for p in paths]) if paths else np.zeros((0, size, size, 3), np.uint8)
 
 
+def inference_batch(size: int) -> int:
+    """Photos per forward pass without gradients: about 2**18 pixels a batch, 8 to 256 photos."""
+    return max(8, min(256, 2**18 // (size * size)))
+
+
 def dataset(paths, size: int, batch: int):
     """A tf.data pipeline that decodes, resizes and batches the validated photos, in order."""
     tf = compat.tf()

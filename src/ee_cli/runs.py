@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 DEFAULT_ROOT = Path("runs")
 
@@ -32,3 +36,34 @@ def write_json(path: Path, data: Any) -> None:
     temporary = path.with_name(path.name + ".partial")
     temporary.write_text(json.dumps(data, indent=2, default=str) + "\n")
     temporary.replace(path)
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path) -> Iterator[Path]:
+    """Fill a temporary folder beside `out`, then move it into place in one rename (replacing an
+    old `out`); on any failure nothing is left behind and an old `out` is untouched."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private; outputs are ordinary folders
+        yield staging
+        _move_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    if not out.exists():
+        staging.rename(out)
+        return
+    retired = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+    out.rename(retired)
+    staging.rename(out)
+    shutil.rmtree(retired, ignore_errors=True)
