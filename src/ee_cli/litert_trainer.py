@@ -88,13 +88,23 @@ def run_child(run_dir: Path, progress) -> None:
     command = [sys.executable, "-m", "ee_cli.litert_trainer", str(run_dir)]
     log = run_dir / "litert_stderr.log"  # a file, not a pipe: a chatty child can never block on it
     with open(log, "w") as errors:
-        child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, text=True)
+        child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, text=True, preexec_fn=_die_with_parent)
         for line in child.stdout:
             if line.startswith("{"):
                 update = json.loads(line)
                 progress(update["stage"], update["fraction"], update["info"])
     if child.wait() != 0:
         raise RuntimeError(f"the LiteRT trainer failed (exit {child.returncode}): {log.read_text().strip()[-2000:]}")
+
+
+def _die_with_parent() -> None:
+    """A killed `ee personalise` takes its LiteRT child along (Linux), so a --resume never races an
+    orphan that is still writing the same state file."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
