@@ -21,14 +21,15 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ee_cli import augment, cache, compat, litert, photos, runs
+from ee_cli import adapt, augment, cache, compat, litert, ondevice, photos, runs
 from ee_cli.errors import UserError
+from ee_cli.personalise import CachedBatches
 
 JOB_FILE = "litert_job.json"
 STATE_FILE = "litert_state.npz"
 REPORT_FILE = "litert.json"
 CACHE_FOLDER = "litert_cache"
-ARTEFACT = "personalise.tflite"  # ondevice.FILE, without importing its TensorFlow-side code here
+ARTEFACT = ondevice.FILE
 
 
 # ---- the parent: TensorFlow is there; it prepares the job and copies the result back ----
@@ -36,8 +37,6 @@ ARTEFACT = "personalise.tflite"  # ondevice.FILE, without importing its TensorFl
 def personalise_heads(personal_model, heads, paths, roles, personal, config, run_dir: Path, progress) -> tuple[cache.FeatureCache, list[dict]]:
     """Train `heads` through LiteRT on the same photos, roles and settings as the TensorFlow engine;
     returns the feature cache and the per-epoch history, as the TensorFlow path has them."""
-    from ee_cli import ondevice
-
     trainable = ondevice.trainable_heads(heads)
     artefact = run_dir / ARTEFACT
     if not artefact.is_file():  # a resumed run keeps the artefact it started with
@@ -58,8 +57,6 @@ def personalise_heads(personal_model, heads, paths, roles, personal, config, run
 
 def plan_shapes(roles, batch: int, size: int, classes: int):
     """The train signature's static shapes: a step's photos and labelled photos, as train_heads batches them."""
-    from ee_cli import ondevice
-
     unlabelled = len(roles.train_unlabelled)
     if unlabelled < 2:
         raise UserError(f"{unlabelled} photo(s) left to train on after the hold-out: add photos or lower --holdout")
@@ -68,8 +65,6 @@ def plan_shapes(roles, batch: int, size: int, classes: int):
 
 
 def _adapted_names(personal_model, config) -> list[str]:
-    from ee_cli import adapt
-
     layers = adapt.backbone_batchnorms(personal_model)
     return [layer.name for layer in layers[: adapt.resolve_adapt_count(config.adapt_bn, len(layers))]]
 
@@ -133,7 +128,7 @@ def train(run_dir: Path, job: dict[str, Any], progress) -> dict[str, Any]:
     features = fill_cache(interpreter, run_dir / CACHE_FOLDER, job, progress)
     heads = HeadsInLiteRT(interpreter, job["heads"])
     epoch, history = heads.restore(run_dir / STATE_FILE)
-    batches = _cached_batches(features, job)
+    batches = CachedBatches(features, job["heads"], job["views"])
     step_seconds: list[float] = []
     started = time.perf_counter()
     for epoch in range(epoch, job["epochs"]):
@@ -159,12 +154,6 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
-def _cached_batches(features: cache.FeatureCache, job):
-    from ee_cli.personalise import CachedBatches  # importing it does not import TensorFlow
-
-    return CachedBatches(features, job["heads"], job["views"])
-
-
 def _cache_key(job) -> dict[str, Any]:
     return {"engine": "litert", "photos": len(job["paths"]), "views": job["views"], "seed": job["seed"], "heads": job["heads"], "size": job["size"]}
 
@@ -188,7 +177,7 @@ def fill_cache(interpreter, directory: Path, job, progress) -> cache.FeatureCach
     directory.mkdir(parents=True, exist_ok=True)
     runner, started = interpreter.get_signature_runner("features"), time.perf_counter()
     arrays: dict[tuple[str, str], np.ndarray] = {}
-    size, paths, batch = job["size"], job["paths"], max(8, min(256, 2**18 // (job["size"] ** 2)))
+    size, paths, batch = job["size"], job["paths"], photos.inference_batch(job["size"])
     for view in range(job["views"]):
         for start in range(0, len(paths), batch):
             indices = np.arange(start, min(start + batch, len(paths)))

@@ -22,12 +22,15 @@ TFLITE_BUILTINS only, so a Flex op fails the conversion instead of the phone.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ee_cli import adapt, augment, compat, ssl
+from ee_cli import adapt, augment, compat, litert, ssl
+from ee_cli.config import PersonaliseConfig
 from ee_cli.errors import UserError
+from ee_cli.personal_model import GENERIC_OUTPUT, build_personal_model
 
 FILE = "personalise.tflite"
 TEACHER = "teacher"
@@ -145,7 +148,7 @@ class _Signatures:
         self.heads = trainable_heads(heads)
         self.personal = tf.constant(personal, tf.int32)
         self.module = tf.Module()
-        generic = personal_model.get_layer("generic").output
+        generic = personal_model.get_layer(GENERIC_OUTPUT).output
         self.module.prefix = keras.Model(personal_model.inputs, [h.cache_tensor for h in heads] + [generic])
         self.module.bn_layers = [personal_model.get_layer(name) for name in bn_layers]
         self.module.bn_probe = keras.Model(personal_model.inputs, [layer.input for layer in self.module.bn_layers]) if bn_layers else None
@@ -349,10 +352,6 @@ MEANINGS = {
 
 def write_trainable(model, meta: dict[str, Any], folder) -> dict[str, Any]:
     """`ee export --trainable`: personalise.tflite beside the inference files; returns its manifest entry."""
-    from pathlib import Path
-
-    from ee_cli.personal_model import build_personal_model
-
     classes = meta["classes"]
     output = meta.get("output_classes") or classes
     personal = [classes.index(name) for name in output]
@@ -370,8 +369,6 @@ def write_trainable(model, meta: dict[str, Any], folder) -> dict[str, Any]:
 
 def _personalise_settings(meta):
     """The settings of the `ee personalise` that made the bundle, else its defaults."""
-    from ee_cli.config import PersonaliseConfig
-
     made = [step["config"] for step in meta.get("provenance", []) if step.get("command") == "personalise"]
     wanted = {*Losses.__dataclass_fields__, "batch"}
     return PersonaliseConfig(**{key: value for key, value in (made[-1] if made else {}).items() if key in wanted})
@@ -379,8 +376,6 @@ def _personalise_settings(meta):
 
 def describe(path) -> dict[str, Any]:
     """Every signature's tensors as an app developer needs them (-1: any batch size)."""
-    from ee_cli import litert
-
     loaded = litert.interpreter(path, 1)
     found = {}
     for key in loaded.get_signature_list():
