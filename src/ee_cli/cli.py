@@ -171,6 +171,7 @@ def personalise(
     max_drop: Annotated[Optional[float], typer.Option(help="Points of held-out agreement with the final exit the early exits may cost (default 0.5).", rich_help_panel="Exits")] = None,
     margin_z: Annotated[Optional[float], typer.Option(help="Threshold margin: standard errors of the paired difference to clear (default 1.645, one-sided 95%).", rich_help_panel="Exits")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Push photos through the backbone every step instead of caching features (for comparison).", rich_help_panel="Training")] = False,
+    engine: Annotated[Optional[str], typer.Option(help="tensorflow, or litert: train through personalise.tflite in the LiteRT interpreter (builtin ops only, a process without TensorFlow), as a phone would (default tensorflow).", rich_help_panel="Training")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the latest unfinished run with the same settings.", rich_help_panel="Run")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.", rich_help_panel="Run")] = False,
     out: Annotated[Optional[str], OUT_OPTION] = None,
@@ -189,7 +190,7 @@ def personalise(
             class_share=class_share, views=views, epochs=epochs, batch=batch, learning_rate=learning_rate,
             threshold=threshold, temperature=temperature, distill_weight=distill_weight, pseudo_weight=pseudo_weight,
             fixmatch_weight=fixmatch_weight, supervised_weight=supervised_weight, exit_teacher=exit_teacher, holdout=holdout,
-            max_drop=max_drop, margin_z=margin_z, cache=False if no_cache else None, resume=resume or None, quiet=quiet or None,
+            max_drop=max_drop, margin_z=margin_z, cache=False if no_cache else None, engine=engine, resume=resume or None, quiet=quiet or None,
             out=out, exist_ok=exist_ok or None, seed=seed,
         )
         settings = resolve(PersonaliseConfig, "personalise", config, flags)
@@ -298,6 +299,7 @@ def export_command(
     qat: Annotated[bool, typer.Option("--qat", help="Quantisation-aware training of the exit heads (tfmot) before an int8 export.", rich_help_panel="Format")] = False,
     qat_steps: Annotated[Optional[int], typer.Option(help="QAT steps (default 200).", rich_help_panel="Format")] = None,
     policy: Annotated[Optional[str], typer.Option(help="measured: time every stage and head in LiteRT (this mode, --threads) and re-choose the exits and thresholds on the bundle's evidence, dropping exits that cost more than they save, down to the plain model | recorded: the bundle's thresholds as they are (default measured).", rich_help_panel="Format")] = None,
+    trainable: Annotated[bool, typer.Option("--trainable", help="Also write personalise.tflite: features, bn_stats, train, infer, get_weights and set_weights signatures, builtin ops only, so a phone trains its exits in LiteRT.", rich_help_panel="Format")] = False,
     threads: Annotated[Optional[int], typer.Option(help="LiteRT threads for the cost profile and validation (default 1).", rich_help_panel="Run")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.", rich_help_panel="Run")] = False,
     out: Annotated[Optional[str], typer.Option("--out", help="Output folder (default: exports/<bundle>-<mode>, numbered if taken).", rich_help_panel="Output")] = None,
@@ -316,7 +318,7 @@ def export_command(
 
         flags = dict(
             quant=quant, input_type=input_type, bundle=bundle, calibration=calibration, validate=validate,
-            max_accuracy_drop=max_accuracy_drop, qat=qat or None, qat_steps=qat_steps, policy=policy, calibration_photos=calibration_photos, validation_photos=validation_photos, threads=threads, quiet=quiet or None, out=out,
+            max_accuracy_drop=max_accuracy_drop, qat=qat or None, qat_steps=qat_steps, policy=policy, calibration_photos=calibration_photos, validation_photos=validation_photos, trainable=trainable or None, threads=threads, quiet=quiet or None, out=out,
             exist_ok=exist_ok or None, seed=seed,
         )
         settings = resolve(ExportConfig, "export", config, flags)

@@ -90,6 +90,7 @@ class PersonaliseConfig:
     max_drop: float = 0.5  # points of held-out agreement with the final exit the exits may cost (label-free "keep")
     margin_z: float = 1.645  # one-sided margin in standard errors of the paired difference (95 %)
     cache: bool = True
+    engine: str = "tensorflow"  # tensorflow | litert: train through personalise.tflite in LiteRT, as a phone would
     resume: bool = False
     quiet: bool = False
 
@@ -130,5 +131,6 @@ class ExportConfig:
     qat: bool = False  # quantisation-aware training of the exit heads before an int8 export
     qat_steps: int = 200
     policy: str = "measured"  # measured: re-choose the exits on LiteRT's measured stage costs | recorded: the bundle's thresholds as they are
+    trainable: bool = False  # also write personalise.tflite: the exits and early BN statistics trainable on the phone
     threads: int = 1
     quiet: bool = False

@@ -10,8 +10,6 @@ dynamic (Model Garden's "default"), int8 (float fallback), int8_full (integer on
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -74,45 +72,53 @@ def export(config: ExportConfig, progress=None) -> ExportResult:
 
         progress("Quantisation-aware training of the heads", 0.0, f"{config.qat_steps} steps")
         exported = quantisation_aware_heads(model, meta, calibration, config.qat_steps, seed=config.seed)
-    exit_names = [e["name"] for e in meta["exits"]]
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=_parent(out)))
-    try:
-        files: dict[str, int] = {}
-
-        def write(filename: str, signatures: list[Signature] | bytes) -> None:
-            progress("Converting to TFLite", len(files) / (len(exit_names) + 3), filename)
-            (staging / filename).write_bytes(signatures if isinstance(signatures, bytes) else convert(signatures, config))
-            files[filename] = (staging / filename).stat().st_size
-
-        for filename, signatures in _whole_model_jobs(exported, exit_names, calibration):
-            write(filename, signatures)
-        progress("Choosing the cascade's exits on LiteRT's measured costs", 0.0, "")
-        deployment = deploy.choose(
-            source,
-            lambda exits: convert(_cascade_signatures(exported, [meta["exits"][i] for i in exits], calibration), config),
-            lambda exits: convert(_head_signatures(exported, [meta["exits"][i] for i in exits], calibration), config),
-            staging / "final.tflite", (calibration if calibration is not None else validation)[0], config.threads, staging,
-            measured=config.policy == "measured",
-        )
-        enabled = [meta["exits"][i] | {"threshold": t} for i, t in zip(deployment.exits, deployment.thresholds)]
-        write("cascade.tflite", deployment.cascade)
-        for exit_ in enabled:
-            prefix = stages.segment(exported, None, [exit_["name"]], exit_["name"], softmax=(exit_["name"],))
-            write(f"{exit_['name']}.tflite", [Signature("serving_default", prefix, {exit_["name"]: "probabilities"}, calibration)])
-        progress("Converting to TFLite", 1.0, "")
+    with runs.staged_folder(out) as staging:
+        files, enabled, deployment = _write_tflite(staging, source, exported, calibration, validation, config, progress)
         progress("Validating in LiteRT", 0.0, "")
-        validation_report = validate(model, staging / "multi_exit.tflite", [*exit_names, "final"], validation, validation_labels, meta, config)
+        outputs = [e["name"] for e in meta["exits"]] + ["final"]
+        validation_report = validate(model, staging / "multi_exit.tflite", outputs, validation, validation_labels, meta, config)
         progress("Validating in LiteRT", 1.0, "")
         manifest = _manifest(meta, source.path, config, files, enabled, staging, validation_report, validation_note, deployment.record)
+        if config.trainable:  # personalise.tflite: the phone trains its exits in LiteRT (builtin ops only)
+            from ee_cli.ondevice import write_trainable
+
+            manifest["trainable"] = write_trainable(model, meta, staging)
         runs.write_json(staging / "manifest.json", manifest)
-        _move_into_place(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     result = ExportResult(out, manifest, source.path, implicit)
     if not validation_report["passed"]:
         raise ValidationFailed(f"export written to {out} but {validation_report['failure']}", result)
     return result
+
+
+def _write_tflite(staging: Path, source, exported, calibration, validation, config: ExportConfig, progress):
+    """The plain and multi-exit files, the cascade whose exits are chosen on measured costs, and a
+    file per exit the cascade uses. Returns the file sizes, the exits used, and the choice."""
+    meta = source.meta
+    exit_names = [e["name"] for e in meta["exits"]]
+    files: dict[str, int] = {}
+
+    def write(filename: str, signatures: list[Signature] | bytes) -> None:
+        progress("Converting to TFLite", len(files) / (len(exit_names) + 3), filename)
+        (staging / filename).write_bytes(signatures if isinstance(signatures, bytes) else convert(signatures, config))
+        files[filename] = (staging / filename).stat().st_size
+
+    for filename, signatures in _whole_model_jobs(exported, exit_names, calibration):
+        write(filename, signatures)
+    progress("Choosing the cascade's exits on LiteRT's measured costs", 0.0, "")
+    deployment = deploy.choose(
+        source,
+        lambda exits: convert(_cascade_signatures(exported, [meta["exits"][i] for i in exits], calibration), config),
+        lambda exits: convert(_head_signatures(exported, [meta["exits"][i] for i in exits], calibration), config),
+        staging / "final.tflite", (calibration if calibration is not None else validation)[0], config.threads, staging,
+        measured=config.policy == "measured",
+    )
+    enabled = [meta["exits"][i] | {"threshold": t} for i, t in zip(deployment.exits, deployment.thresholds)]
+    write("cascade.tflite", deployment.cascade)
+    for exit_ in enabled:
+        prefix = stages.segment(exported, None, [exit_["name"]], exit_["name"], softmax=(exit_["name"],))
+        write(f"{exit_['name']}.tflite", [Signature("serving_default", prefix, {exit_["name"]: "probabilities"}, calibration)])
+    progress("Converting to TFLite", 1.0, "")
+    return files, enabled, deployment
 
 
 def _check(config: ExportConfig) -> None:
@@ -140,22 +146,6 @@ def _check_output(out: Path, exist_ok: bool) -> None:
         raise UserError(f"{out} already exists: choose another --out, or pass --exist-ok to replace it")
     if out.exists() and (not out.is_dir() or any(out.iterdir()) and not (out / "manifest.json").is_file()):
         raise UserError(f"{out} exists and is not an ee export: refusing to replace it even with --exist-ok")
-
-
-def _parent(out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return out.parent
-
-
-def _move_into_place(staging: Path, out: Path) -> None:
-    staging.chmod(0o755)
-    if out.exists():
-        retired = out.with_name(f".{out.name}.replaced")
-        out.rename(retired)
-        staging.rename(out)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        staging.rename(out)
 
 
 def _photos(config: ExportConfig, meta, size: int):

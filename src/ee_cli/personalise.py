@@ -15,7 +15,7 @@ import numpy as np
 from ee_cli import adapt, bundle, cache, compat, photos, policy, runs, ssl
 from ee_cli.config import PersonaliseConfig, as_dict
 from ee_cli.errors import UserError
-from ee_cli.personal_model import GENERIC_OUTPUT, PersonalHead, build_personal_model
+from ee_cli.personal_model import GENERIC_OUTPUT, PersonalHead, build_personal_model, generic_output
 
 Progress = Callable[[str, float, str], None]
 EXIT_TEACHERS = ("final", "generic")
@@ -42,79 +42,124 @@ class PersonaliseResult:
     source_implicit: bool
 
 
+@dataclass(frozen=True)
+class Found:
+    """The person's photos: unlabelled ones first, then labelled ones."""
+
+    unlabelled: photos.PhotoSet
+    labelled: photos.PhotoSet | None
+
+    @property
+    def paths(self) -> list[Path]:
+        return [*self.unlabelled.paths, *(self.labelled.paths if self.labelled else ())]
+
+
+@dataclass(frozen=True)
+class Adapted:
+    """The source model with the person's early-BatchNorm statistics, and their classes."""
+
+    model: Any
+    layers: list[str]
+    of: int
+    seconds: float
+    shares: np.ndarray  # estimated class mix over the bundle's classes
+    personal: list[int]
+
+
+@dataclass(frozen=True)
+class Trained:
+    features: Any  # the feature cache, or None (--no-cache)
+    history: list[dict]
+    seconds: float
+
+
 def personalise(config: PersonaliseConfig, progress: Progress | None = None) -> PersonaliseResult:
     progress = progress or (lambda stage, fraction, info: None)
-    if not config.data:
-        raise UserError("--data is required: a folder of the person's photos")
     _check_numbers(config)
     source, source_implicit = bundle.input_bundle(config.bundle)
     run_dir = _run_dir(config)
     out = Path(config.out) if config.out else _planned_output(run_dir, source.path)
     bundle.check_output(out, config.exist_ok)
     meta = source.meta
-    class_names = meta["classes"]
-    unlabelled = photos.scan_unlabelled(Path(config.data))
-    labelled = photos.scan_labelled(Path(config.labelled), class_names) if config.labelled else None
-    paths = [*unlabelled.paths, *(labelled.paths if labelled else ())]
-    size = int(meta["input"]["shape"][0])
-    inference_batch = max(8, min(256, 2**18 // (size * size)))
-
+    found = Found(photos.scan_unlabelled(Path(config.data)), photos.scan_labelled(Path(config.labelled), meta["classes"]) if config.labelled else None)
+    adapted = _adapt(config, source, found, progress)
     compat.seed_everything(config.seed)
-    model = source.load_model()
-    bn_layers = adapt.backbone_batchnorms(model)
-    adapt_count = adapt.resolve_adapt_count(config.adapt_bn, len(bn_layers))
-    progress("Adapting BatchNorm statistics", 0.0, f"{adapt_count} of {len(bn_layers)} layers")
-    started = time.perf_counter()
-    adapted = adapt.adapt_batchnorm(model, lambda: photos.dataset(unlabelled.paths, size, inference_batch), adapt_count)
-    adapt_seconds = time.perf_counter() - started
-
-    generic_name = GENERIC_OUTPUT if GENERIC_OUTPUT in model.output_names else "final"
-    generic_logits = _predict(model, generic_name, unlabelled.paths, size, inference_batch)
-    shares = adapt.class_shares(generic_logits)
-    personal = _personal_classes(config, class_names, shares, labelled)
-    progress("Adapting BatchNorm statistics", 1.0, f"personal classes: {', '.join(class_names[i] for i in personal)}")
-
-    output_classes = meta.get("output_classes") or class_names
-    compat.seed_everything(config.seed)
-    personal_model, heads = build_personal_model(model, output_classes, class_names, personal)
-    roles = _roles(len(unlabelled), labelled, personal, config)
-    tails = [head.tail_model() for head in heads]
-    train_started = time.perf_counter()
-    if config.cache:
-        feature_model = compat.keras().Model(personal_model.inputs, [h.cache_tensor for h in heads] + [personal_model.get_layer(GENERIC_OUTPUT).output])
-        features = cache.build(
-            run_dir / "cache", feature_model, [h.name for h in heads], paths, size, config.views, config.seed,
-            inference_batch, lambda f: progress("Caching features", f, ""),
-        )
-        source_of_batches = CachedBatches(features, [h.name for h in heads], config.views)
-    else:
-        features = None
-        source_of_batches = LiveBatches(personal_model, heads, paths, size, config.seed)
-    history = train_heads(tails, source_of_batches, roles, np.array(personal), config, run_dir, progress)
-    train_seconds = time.perf_counter() - train_started
-
-    scores, evidence = _holdout_evidence(personal_model, heads, paths, roles, size, inference_batch)
+    personal_model, heads = build_personal_model(adapted.model, meta.get("output_classes") or meta["classes"], meta["classes"], adapted.personal)
+    roles = _roles(len(found.unlabelled), found.labelled, adapted.personal, config)
+    trained = _train(config, personal_model, heads, found.paths, roles, np.array(adapted.personal), run_dir, progress)
+    scores, evidence = _holdout_evidence(personal_model, heads, found.paths, roles, _size(meta), photos.inference_batch(_size(meta)))
     chosen = _label_free_policy(evidence, meta, config)
-    metrics = {
-        "photos": {"unlabelled": len(unlabelled), "labelled": len(labelled) if labelled else 0, "skipped": _merge_skips(unlabelled, labelled)},
-        "adapted_bn": {"layers": adapted, "of": len(bn_layers), "photos": len(unlabelled), "seconds": round(adapt_seconds, 2)},
-        "class_shares": {class_names[i]: round(float(s), 4) for i, s in enumerate(shares)},
-        "personal_classes": [class_names[i] for i in personal],
-        "cache": None if features is None else {"bytes": features.bytes, "build_seconds": round(features.seconds, 2), "views": config.views},
-        "train_seconds": round(train_seconds, 2),
-        "epochs": config.epochs,
-        "last_epoch": history[-1] if history else None,
-        "holdout": scores,
-        "policy": {k: v for k, v in vars(chosen).items() if k != "constraint"},
-    }
-    new_meta = _personalised_meta(meta, source.path, config, personal, adapted, len(unlabelled), scores, chosen)
+    metrics = _metrics(config, meta["classes"], found, adapted, trained, scores, chosen)
+    new_meta = _personalised_meta(meta, source.path, config, adapted, len(found.unlabelled), scores, chosen)
     runs.write_json(run_dir / "metrics.json", metrics)
     bundle.write_bundle(out, personal_model, new_meta, config.exist_ok, evidence=evidence if chosen.predicted else None)
     runs.write_json(run_dir / "state.json", {"status": "done", "bundle": str(out)})
     return PersonaliseResult(out, run_dir, new_meta, metrics, source.path, source_implicit)
 
 
+def _size(meta) -> int:
+    return int(meta["input"]["shape"][0])
+
+
+def _adapt(config: PersonaliseConfig, source, found: Found, progress: Progress) -> Adapted:
+    """The person's early-BatchNorm statistics (forward passes only), then their classes."""
+    meta, size = source.meta, _size(source.meta)
+    compat.seed_everything(config.seed)
+    model = source.load_model()
+    bn_layers = adapt.backbone_batchnorms(model)
+    count = adapt.resolve_adapt_count(config.adapt_bn, len(bn_layers))
+    progress("Adapting BatchNorm statistics", 0.0, f"{count} of {len(bn_layers)} layers")
+    started = time.perf_counter()
+    layers = adapt.adapt_batchnorm(model, lambda: photos.dataset(found.unlabelled.paths, size, photos.inference_batch(size)), count)
+    seconds = time.perf_counter() - started
+    shares = adapt.class_shares(_predict(model, generic_output(model), found.unlabelled.paths, size, photos.inference_batch(size)))
+    personal = _personal_classes(config, meta["classes"], shares, found.labelled)
+    progress("Adapting BatchNorm statistics", 1.0, f"personal classes: {', '.join(meta['classes'][i] for i in personal)}")
+    return Adapted(model, layers, len(bn_layers), seconds, shares, personal)
+
+
+def _train(config: PersonaliseConfig, personal_model, heads, paths, roles: Roles, personal: np.ndarray, run_dir: Path, progress) -> Trained:
+    """The heads (the final exit's too) on the feature cache; or every step live (--no-cache); or in LiteRT."""
+    started = time.perf_counter()
+    if config.engine == "litert":  # through personalise.tflite in LiteRT, in a child process without TensorFlow
+        from ee_cli.litert_trainer import personalise_heads
+
+        features, history = personalise_heads(personal_model, heads, paths, roles, personal, config, run_dir, progress)
+        return Trained(features, history, time.perf_counter() - started)
+    size = int(personal_model.input_shape[1])
+    features = None
+    if config.cache:
+        feature_model = compat.keras().Model(personal_model.inputs, [h.cache_tensor for h in heads] + [personal_model.get_layer(GENERIC_OUTPUT).output])
+        features = cache.build(
+            run_dir / "cache", feature_model, [h.name for h in heads], paths, size, config.views, config.seed,
+            photos.inference_batch(size), lambda f: progress("Caching features", f, ""),
+        )
+        batches = CachedBatches(features, [h.name for h in heads], config.views)
+    else:
+        batches = LiveBatches(personal_model, heads, paths, size, config.seed)
+    history = train_heads([head.tail_model() for head in heads], batches, roles, personal, config, run_dir, progress)
+    return Trained(features, history, time.perf_counter() - started)
+
+
+def _metrics(config: PersonaliseConfig, class_names, found: Found, adapted: Adapted, trained: Trained, scores, chosen) -> dict[str, Any]:
+    labelled = found.labelled
+    return {
+        "photos": {"unlabelled": len(found.unlabelled), "labelled": len(labelled) if labelled else 0, "skipped": _merge_skips(found.unlabelled, labelled)},
+        "adapted_bn": {"layers": adapted.layers, "of": adapted.of, "photos": len(found.unlabelled), "seconds": round(adapted.seconds, 2)},
+        "class_shares": {class_names[i]: round(float(s), 4) for i, s in enumerate(adapted.shares)},
+        "personal_classes": [class_names[i] for i in adapted.personal],
+        "cache": None if trained.features is None else {"bytes": trained.features.bytes, "build_seconds": round(trained.features.seconds, 2), "views": config.views},
+        "train_seconds": round(trained.seconds, 2),
+        "epochs": config.epochs,
+        "last_epoch": trained.history[-1] if trained.history else None,
+        "holdout": scores,
+        "policy": {k: v for k, v in vars(chosen).items() if k != "constraint"},
+    }
+
+
 def _check_numbers(config: PersonaliseConfig) -> None:
+    if not config.data:
+        raise UserError("--data is required: a folder of the person's photos")
     checks = [
         (config.views >= 1, "--views must be at least 1"),
         (config.epochs >= 0, "--epochs must be 0 or more"),
@@ -125,6 +170,8 @@ def _check_numbers(config: PersonaliseConfig) -> None:
         (config.max_drop >= 0, "--max-drop must be 0 or more (points of agreement with the final exit)"),
         (config.exit_teacher in EXIT_TEACHERS, f"--exit-teacher must be one of {', '.join(EXIT_TEACHERS)}"),
         (config.temperature > 0, "--temperature must be positive"),
+        (config.engine in ("tensorflow", "litert"), "--engine must be tensorflow or litert"),
+        (config.cache or config.engine == "tensorflow", "--no-cache compares TensorFlow paths; the LiteRT engine trains from its cache"),
     ]
     for ok, message in checks:
         if not ok:
@@ -365,8 +412,8 @@ def _merge_skips(unlabelled, labelled) -> dict[str, int]:
     return merged
 
 
-def _personalised_meta(meta, source: Path, config, personal, adapted, photo_count, scores, chosen: bundle.ExitPolicy) -> dict[str, Any]:
-    names = [meta["classes"][i] for i in personal]
+def _personalised_meta(meta, source: Path, config, adapted: Adapted, photo_count, scores, chosen: bundle.ExitPolicy) -> dict[str, Any]:
+    names = [meta["classes"][i] for i in adapted.personal]
     exits = [e | {"trained": True, "holdout_score": scores["scores"].get(e["name"])} for e in meta["exits"]]
     final = meta["final"] | {"trained": True, "personalised": True, "holdout_score": scores["scores"].get("final")}
     keep = {k: v for k, v in meta.items() if k not in ("format_version", "model_file", "model_format")}
@@ -374,7 +421,7 @@ def _personalised_meta(meta, source: Path, config, personal, adapted, photo_coun
         "personal_classes": names,
         "output_classes": names,
         "generic_output": GENERIC_OUTPUT,
-        "adapted_bn": {"layers": adapted, "photos": photo_count},
+        "adapted_bn": {"layers": adapted.layers, "photos": photo_count},
         "exits": exits,
         "final": final,
         "holdout": {"kind": scores["kind"], "photos": scores["photos"]},
