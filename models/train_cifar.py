@@ -2,7 +2,7 @@
 
     python -m models.train_cifar [--epochs 12] [--seed 0] [--out ~/.cache/ee/models/cifar_resnet9.h5]
 
-Seeded; AdamW with a one-cycle learning rate (peak 3e-3; SGD at this budget diverged in its first
+Seeded and resumable (a killed run continues from its last finished epoch); AdamW with a one-cycle learning rate (peak 3e-3; SGD at this budget diverged in its first
 epoch), flip + pad-crop augmentation.
 Writes the full model (.h5, usable as `ee attach --backbone PATH`) and a JSON of its test accuracy
 and training time beside it. Not committed: the file is cached outside the repository.
@@ -73,7 +73,9 @@ def train(epochs: int, batch: int, seed: int, out: Path, data: dict | None = Non
         .prefetch(2)
     )
     started = time.perf_counter()
-    model.fit(dataset, epochs=epochs, verbose=2)
+    # A killed run (a session's end, kill -9) continues from its last finished epoch next time.
+    resume = keras.callbacks.BackupAndRestore(str(out.with_suffix(".backup")), save_freq="epoch", delete_checkpoint=True)
+    model.fit(dataset, epochs=epochs, verbose=2, callbacks=[resume])
     seconds = time.perf_counter() - started
     logits = model.predict(data["x_test"].astype("float32"), batch_size=500, verbose=0)
     accuracy = float(np.mean(logits.argmax(1) == data["y_test"]))
