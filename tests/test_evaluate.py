@@ -5,24 +5,17 @@ from __future__ import annotations
 import csv
 import json
 
-import numpy as np
 import pytest
 
 from conftest import copy_workspace, one_line_error, prepared_workspace
 from ee_cli import bundle
-from ee_cli.attach import attach
-from ee_cli.config import AttachConfig, PersonaliseConfig
-from ee_cli.personalise import personalise
-from test_personalise import coloured_photos, labelled_folder
+from test_personalise import coloured_photos, labelled_folder, personalised_user
 
 
 @pytest.fixture(scope="module")
 def personalised_template(tmp_path_factory):
     with prepared_workspace(tmp_path_factory, "personalised") as root:
-        attach(AttachConfig(backbone="cifar_resnet9", out="B", classes="r,g,b,x,y"))
-        coloured_photos(root / "photos", 30)
-        personalise(PersonaliseConfig(data="photos", bundle="B", out="P", epochs=2, batch=8, views=1, personal_classes="r,g,b"))
-        labelled_folder(root / "test", ["r", "g", "b"], per_class=20)
+        personalised_user(root, photo_count=30, batch=8)
     return root
 
 

@@ -12,10 +12,9 @@ import pytest
 
 from conftest import copy_workspace, one_line_error, prepared_workspace, run_ee
 from ee_cli.attach import attach
-from ee_cli.config import AttachConfig, EvaluateConfig, PersonaliseConfig
+from ee_cli.config import AttachConfig, EvaluateConfig
 from ee_cli.evaluate import evaluate
-from ee_cli.personalise import personalise
-from test_personalise import coloured_photos, labelled_folder
+from test_personalise import coloured_photos, personalised_user
 
 COMPARE = textwrap.dedent(
     """
@@ -44,10 +43,7 @@ COMPARE = textwrap.dedent(
 @pytest.fixture(scope="module")
 def calibrated_template(tmp_path_factory):
     with prepared_workspace(tmp_path_factory, "calibrated") as root:
-        attach(AttachConfig(backbone="cifar_resnet9", out="B", classes="r,g,b,x,y"))
-        coloured_photos(root / "photos", 120)
-        personalise(PersonaliseConfig(data="photos", bundle="B", out="P", epochs=2, batch=16, views=1, personal_classes="r,g,b"))
-        labelled_folder(root / "test", ["r", "g", "b"], per_class=20)
+        personalised_user(root, photo_count=120, batch=16)
         evaluate(EvaluateConfig(data="test", bundle="P", out="C", latency_runs=1, max_drop=100.0))
     return root
 

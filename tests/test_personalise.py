@@ -42,6 +42,15 @@ def labelled_folder(root: Path, classes: list[str], per_class: int = 6) -> Path:
     return root
 
 
+def personalised_user(root: Path, photo_count: int, batch: int) -> None:
+    """In `root`: bundle B (attached), photos/ (the person's), P (personalised on them, classes r,g,b)
+    and test/ (20 labelled photos per class)."""
+    attach(AttachConfig(backbone="cifar_resnet9", out="B", classes="r,g,b,x,y"))
+    coloured_photos(root / "photos", photo_count)
+    personalise(PersonaliseConfig(data="photos", bundle="B", out="P", epochs=2, batch=batch, views=1, personal_classes="r,g,b"))
+    labelled_folder(root / "test", ["r", "g", "b"], per_class=20)
+
+
 @pytest.fixture
 def attached(workspace):
     return attach(AttachConfig(backbone="cifar_resnet9", out="B", classes="r,g,b,x,y")).bundle_path
