@@ -182,8 +182,6 @@ def pair_cuts(graph: LayerGraph, maps: list[str]) -> dict[str, str]:
 
     NASNet's cells each read the two previous cells' outputs, so no single layer separates them.
     """
-    if not maps:
-        return {}
     position = {name: index for index, name in enumerate(graph.order)}
     first, last = position[maps[0]], position[maps[-1]]
     articulated = set(maps)
