@@ -94,7 +94,7 @@ def _on_test_photos(personal: Path, user) -> dict:
     confidences = np.stack([policy.confidence(compat.tf().nn.softmax(l).numpy()) for l in logits[:-1]])
     thresholds = np.array([policy.NEVER if t is None else t for t in bundle.thresholds(meta)])
     exits = meta["exits"]
-    costs = policy.costs_from_macs([e["cumulative_macs"] - e["head_macs"] for e in exits], [e["head_macs"] for e in exits], meta["final"]["cumulative_macs"])
+    costs = bundle.stage_costs(meta)
     result = policy.outcome(policy.exit_taken(confidences, thresholds), correct, costs.leaving(thresholds < policy.NEVER))
     oracle = policy.oracle(correct, costs.leaving(np.ones(len(exits), bool)))
     generic_logits = predict(model, "generic", user.test)

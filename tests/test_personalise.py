@@ -229,7 +229,7 @@ def test_label_free_thresholds_are_chosen_on_held_out_photos_by_default(workspac
     evidence = bundle.read_bundle(workspace / "P").evidence()
     assert evidence.confidences.shape == (3, 32) and evidence.reference.tolist() == [1] * 32  # the final exit agrees with itself
     # What the bundle says is what the policy gives on the stored evidence, and it keeps its bound there.
-    costs = policy.costs_from_macs([e["cumulative_macs"] - e["head_macs"] for e in meta["exits"]], [e["head_macs"] for e in meta["exits"]], meta["final"]["cumulative_macs"])
+    costs = bundle.stage_costs(meta)
     again = policy.cheapest_cascade(evidence, policy.max_drop(0.005, 1.645), costs)
     assert [None if t >= policy.NEVER else pytest.approx(t) for t in again.thresholds] == thresholds
     taken = policy.exit_taken(evidence.confidences, again.thresholds)

@@ -147,3 +147,10 @@ def test_an_exit_that_costs_more_than_it_saves_is_dropped_and_the_other_kept():
     assert choice.shares[0] == pytest.approx(0.5) and choice.expected_cost < 100.0
     greedy_with_both = policy.greedy_thresholds(confidences, correct, correct[-1], policy.max_drop(0.0, 0.0))
     assert greedy_with_both[1] < policy.NEVER  # the MACs-blind greedy would have kept exit_1
+
+
+def test_a_recorded_constraint_spec_gives_the_same_constraint():
+    mean, se = np.array([-0.004, -0.006, 0.001]), np.array([0.0, 0.0, 0.002])
+    np.testing.assert_array_equal(policy.constraint_from({"kind": "max_drop", "drop": 0.005, "z": 1.645})(mean, se), policy.max_drop(0.005, 1.645)(mean, se))
+    np.testing.assert_array_equal(policy.constraint_from({"kind": "at_least", "z": 1.0})(mean, se), [False, False, False])
+    np.testing.assert_array_equal(policy.constraint_from({"kind": "at_least", "z": 0.0})(mean, se), [False, False, True])

@@ -63,14 +63,8 @@ class ExitPolicy:
     @classmethod
     def from_choice(cls, choice: policy.Choice, **fields) -> "ExitPolicy":
         thresholds = tuple(None if t >= policy.NEVER else float(t) for t in choice.thresholds)
-        predicted = {"unit": choice.unit, "expected": choice.expected_cost, "plain": choice.plain_cost, "speedup": choice.speedup,
-                     "accuracy_on_evidence": choice.accuracy, "shares": [float(s) for s in choice.shares]}
-        return cls(thresholds=thresholds, predicted=predicted, **fields)
+        return cls(thresholds=thresholds, predicted=choice.prediction(), **fields)
 
-    def constraint_function(self) -> policy.Constraint:
-        if self.constraint["kind"] == "at_least":
-            return policy.at_least(float(self.constraint["z"]))
-        return policy.max_drop(float(self.constraint["drop"]), float(self.constraint["z"]))
 
 
 def exit_policy(meta: dict[str, Any]) -> ExitPolicy | None:
@@ -78,6 +72,13 @@ def exit_policy(meta: dict[str, Any]) -> ExitPolicy | None:
     if not stored or "thresholds" not in stored:
         return None
     return ExitPolicy(**{**stored, "thresholds": tuple(stored["thresholds"])})
+
+
+def stage_costs(meta: dict[str, Any]) -> policy.StageCosts:
+    """The MACs cost model of a bundle's cascade: each exit's backbone prefix and head."""
+    exits = meta["exits"]
+    heads = [e.get("head_macs", 0) for e in exits]
+    return policy.costs_from_macs([e["cumulative_macs"] - head for e, head in zip(exits, heads)], heads, meta["final"]["cumulative_macs"])
 
 
 def thresholds(meta: dict[str, Any]) -> list[float | None]:

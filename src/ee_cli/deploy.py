@@ -45,14 +45,15 @@ def choose(source: bundle.Bundle, convert_cascade: Callable[[list[int]], bytes],
     """The cascade to deploy: the bundle's exits with thresholds, re-chosen on measured costs
     (`measured`), or as recorded."""
     recorded = bundle.exit_policy(source.meta)
-    candidates = [i for i, t in enumerate(bundle.thresholds(source.meta)) if t is not None]
+    recorded_thresholds = bundle.thresholds(source.meta)
+    candidates = [i for i, t in enumerate(recorded_thresholds) if t is not None]
     if not candidates:
         why = recorded.reason if recorded and recorded.reason else "the bundle has no exit thresholds"
         return Deployment([], [], convert_cascade([]), {"reason": f"plain model: {why}", "from_bundle": _summary(recorded)})
     evidence = source.evidence()
     if evidence is None or not measured:
         why = "--policy recorded" if not measured else "the bundle holds no per-photo evidence to re-choose them"
-        thresholds = [bundle.thresholds(source.meta)[i] for i in candidates]
+        thresholds = [recorded_thresholds[i] for i in candidates]
         return Deployment(candidates, thresholds, convert_cascade(candidates), {"reason": f"thresholds as recorded ({why})", "from_bundle": _summary(recorded)})
     return _rechoose(recorded, evidence, candidates, convert_cascade, convert_heads, plain, pixels, threads, scratch)
 
@@ -67,7 +68,7 @@ def _rechoose(recorded, evidence, candidates, convert_cascade, convert_heads, pl
             return Deployment([], [], cascade, _record(recorded, rounds, None, "plain model: no exit is predicted to pay for its cost in LiteRT"))
         profile = measure(cascade, convert_heads(exits), plain, pixels, threads, scratch)
         local = policy.Evidence(evidence.confidences[exits], evidence.correct[[*exits, -1]], evidence.reference)
-        choice = policy.cheapest_cascade(local, recorded.constraint_function(), profile.costs())
+        choice = policy.cheapest_cascade(local, policy.constraint_from(recorded.constraint), profile.costs())
         kept = [exit_ for exit_, t in zip(exits, choice.thresholds) if t < policy.NEVER]
         rounds.append({"exits": exits, "stage_ms": profile.stage_ms.tolist(), "head_ms": profile.head_ms.tolist(), "plain_ms": profile.plain_ms, "kept": kept})
         if kept == exits:
@@ -113,8 +114,5 @@ def _summary(recorded: bundle.ExitPolicy | None) -> dict[str, Any] | None:
 
 
 def _record(recorded, rounds, choice: policy.Choice | None, reason: str) -> dict[str, Any]:
-    predicted = None
-    if choice is not None:
-        predicted = {"unit": choice.unit, "expected": choice.expected_cost, "plain": choice.plain_cost, "speedup": choice.speedup,
-                     "accuracy_on_evidence": choice.accuracy, "shares": choice.shares.tolist()}
+    predicted = choice.prediction() if choice is not None else None
     return {"reason": reason, "from_bundle": _summary(recorded), "measured": rounds, "predicted": predicted}

@@ -105,7 +105,7 @@ def _profile(config: EvaluateConfig, source, model, found: Photos) -> Profile:
     baselines = _baselines(config, source, meta, found, _size(meta)) if found.labels is not None else {}
     references = {"final": correct[-1]} | {name: values["correct"] for name, values in baselines.items()}
     calibrate, report = policy.split(len(found.paths), config.calibrate_split, config.seed)
-    return Profile(meta, outputs, confidences, correct, references, baselines, calibrate, report, _stage_costs(meta))
+    return Profile(meta, outputs, confidences, correct, references, baselines, calibrate, report, bundle.stage_costs(meta))
 
 
 def _metrics(found: Photos, profile: Profile, points, per_exit, latency, used: str) -> dict[str, Any]:
@@ -177,11 +177,6 @@ def _probabilities(model, outputs: list[str], paths, size: int) -> list[np.ndarr
     return [np.concatenate(store) for store in collected]
 
 
-def _stage_costs(meta) -> policy.StageCosts:
-    exits = meta["exits"]
-    return policy.costs_from_macs([e["cumulative_macs"] - e.get("head_macs", 0) for e in exits], [e.get("head_macs", 0) for e in exits], meta["final"]["cumulative_macs"])
-
-
 def _cut(meta, mean_cost: float) -> float:
     """How many times fewer MACs than the plain model (the backbone without any exit head)."""
     return float(meta["final"]["cumulative_macs"] / mean_cost)
@@ -234,7 +229,7 @@ def _operating_points(config, profile: Profile, model) -> tuple[dict[str, dict],
 def _point(profile: Profile, name: str, reference_name: str, constraint: dict, evidence: policy.Evidence) -> dict[str, Any]:
     if evidence.photos < policy.MIN_CALIBRATION_PHOTOS:
         raise UserError(f"{evidence.photos} photos to calibrate the {name} thresholds on: at least {policy.MIN_CALIBRATION_PHOTOS} are needed")
-    chosen = policy.cheapest_cascade(evidence, bundle.ExitPolicy((), "evaluate", name, evidence.photos, constraint).constraint_function(), profile.costs)
+    chosen = policy.cheapest_cascade(evidence, policy.constraint_from(constraint), profile.costs)
     report, reference = profile.report, profile.references[reference_name]
     taken = policy.exit_taken(profile.confidences[:, report], chosen.thresholds)
     result = policy.outcome(taken, profile.correct[:, report], profile.costs.leaving(chosen.thresholds < policy.NEVER))

@@ -396,8 +396,7 @@ def _label_free_policy(evidence: policy.Evidence | None, meta, config: Personali
         reason = (f"{photo_count} held-out photos: thresholds need at least {policy.MIN_CALIBRATION_PHOTOS} "
                   "(more photos or a larger --holdout), so every exit stays off; `ee evaluate` can set them")
         return bundle.ExitPolicy((None,) * len(exits), "personalise", "keep (label-free)", photo_count, constraint, reason=reason)
-    costs = policy.costs_from_macs([e["cumulative_macs"] - e["head_macs"] for e in exits], [e["head_macs"] for e in exits], meta["final"]["cumulative_macs"])
-    choice = policy.cheapest_cascade(evidence, policy.max_drop(config.max_drop / 100, config.margin_z), costs)
+    choice = policy.cheapest_cascade(evidence, policy.constraint_from(constraint), bundle.stage_costs(meta))
     used = [e["name"] for e, t in zip(exits, choice.thresholds) if t < policy.NEVER]
     reason = (f"{', '.join(used)} on: {choice.speedup:.2f}x fewer MACs expected on {photo_count} held-out photos" if used
               else f"no exit lets enough of {photo_count} held-out photos out early to pay for its head")

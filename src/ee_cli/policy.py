@@ -67,6 +67,13 @@ def at_least(z: float) -> Constraint:
     return lambda mean, se: mean - z * se >= -1e-12
 
 
+def constraint_from(spec: dict) -> Constraint:
+    """The constraint a recorded spec names: {"kind": "max_drop", "drop", "z"} or {"kind": "at_least", "z"}."""
+    if spec["kind"] == "at_least":
+        return at_least(float(spec["z"]))
+    return max_drop(float(spec["drop"]), float(spec["z"]))
+
+
 def greedy_thresholds(confidences: np.ndarray, correct: np.ndarray, reference: np.ndarray, constraint: Constraint) -> np.ndarray:
     """For each exit in turn (later ones off), the lowest threshold that keeps `constraint`."""
     exits, photos = confidences.shape
@@ -161,9 +168,7 @@ class StageCosts:
     def leaving(self, used: np.ndarray) -> np.ndarray:
         """Cost of leaving at each exit and at the final exit when only the exits in `used` run a head."""
         heads = np.where(used, self.heads, 0.0)
-        reached = np.cumsum(self.segments)
-        paid_heads = np.cumsum(heads)
-        return np.append(reached[:-1] + paid_heads, reached[-1] + paid_heads[-1] if len(heads) else reached[-1])
+        return np.cumsum(self.segments) + np.append(np.cumsum(heads), heads.sum())
 
 
 @dataclass(frozen=True)
@@ -178,6 +183,11 @@ class Choice:
     @property
     def speedup(self) -> float:
         return self.plain_cost / self.expected_cost if self.expected_cost > 0 else 1.0
+
+    def prediction(self) -> dict:
+        """What this choice predicts, as bundles and manifests record it."""
+        return {"unit": self.unit, "expected": self.expected_cost, "plain": self.plain_cost, "speedup": self.speedup,
+                "accuracy_on_evidence": self.accuracy, "shares": [float(s) for s in self.shares]}
 
 
 def cheapest_cascade(evidence: Evidence, constraint: Constraint, costs: StageCosts) -> Choice:
