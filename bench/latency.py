@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ee_cli import litert, photos
-from ee_cli.engine import run_in_turns
+from ee_cli.run import run_in_turns
 
 
 def report_photos(evaluate_run: Path) -> tuple[list[Path], np.ndarray]:

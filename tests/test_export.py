@@ -60,10 +60,11 @@ def _compare(folder, data) -> dict:
     return json.loads(done.stdout)
 
 
-@pytest.mark.parametrize(("mode", "tolerance", "agreement"), [("none", 1e-5, 1.0), ("int8_full", 0.05, 0.99)])
-def test_cascade_matches_the_multi_exit_model(workspace, calibrated, mode, tolerance, agreement):
-    # A near-random tiny model: a single photo moves accuracy by 2.8 points, so no accuracy bound here.
-    result = run_ee("export", "--tflite", "--quant", mode, "--out", f"E-{mode}", "--validate", "test", "--max-accuracy-drop", "100",
+@pytest.mark.parametrize(("mode", "tolerance", "agreement", "bound"), [("none", 1e-5, 1.0, []), ("int8_full", 0.05, 0.99, ["--max-accuracy-drop", "3.4"])])
+def test_cascade_matches_the_multi_exit_model(workspace, calibrated, mode, tolerance, agreement, bound):
+    # Float validates at the default bound (1 point); int8 on this near-random tiny model may flip
+    # up to two of the 60 labelled photos (3.3 points), no more.
+    result = run_ee("export", "--tflite", "--quant", mode, "--out", f"E-{mode}", "--validate", "test", *bound,
                     "--policy", "recorded", "--json", cwd=workspace, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     manifest = json.loads(result.stdout)["manifest"]
@@ -72,7 +73,8 @@ def test_cascade_matches_the_multi_exit_model(workspace, calibrated, mode, toler
     assert all(entry["finite"] for entry in manifest["validation"]["exits"].values())
     assert manifest["input"]["dtype"] == ("uint8" if mode == "int8_full" else "float32")
     enabled = [e["name"] for e in manifest["exits"] if e["enabled"]]
-    assert manifest["cascade"]["weights"].startswith("not duplicated")
+    # Each weight stored once: the cascade is no bigger than every exit at once in one graph.
+    assert manifest["files"]["cascade.tflite"] <= 1.1 * manifest["files"]["multi_exit.tflite"]
     assert manifest["files"]["cascade.tflite"] < manifest["files"]["final.tflite"] + sum(
         manifest["files"][f"{name}.tflite"] for name in enabled)
     assert manifest["cascade"]["stops_after"] == [*enabled, "final"] and len(enabled) >= 1
@@ -186,11 +188,14 @@ def test_uint8_probabilities_top_out_below_one_so_thresholds_are_clamped_there()
     from ee_cli import litert
 
     uint8 = {"dtype": np.uint8, "quantization": (1 / 256, 0)}
+    float32 = {"dtype": np.float32, "quantization": (0.0, 0)}
     assert litert.highest_probability(uint8) == pytest.approx(255 / 256)
-    assert litert.highest_probability({"dtype": np.float32, "quantization": (0.0, 0)}) == 1.0
-    # A photo whose float probability is 0.999 saturates at 255: it must leave at a 0.9975 threshold.
+    # A photo whose float probability is 0.999 saturates at 255 (0.996): at a 0.9975 threshold
+    # calibrated in float it must still leave, so the engine's threshold is clamped to 255/256.
     saturated = litert.dequantise(litert.quantise(np.array([0.999]), uint8), uint8)[0]
-    assert saturated >= min(0.9975, litert.highest_probability(uint8))
+    assert saturated < 0.9975 and saturated >= litert.usable_threshold(0.9975, uint8)
+    assert litert.usable_threshold(0.9975, float32) == 0.9975  # float outputs keep it as it is
+    assert litert.usable_threshold(None, uint8) > 1  # an exit that is off never fires
 
 
 def test_alternating_wall_times_takes_turns_in_blocks_and_times_every_call_asked_for():

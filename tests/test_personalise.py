@@ -188,12 +188,15 @@ def test_kill_9_then_resume_ends_bit_identical_to_an_uninterrupted_run(workspace
         time.sleep(0.05)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    done = len(json.loads(history.read_text()))
-    assert 2 <= done < 30, "the run was not interrupted mid-training"
+    done = json.loads(history.read_text())
+    assert 2 <= len(done) < 30, "the run was not interrupted mid-training"
     assert not (workspace / "resumed").exists()
+    # Mark the finished epochs: a resume keeps them, a silent retrain from scratch would rewrite them.
+    history.write_text(json.dumps([entry | {"marker": True} for entry in done]))
     resumed = _personalise_process(workspace, "--out", "resumed", "--resume")
     _, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr
+    assert json.loads(history.read_text())[0].get("marker"), "--resume trained the finished epochs again"
     straight = bundle.read_bundle(workspace / "straight").load_model()
     again = bundle.read_bundle(workspace / "resumed").load_model()
     for layer in straight.layers:
@@ -214,6 +217,14 @@ def test_more_photos_continue_from_a_personalised_bundle(workspace, attached, cl
     # The generic teacher is carried over untouched; the personal heads keep training.
     np.testing.assert_array_equal(before.get_layer("predictions").get_weights()[0], after.get_layer("predictions").get_weights()[0])
     assert after.output_names == ["exit_0", "exit_1", "exit_2", "final", "generic"]
+    # With no epochs, the heads are P1's exactly: they continue, they are not drawn afresh.
+    assert cli("personalise", "--from", "P1", "--data", "photos", "--personal-classes", "r,g,b", "--out", "P3", *QUICK, "--epochs", "0").exit_code == 0
+    kept = bundle.read_bundle(workspace / "P3").load_model()
+    heads = [layer for layer in before.layers if layer.name.startswith(("exit_", "final_logits")) and layer.get_weights()]
+    assert len(heads) >= 4
+    for layer in heads:
+        for a, b in zip(layer.get_weights(), kept.get_layer(layer.name).get_weights()):
+            np.testing.assert_array_equal(a, b, err_msg=layer.name)
 
 
 def test_label_free_thresholds_are_chosen_on_held_out_photos_by_default(workspace, attached, cli):

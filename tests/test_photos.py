@@ -39,6 +39,10 @@ def test_sixteen_bit_grey_keeps_its_level_and_alpha_is_composited(tmp_path):
     assert deep.shape == (20, 20, 3) and deep.dtype == np.uint8
     assert np.all(deep == 40000 >> 8)  # not clipped to white
     assert photos.load_photo(tmp_path / "grey.png", 20).shape == (20, 20, 3)
+    # Half-transparent (alpha 128) over white, not the colour with its alpha dropped.
+    colour = np.asarray(Image.open(tmp_path / "alpha.png"))[..., :3].astype(float)
+    expected = colour * 128 / 255 + 255 * (1 - 128 / 255)
+    assert np.abs(photos.load_photo(tmp_path / "alpha.png", 40).astype(float) - expected).max() <= 1
 
 
 def test_exif_orientation_is_honoured(tmp_path):

@@ -32,7 +32,7 @@ def test_greedy_stops_before_the_first_mistake_at_zero_drop():
     correct = np.array([[1, 1, 0, 1], [1, 1, 1, 1]])
     thresholds = policy.greedy_thresholds(confidences, correct, correct[-1], policy.max_drop(0.0, 0.0))
     assert thresholds[0] == pytest.approx(0.8)
-    # Allowing a quarter-point drop lets the mistake through, and the right photo after it.
+    # Allowing a drop of 0.25 (a quarter of the photos, one of the four here) lets the mistake through, and the right photo after it.
     loose = policy.greedy_thresholds(confidences, correct, correct[-1], policy.max_drop(0.25, 0.0))
     assert loose[0] == pytest.approx(0.6)
 

@@ -20,6 +20,17 @@ KINDS = ("weak", "strong")
 TEACHER = "teacher"
 
 
+@dataclass(frozen=True)
+class Plan:
+    """Which photos go through the backbone, at what size, how many views, in what batches."""
+
+    paths: list[Path]
+    size: int
+    views: int
+    seed: int
+    batch: int
+
+
 @dataclass
 class FeatureCache:
     directory: Path
@@ -35,8 +46,9 @@ class FeatureCache:
         return np.asarray(self.arrays[(name, kind)][view, index], np.float32)
 
 
-def build(directory: Path, feature_model, head_names: list[str], paths, size: int, views: int, seed: int, batch: int, progress=None) -> FeatureCache:
+def build(directory: Path, feature_model, head_names: list[str], plan: Plan, progress=None) -> FeatureCache:
     """Fill the cache, or open it if a finished one is there (same photos, views and seed)."""
+    paths, size, views, seed, batch = plan.paths, plan.size, plan.views, plan.seed, plan.batch
     key = {"photos": len(paths), "views": views, "seed": seed, "heads": head_names, "size": size}
     done = directory / "complete.json"
     if done.is_file() and json.loads(done.read_text())["key"] == key:

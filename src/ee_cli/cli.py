@@ -76,8 +76,23 @@ def _floats(text: Optional[str], option: str) -> Optional[tuple[float, ...]]:
         raise UserError(f"{option} expects comma-separated numbers such as 0.25,0.5,0.75, not {text!r}") from None
 
 
+def _flags(given: dict, *, leave_out: tuple[str, ...] = ()) -> dict:
+    """A command's parameters as config flags: an unset switch (False) overrides nothing."""
+    skip = {"config", "as_json", *leave_out}
+    return {name: None if value is False else value for name, value in given.items() if name not in skip}
+
+
 def _names(text: Optional[str]) -> Optional[tuple[str, ...]]:
     return None if text is None else tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _echo_json(result) -> None:
+    typer.echo(json.dumps({"bundle": str(result.bundle_path), "run": str(result.run_dir), "metrics": result.metrics}, indent=2))
+
+
+def _source_line(verb: str, result) -> str:
+    taken = " (the latest bundle written here; --bundle chooses another)" if result.source_implicit else ""
+    return f"{verb} [bold]{result.source}[/]{taken}"
 
 
 def _console():
@@ -107,15 +122,12 @@ def attach(
     as_json: Annotated[bool, JSON_OPTION] = False,
 ) -> None:
     """Graft early exits onto a pretrained CNN and write a multi-exit bundle."""
+    flags = _flags(locals(), leave_out=("list_graft_points",))
     with user_errors():
         from ee_cli.attach import attach as run_attach, survey
         from ee_cli.config import AttachConfig, resolve
 
-        flags = dict(
-            backbone=backbone, weights=weights, input_size=input_size, num_classes=num_classes, classes=classes,
-            exits=_floats(exits, "--exits"), exit_layers=_names(exit_layers), head=head, out=out,
-            exist_ok=exist_ok or None, seed=seed,
-        )
+        flags |= {"exits": _floats(exits, "--exits"), "exit_layers": _names(exit_layers)}
         settings = resolve(AttachConfig, "attach", config, flags)
         with _status(f"Building {settings.backbone}" + ("" if list_graft_points else " and grafting exits"), quiet=as_json):
             result = survey(settings) if list_graft_points else run_attach(settings)
@@ -181,29 +193,20 @@ def personalise(
     as_json: Annotated[bool, JSON_OPTION] = False,
 ) -> None:
     """Train the exits of a bundle on one person's photos, mostly unlabelled (backbone frozen)."""
+    flags = _flags(locals(), leave_out=("no_cache",)) | {"cache": False if no_cache else None}
     with user_errors():
         from ee_cli.config import PersonaliseConfig, resolve
         from ee_cli.personalise import personalise as run_personalise
 
-        flags = dict(
-            data=data, labelled=labelled, bundle=bundle, adapt_bn=adapt_bn, personal_classes=personal_classes,
-            class_share=class_share, views=views, epochs=epochs, batch=batch, learning_rate=learning_rate,
-            threshold=threshold, temperature=temperature, distill_weight=distill_weight, pseudo_weight=pseudo_weight,
-            fixmatch_weight=fixmatch_weight, supervised_weight=supervised_weight, exit_teacher=exit_teacher, holdout=holdout,
-            max_drop=max_drop, margin_z=margin_z, cache=False if no_cache else None, engine=engine, resume=resume or None, quiet=quiet or None,
-            out=out, exist_ok=exist_ok or None, seed=seed,
-        )
         settings = resolve(PersonaliseConfig, "personalise", config, flags)
         with _progress(quiet=settings.quiet or as_json) as progress:
             result = run_personalise(settings, progress)
     if as_json:
-        typer.echo(json.dumps({"bundle": str(result.bundle_path), "run": str(result.run_dir), "metrics": result.metrics}, indent=2))
-        return
+        return _echo_json(result)
     from ee_cli.render import personalise_report
 
     console = _console()
-    taken = " (the latest bundle written here; --bundle chooses another)" if result.source_implicit else ""
-    console.print(f"Personalised [bold]{result.source}[/]{taken}")
+    console.print(_source_line("Personalised", result))
     console.print(personalise_report(result.meta, result.metrics))
     console.print(f"Bundle written to [bold]{result.bundle_path}[/]; run details in {result.run_dir}")
     console.print("Next: [bold cyan]ee evaluate --data ./labelled_test_photos[/]  or  [bold cyan]ee export --tflite[/]")
@@ -255,26 +258,20 @@ def evaluate(
     as_json: Annotated[bool, JSON_OPTION] = False,
 ) -> None:
     """Profile every exit on labelled photos and calibrate the exit thresholds."""
+    flags = _flags(locals())
     with user_errors():
         from ee_cli.config import EvaluateConfig, resolve
         from ee_cli.evaluate import evaluate as run_evaluate
 
-        flags = dict(
-            data=data, bundle=bundle, calibrate_split=calibrate_split, max_drop=max_drop, use=use, margin_z=margin_z,
-            criterion=criterion, calibrate_on=calibrate_on, generic_bundle=generic_bundle, latency_runs=latency_runs,
-            tflite=tflite, threads=threads, quiet=quiet or None, out=out, exist_ok=exist_ok or None, seed=seed,
-        )
         settings = resolve(EvaluateConfig, "evaluate", config, flags)
         with _progress(quiet=settings.quiet or as_json) as progress:
             result = run_evaluate(settings, progress)
     if as_json:
-        typer.echo(json.dumps({"bundle": str(result.bundle_path), "run": str(result.run_dir), "metrics": result.metrics}, indent=2))
-        return
+        return _echo_json(result)
     from ee_cli.render import evaluate_report
 
     console = _console()
-    taken = " (the latest bundle written here; --bundle chooses another)" if result.source_implicit else ""
-    console.print(f"Profiled [bold]{result.source}[/]{taken}")
+    console.print(_source_line("Profiled", result))
     console.print(evaluate_report(result.metrics))
     console.print(f"Plot: {result.plot}   Details: {result.run_dir}")
     console.print(f"Bundle with the '{result.metrics['used']}' thresholds written to [bold]{result.bundle_path}[/]")
@@ -309,6 +306,7 @@ def export_command(
     as_json: Annotated[bool, JSON_OPTION] = False,
 ) -> None:
     """Export a bundle as quantised multi-exit TFLite files with a staged early-exit cascade."""
+    flags = _flags(locals(), leave_out=("tflite",))
     with user_errors():
         if not tflite:
             raise UserError("say which format: --tflite (the only one so far)")
@@ -316,11 +314,6 @@ def export_command(
         from ee_cli.export import ValidationFailed
         from ee_cli.export import export as run_export
 
-        flags = dict(
-            quant=quant, input_type=input_type, bundle=bundle, calibration=calibration, validate=validate,
-            max_accuracy_drop=max_accuracy_drop, qat=qat or None, qat_steps=qat_steps, policy=policy, calibration_photos=calibration_photos, validation_photos=validation_photos, trainable=trainable or None, threads=threads, quiet=quiet or None, out=out,
-            exist_ok=exist_ok or None, seed=seed,
-        )
         settings = resolve(ExportConfig, "export", config, flags)
         failure = None
         try:
@@ -328,42 +321,48 @@ def export_command(
                 result = run_export(settings, progress)
         except ValidationFailed as failed:
             failure, result = failed, failed.result
-    if as_json:
-        typer.echo(json.dumps({"out": str(result.out), "manifest": result.manifest}, indent=2))
-    else:
-        from ee_cli.render import export_report
-
-        console = _console()
-        taken = " (the latest bundle written here; --bundle chooses another)" if result.source_implicit else ""
-        console.print(f"Exported [bold]{result.source}[/]{taken}")
-        console.print(export_report(result.manifest))
-        console.print(f"Files in [bold]{result.out}[/]")
-        if failure is None:
-            console.print(f"Next: [bold cyan]ee run --tflite {result.out} --data ./test_photos[/]")
+    _print_export(result, failed=failure is not None, as_json=as_json)
     if failure is not None:
         typer.echo(f"validation failed: {failure}", err=True)
         raise typer.Exit(1)
 
 
+def _print_export(result, failed: bool, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps({"out": str(result.out), "manifest": result.manifest}, indent=2))
+        return
+    from ee_cli.render import export_report
+
+    console = _console()
+    console.print(_source_line("Exported", result))
+    console.print(export_report(result.manifest))
+    console.print(f"Files in [bold]{result.out}[/]")
+    if not failed:
+        console.print(f"Next: [bold cyan]ee run --tflite {result.out} --data ./test_photos[/]")
+
+
 @app.command(
     name="run",
     rich_help_panel="On device",
-    epilog="Example:  ee run --tflite exports/my-int8_full --data ./test_photos --threads 1",
+    epilog="Examples:  ee run --tflite exports/my-int8_full --data ./test_photos   ·   ee run --tflite exports/my-none --data ./test_photos --threads 4 --limit 500",
 )
 def run_command(
-    tflite: Annotated[Optional[str], typer.Option("--tflite", help="An `ee export` folder.")] = None,
-    data: Annotated[Optional[str], typer.Option(help="Photos: labelled (one sub-folder per class) for accuracy, or unlabelled.")] = None,
-    threads: Annotated[int, typer.Option(help="LiteRT threads.")] = 1,
-    limit: Annotated[Optional[int], typer.Option(help="Use at most this many photos.")] = None,
+    tflite: Annotated[Optional[str], typer.Option("--tflite", help="An `ee export` folder.", rich_help_panel="Photos")] = None,
+    data: Annotated[Optional[str], typer.Option(help="Photos: labelled (one sub-folder per class) for accuracy, or unlabelled.", rich_help_panel="Photos")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Use at most this many photos, drawn with --seed (default all).", rich_help_panel="Photos")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="LiteRT threads (default 1).", rich_help_panel="Run")] = None,
+    profile_runs: Annotated[Optional[int], typer.Option(help="Timed calls per stage and per exit path in the latency profile (default 200).", rich_help_panel="Run")] = None,
+    seed: Annotated[Optional[int], SEED_OPTION] = None,
+    config: Annotated[Optional[Path], CONFIG_OPTION] = None,
     as_json: Annotated[bool, JSON_OPTION] = False,
 ) -> None:
     """Run the exported early-exit cascade in LiteRT photo by photo: accuracy, exit histogram, real latency."""
+    flags = _flags(locals())
     with user_errors():
-        from ee_cli.engine import run_cascade
+        from ee_cli.config import RunConfig, resolve
+        from ee_cli.run import run_cascade
 
-        if not tflite or not data:
-            raise UserError("--tflite DIR and --data DIR are required")
-        report = run_cascade(Path(tflite), Path(data), threads, limit)
+        report = run_cascade(resolve(RunConfig, "run", config, flags))
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return

@@ -134,3 +134,13 @@ class ExportConfig:
     trainable: bool = False  # also write personalise.tflite: the exits and early BN statistics trainable on the phone
     threads: int = 1
     quiet: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    tflite: str | None = None  # an `ee export` folder
+    data: str | None = None  # labelled photos (one sub-folder per class) for accuracy, or unlabelled
+    threads: int = 1  # LiteRT threads
+    limit: int | None = None  # at most this many photos, drawn with --seed
+    profile_runs: int = 200  # timed calls per stage and per exit path in the latency profile
+    seed: int = 0

@@ -30,6 +30,18 @@ class Deployment:
 
 
 @dataclass(frozen=True)
+class Runtime:
+    """How to build and time the runtime's files for a given set of exits."""
+
+    convert_cascade: Callable[[list[int]], bytes]  # exit indices -> cascade.tflite bytes
+    convert_heads: Callable[[list[int]], bytes]  # exit indices -> each head alone, one signature each
+    plain: Path  # the plain model (final.tflite), already written
+    pixels: np.ndarray  # one photo to time on
+    threads: int
+    scratch: Path  # where candidate files are written while they are timed
+
+
+@dataclass(frozen=True)
 class Profile:
     stage_ms: np.ndarray  # each cascade stage's signature call (with its head)
     head_ms: np.ndarray  # each head alone, from the graft point's activations
@@ -40,8 +52,7 @@ class Profile:
         return policy.StageCosts(np.maximum(segments, 0.0), self.head_ms, "LiteRT ms", plain_cost=self.plain_ms)
 
 
-def choose(source: bundle.Bundle, convert_cascade: Callable[[list[int]], bytes], convert_heads: Callable[[list[int]], bytes],
-           plain: Path, pixels: np.ndarray, threads: int, scratch: Path, measured: bool = True) -> Deployment:
+def choose(source: bundle.Bundle, runtime: Runtime, measured: bool = True) -> Deployment:
     """The cascade to deploy: the bundle's exits with thresholds, re-chosen on measured costs
     (`measured`), or as recorded."""
     recorded = bundle.exit_policy(source.meta)
@@ -49,24 +60,24 @@ def choose(source: bundle.Bundle, convert_cascade: Callable[[list[int]], bytes],
     candidates = [i for i, t in enumerate(recorded_thresholds) if t is not None]
     if not candidates:
         why = recorded.reason if recorded and recorded.reason else "the bundle has no exit thresholds"
-        return Deployment([], [], convert_cascade([]), {"reason": f"plain model: {why}", "from_bundle": _summary(recorded)})
+        return Deployment([], [], runtime.convert_cascade([]), {"reason": f"plain model: {why}", "from_bundle": _summary(recorded)})
     evidence = source.evidence()
     if evidence is None or not measured:
         why = "--policy recorded" if not measured else "the bundle holds no per-photo evidence to re-choose them"
         thresholds = [recorded_thresholds[i] for i in candidates]
-        return Deployment(candidates, thresholds, convert_cascade(candidates), {"reason": f"thresholds as recorded ({why})", "from_bundle": _summary(recorded)})
-    return _rechoose(recorded, evidence, candidates, convert_cascade, convert_heads, plain, pixels, threads, scratch)
+        return Deployment(candidates, thresholds, runtime.convert_cascade(candidates), {"reason": f"thresholds as recorded ({why})", "from_bundle": _summary(recorded)})
+    return _rechoose(recorded, evidence, candidates, runtime)
 
 
-def _rechoose(recorded, evidence, candidates, convert_cascade, convert_heads, plain, pixels, threads, scratch) -> Deployment:
+def _rechoose(recorded: bundle.ExitPolicy, evidence: policy.Evidence, candidates: list[int], runtime: Runtime) -> Deployment:
     """Measure the cascade of the current exits, choose among their subsets, repeat until stable."""
     exits, rounds = list(candidates), []
     while True:
-        cascade = convert_cascade(exits)
+        cascade = runtime.convert_cascade(exits)
         if not exits:
-            rounds.append({"exits": [], "plain_ms": _plain_ms(plain, pixels, threads)})
+            rounds.append({"exits": [], "plain_ms": measure_plain(runtime)})
             return Deployment([], [], cascade, _record(recorded, rounds, None, "plain model: no exit is predicted to pay for its cost in LiteRT"))
-        profile = measure(cascade, convert_heads(exits), plain, pixels, threads, scratch)
+        profile = measure(cascade, runtime.convert_heads(exits), runtime)
         local = policy.Evidence(evidence.confidences[exits], evidence.correct[[*exits, -1]], evidence.reference)
         choice = policy.cheapest_cascade(local, policy.constraint_from(recorded.constraint), profile.costs())
         kept = [exit_ for exit_, t in zip(exits, choice.thresholds) if t < policy.NEVER]
@@ -77,9 +88,10 @@ def _rechoose(recorded, evidence, candidates, convert_cascade, convert_heads, pl
         exits = kept
 
 
-def measure(cascade: bytes, heads: bytes, plain: Path, pixels: np.ndarray, threads: int, scratch: Path) -> Profile:
+def measure(cascade: bytes, heads: bytes, runtime: Runtime) -> Profile:
     """Median LiteRT milliseconds of each stage, each head alone and the plain model on one photo,
     timed in turns so that drift in the machine's speed hits them alike."""
+    pixels, threads, scratch = runtime.pixels, runtime.threads, runtime.scratch
     cascade_path, heads_path = scratch / "profile-cascade.tflite", scratch / "profile-heads.tflite"
     cascade_path.write_bytes(cascade)
     heads_path.write_bytes(heads)
@@ -89,8 +101,7 @@ def measure(cascade: bytes, heads: bytes, plain: Path, pixels: np.ndarray, threa
         head_interpreter = litert.interpreter(heads_path, threads)
         heads = [litert.Runner(head_interpreter, key) for key in litert.stage_keys(head_interpreter)]
         head_inputs = [litert.hand_on(carried, stage.input_detail, head.input_detail) for head, stage, carried in zip(heads, engine.stages[1:], stage_inputs[1:])]
-        plain_runner = litert.Runner(litert.interpreter(plain, threads), "serving_default")
-        calls = {"plain": lambda: plain_runner(pixels[None])}
+        calls = {"plain": _plain_call(runtime)}
         calls |= {f"stage_{i}": (lambda s=stage, x=x: s.raw(x)) for i, (stage, x) in enumerate(zip(engine.stages, stage_inputs))}
         calls |= {f"head_{i}": (lambda h=head, x=x: h.raw(x)) for i, (head, x) in enumerate(zip(heads, head_inputs))}
         times = {name: 1000 * float(np.median(found)) for name, found in litert.alternating_wall_times(calls, PROFILE_RUNS).items()}
@@ -101,9 +112,14 @@ def measure(cascade: bytes, heads: bytes, plain: Path, pixels: np.ndarray, threa
     return Profile(stage_ms, np.array([times[f"head_{i}"] for i in range(len(heads))]), times["plain"])
 
 
-def _plain_ms(plain: Path, pixels: np.ndarray, threads: int) -> float:
-    runner = litert.Runner(litert.interpreter(plain, threads), "serving_default")
-    return 1000 * float(np.median(litert.wall_times(lambda: runner(pixels[None]), PROFILE_RUNS)))
+def measure_plain(runtime: Runtime) -> float:
+    """Median LiteRT milliseconds of the plain model on one photo."""
+    return 1000 * float(np.median(litert.wall_times(_plain_call(runtime), PROFILE_RUNS)))
+
+
+def _plain_call(runtime: Runtime) -> Callable[[], Any]:
+    runner = litert.Runner(litert.interpreter(runtime.plain, runtime.threads), "serving_default")
+    return lambda: runner(runtime.pixels[None])
 
 
 def _summary(recorded: bundle.ExitPolicy | None) -> dict[str, Any] | None:

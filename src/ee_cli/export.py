@@ -43,6 +43,21 @@ class ExportResult:
     source_implicit: bool
 
 
+@dataclass(frozen=True)
+class ExportPhotos:
+    calibration: np.ndarray | None  # float pixels the int8 converter calibrates on
+    validation: np.ndarray  # held-out pixels LiteRT is checked on
+    labels: np.ndarray | None  # class names of the validation photos, where known
+    note: str  # which photos validated, for the manifest
+
+
+@dataclass(frozen=True)
+class Written:
+    files: dict[str, int]  # file name -> bytes
+    enabled: list[dict]  # the exits the cascade uses, each with its threshold
+    deployment: deploy.Deployment
+
+
 @dataclass
 class Signature:
     key: str
@@ -64,21 +79,20 @@ def export(config: ExportConfig, progress=None) -> ExportResult:
     out = Path(config.out) if config.out else _default_out(source.path.name, config.quant)
     _check_output(out, config.exist_ok)
     size = int(meta["input"]["shape"][0])
-    calibration, validation, validation_labels, validation_note = _photos(config, meta, size)
+    chosen = _photos(config, meta, size)
     model = source.load_model()
     exported = model
     if config.qat:
         from ee_cli.qat import quantisation_aware_heads
 
         progress("Quantisation-aware training of the heads", 0.0, f"{config.qat_steps} steps")
-        exported = quantisation_aware_heads(model, meta, calibration, config.qat_steps, seed=config.seed)
+        exported = quantisation_aware_heads(model, meta, chosen.calibration, config.qat_steps, seed=config.seed)
     with runs.staged_folder(out) as staging:
-        files, enabled, deployment = _write_tflite(staging, source, exported, calibration, validation, config, progress)
+        written = _write_tflite(staging, source, exported, chosen, config, progress)
         progress("Validating in LiteRT", 0.0, "")
-        outputs = [e["name"] for e in meta["exits"]] + ["final"]
-        validation_report = validate(model, staging / "multi_exit.tflite", outputs, validation, validation_labels, meta, config)
+        validation_report = validate(model, staging / "multi_exit.tflite", chosen, meta, config)
         progress("Validating in LiteRT", 1.0, "")
-        manifest = _manifest(meta, source.path, config, files, enabled, staging, validation_report, validation_note, deployment.record)
+        manifest = _manifest(source, config, written, staging, validation_report)
         if config.trainable:  # personalise.tflite: the phone trains its exits in LiteRT (builtin ops only)
             from ee_cli.ondevice import write_trainable
 
@@ -90,10 +104,10 @@ def export(config: ExportConfig, progress=None) -> ExportResult:
     return result
 
 
-def _write_tflite(staging: Path, source, exported, calibration, validation, config: ExportConfig, progress):
+def _write_tflite(staging: Path, source, exported, chosen: ExportPhotos, config: ExportConfig, progress) -> Written:
     """The plain and multi-exit files, the cascade whose exits are chosen on measured costs, and a
-    file per exit the cascade uses. Returns the file sizes, the exits used, and the choice."""
-    meta = source.meta
+    file per exit the cascade uses."""
+    meta, calibration = source.meta, chosen.calibration
     exit_names = [e["name"] for e in meta["exits"]]
     files: dict[str, int] = {}
 
@@ -105,20 +119,22 @@ def _write_tflite(staging: Path, source, exported, calibration, validation, conf
     for filename, signatures in _whole_model_jobs(exported, exit_names, calibration):
         write(filename, signatures)
     progress("Choosing the cascade's exits on LiteRT's measured costs", 0.0, "")
-    deployment = deploy.choose(
-        source,
-        lambda exits: convert(_cascade_signatures(exported, [meta["exits"][i] for i in exits], calibration), config),
-        lambda exits: convert(_head_signatures(exported, [meta["exits"][i] for i in exits], calibration), config),
-        staging / "final.tflite", (calibration if calibration is not None else validation)[0], config.threads, staging,
-        measured=config.policy == "measured",
+    runtime = deploy.Runtime(
+        convert_cascade=lambda exits: convert(_cascade_signatures(exported, [meta["exits"][i] for i in exits], calibration), config),
+        convert_heads=lambda exits: convert(_head_signatures(exported, [meta["exits"][i] for i in exits], calibration), config),
+        plain=staging / "final.tflite",
+        pixels=(calibration if calibration is not None else chosen.validation)[0],
+        threads=config.threads,
+        scratch=staging,
     )
+    deployment = deploy.choose(source, runtime, measured=config.policy == "measured")
     enabled = [meta["exits"][i] | {"threshold": t} for i, t in zip(deployment.exits, deployment.thresholds)]
     write("cascade.tflite", deployment.cascade)
     for exit_ in enabled:
         prefix = stages.segment(exported, None, [exit_["name"]], exit_["name"], softmax=(exit_["name"],))
         write(f"{exit_['name']}.tflite", [Signature("serving_default", prefix, {exit_["name"]: "probabilities"}, calibration)])
     progress("Converting to TFLite", 1.0, "")
-    return files, enabled, deployment
+    return Written(files, enabled, deployment)
 
 
 def _check(config: ExportConfig) -> None:
@@ -148,7 +164,7 @@ def _check_output(out: Path, exist_ok: bool) -> None:
         raise UserError(f"{out} exists and is not an ee export: refusing to replace it even with --exist-ok")
 
 
-def _photos(config: ExportConfig, meta, size: int):
+def _photos(config: ExportConfig, meta, size: int) -> ExportPhotos:
     """Calibration photos (the person's own) and disjoint held-out validation photos."""
     folder = config.calibration or (meta.get("personal_photos") or {}).get("data")
     if config.quant in INT8_MODES and not folder:
@@ -178,7 +194,7 @@ def _photos(config: ExportConfig, meta, size: int):
     validation = photos.load_array([validation_paths[i] for i in keep], size).astype(np.float32)
     labels = labels[keep] if labels is not None else None
     calibration = photos.load_array(calibration_paths, size).astype(np.float32) if calibration_paths else None
-    return calibration, validation, labels, note
+    return ExportPhotos(calibration, validation, labels, note)
 
 
 def _whole_model_jobs(model, exit_names, calibration) -> list[tuple[str, list[Signature]]]:
@@ -273,8 +289,10 @@ def _representative(signatures: list[Signature]) -> Iterator:
                 yield signature.key, {"x": sample[None]}
 
 
-def validate(model, path: Path, outputs: list[str], images: np.ndarray, labels, meta, config: ExportConfig) -> dict[str, Any]:
+def validate(model, path: Path, chosen: ExportPhotos, meta, config: ExportConfig) -> dict[str, Any]:
     """Per exit: top-1 agreement of LiteRT with float Keras, and the accuracy delta where labels exist."""
+    images, labels = chosen.validation, chosen.labels
+    outputs = [e["name"] for e in meta["exits"]] + ["final"]
     keras = compat.keras()
     tf = compat.tf()
     reference = keras.Model(model.inputs, [model.get_layer(name).output for name in outputs])
@@ -299,7 +317,7 @@ def validate(model, path: Path, outputs: list[str], images: np.ndarray, labels, 
             failure = f"{name} returns non-finite values in LiteRT"
         elif "accuracy_delta_points" in entry and -entry["accuracy_delta_points"] > config.max_accuracy_drop and failure is None:
             failure = f"{name} loses {-entry['accuracy_delta_points']:.2f} points against float Keras (bound {config.max_accuracy_drop})"
-    return {"photos": len(images), "labelled": labels is not None, "exits": report, "passed": failure is None, "failure": failure}
+    return {"photos": len(images), "labelled": labels is not None, "on": chosen.note, "exits": report, "passed": failure is None, "failure": failure}
 
 
 def _stage_io(stage: litert.Runner) -> dict[str, Any]:
@@ -321,15 +339,16 @@ def _cascade_weights(sizes: dict[str, int], enabled) -> str:
     )
 
 
-def _manifest(meta, source: Path, config, files, enabled, staging: Path, validation, validation_note, choice) -> dict[str, Any]:
+def _manifest(source: bundle.Bundle, config: ExportConfig, written: Written, staging: Path, validation: dict) -> dict[str, Any]:
+    meta, enabled = source.meta, written.enabled
     cascade = litert.interpreter(staging / "cascade.tflite", 1)
     keys = litert.stage_keys(cascade)
     stage_io = [_stage_io(litert.Runner(cascade, key)) for key in keys]
     pixels = stage_io[0]["input"]
-    sizes = {name: size for name, size in files.items()}
+    sizes = dict(written.files)
     used = {e["name"]: e["threshold"] for e in enabled}
     return {
-        "bundle": str(source.resolve()),
+        "bundle": str(source.path.resolve()),
         "quant": config.quant,
         "qat": config.qat,
         "input": {
@@ -354,9 +373,9 @@ def _manifest(meta, source: Path, config, files, enabled, staging: Path, validat
             "stops_after": [e["name"] for e in enabled] + ["final"],
             "thresholds": [e["threshold"] for e in enabled],
             "weights": _cascade_weights(sizes, enabled),
-            "policy": choice,
+            "policy": written.deployment.record,
         },
-        "validation": validation | {"on": validation_note},
+        "validation": validation,
         "config": as_dict(config),
         "versions": compat.versions(),
     }

@@ -75,6 +75,12 @@ def hand_on(features: np.ndarray, produced: dict, wanted: dict) -> np.ndarray:
     return quantise(dequantise(features, produced), wanted)
 
 
+def usable_threshold(threshold: float | None, detail: dict) -> float:
+    """The threshold the engine compares with: never leaving (2.0) for an exit that is off, and at
+    most the highest probability the output's type can hold, so that a calibrated exit can fire."""
+    return 2.0 if threshold is None else min(threshold, highest_probability(detail))
+
+
 def highest_probability(detail: dict) -> float:
     """The largest probability an output can hold: 1 in float, (max - zero point) x scale quantised."""
     if np.issubdtype(detail["dtype"], np.floating):
@@ -113,7 +119,7 @@ class CascadeEngine:
             raise ValueError(f"{len(self.stages)} stages need {len(self.stages) - 1} thresholds")
         # None: never calibrated, never leaves. A uint8 probability tops out at 255/256: a threshold
         # above that (0.9975 was calibrated in float for the demo's first exit) would never fire.
-        self.thresholds = [2.0 if t is None else min(t, highest_probability(stage.outputs["probabilities"])) for t, stage in zip(thresholds, self.stages)]
+        self.thresholds = [usable_threshold(t, stage.outputs["probabilities"]) for t, stage in zip(thresholds, self.stages)]
 
     def classify(self, pixels: np.ndarray, thresholds: list[float] | None = None) -> tuple[int, np.ndarray]:
         thresholds = self.thresholds if thresholds is None else thresholds

@@ -17,13 +17,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from ee_cli import adapt, augment, cache, compat, litert, ondevice, photos, runs
 from ee_cli.errors import UserError
-from ee_cli.personalise import CachedBatches
+from ee_cli.personalise import CachedBatches, epoch_plan
 
 JOB_FILE = "litert_job.json"
 STATE_FILE = "litert_state.npz"
@@ -34,9 +34,10 @@ ARTEFACT = ondevice.FILE
 
 # ---- the parent: TensorFlow is there; it prepares the job and copies the result back ----
 
-def personalise_heads(personal_model, heads, paths, roles, personal, config, run_dir: Path, progress) -> tuple[cache.FeatureCache, list[dict]]:
-    """Train `heads` through LiteRT on the same photos, roles and settings as the TensorFlow engine;
-    returns the feature cache and the per-epoch history, as the TensorFlow path has them."""
+def personalise_heads(job, config, run_dir: Path, progress) -> tuple[cache.FeatureCache, list[dict]]:
+    """Train the job's heads through LiteRT on the same photos, roles and settings as the TensorFlow
+    engine; returns the feature cache and the per-epoch history, as the TensorFlow path has them."""
+    personal_model, heads, paths, roles, personal = job.personal_model, job.heads, job.paths, job.roles, job.personal
     trainable = ondevice.trainable_heads(heads)
     artefact = run_dir / ARTEFACT
     if not artefact.is_file():  # a resumed run keeps the artefact it started with
@@ -203,14 +204,6 @@ def _store(arrays: dict, directory: Path, outputs: dict[str, np.ndarray], job, v
         arrays[(name, kind)][view, indices] = values
 
 
-def epoch_plan(rng: np.random.Generator, job, batch: int) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
-    """Each step's unlabelled photos and labelled photos, drawn from `rng` in train_heads' order."""
-    order = rng.permutation(np.asarray(job["train_unlabelled"], int))
-    labelled = rng.permutation(np.asarray(job["train_labelled"], int)) if job["train_labelled"] else None
-    for start in range(0, max(1, len(order) // batch) * batch, batch):
-        yield order[start : start + batch], None if labelled is None else np.resize(np.roll(labelled, -start), min(batch, len(labelled)))
-
-
 class HeadsInLiteRT:
     """The artefact's train / get_weights / set_weights signatures, fed from the feature cache."""
 
@@ -226,7 +219,7 @@ class HeadsInLiteRT:
         batch = self.inputs["teacher"]["shape"][0]
         sums: dict[str, float] = {}
         steps = 0
-        for indices, labelled in epoch_plan(rng, job, batch):
+        for indices, labelled in epoch_plan(rng, job["train_unlabelled"], job["train_labelled"], batch):
             weak, strong, teacher = batches.batch(indices, epoch, rng)
             feed = {f"{h}_{kind}": values[i] for i, h in enumerate(self.heads) for kind, values in (("weak", weak), ("strong", strong))}
             feed |= self._labelled(batches, labelled, job, epoch, rng) | {"teacher": teacher}

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -67,10 +67,36 @@ class Adapted:
 
 
 @dataclass(frozen=True)
+class Job:
+    """What the heads train on: the personal model, its heads, the photos and their roles."""
+
+    personal_model: Any
+    heads: list[PersonalHead]
+    paths: list[Path]
+    roles: Roles
+    personal: np.ndarray  # the personal classes, as indices into the bundle's classes
+
+    @property
+    def size(self) -> int:
+        return int(self.personal_model.input_shape[1])
+
+
+@dataclass(frozen=True)
 class Trained:
     features: Any  # the feature cache, or None (--no-cache)
     history: list[dict]
     seconds: float
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Everything one run found, from the photos to the exit policy: what metrics and meta report."""
+
+    found: Found
+    adapted: Adapted
+    trained: Trained
+    scores: dict[str, Any]  # held-out accuracy or agreement per exit
+    chosen: bundle.ExitPolicy
 
 
 def personalise(config: PersonaliseConfig, progress: Progress | None = None) -> PersonaliseResult:
@@ -85,14 +111,14 @@ def personalise(config: PersonaliseConfig, progress: Progress | None = None) -> 
     adapted = _adapt(config, source, found, progress)
     compat.seed_everything(config.seed)
     personal_model, heads = build_personal_model(adapted.model, meta.get("output_classes") or meta["classes"], meta["classes"], adapted.personal)
-    roles = _roles(len(found.unlabelled), found.labelled, adapted.personal, config)
-    trained = _train(config, personal_model, heads, found.paths, roles, np.array(adapted.personal), run_dir, progress)
-    scores, evidence = _holdout_evidence(personal_model, heads, found.paths, roles, _size(meta), photos.inference_batch(_size(meta)))
-    chosen = _label_free_policy(evidence, meta, config)
-    metrics = _metrics(config, meta["classes"], found, adapted, trained, scores, chosen)
-    new_meta = _personalised_meta(meta, source.path, config, adapted, len(found.unlabelled), scores, chosen)
+    job = Job(personal_model, heads, found.paths, _roles(len(found.unlabelled), found.labelled, adapted.personal, config), np.array(adapted.personal))
+    trained = _train(config, job, run_dir, progress)
+    scores, evidence = _holdout_evidence(job)
+    outcome = Outcome(found, adapted, trained, scores, _label_free_policy(evidence, meta, config))
+    metrics = _metrics(config, meta["classes"], outcome)
+    new_meta = _personalised_meta(meta, source.path, config, outcome)
     runs.write_json(run_dir / "metrics.json", metrics)
-    bundle.write_bundle(out, personal_model, new_meta, config.exist_ok, evidence=evidence if chosen.predicted else None)
+    bundle.write_bundle(out, personal_model, new_meta, config.exist_ok, evidence=evidence if outcome.chosen.predicted else None)
     runs.write_json(run_dir / "state.json", {"status": "done", "bundle": str(out)})
     return PersonaliseResult(out, run_dir, new_meta, metrics, source.path, source_implicit)
 
@@ -118,30 +144,28 @@ def _adapt(config: PersonaliseConfig, source, found: Found, progress: Progress) 
     return Adapted(model, layers, len(bn_layers), seconds, shares, personal)
 
 
-def _train(config: PersonaliseConfig, personal_model, heads, paths, roles: Roles, personal: np.ndarray, run_dir: Path, progress) -> Trained:
+def _train(config: PersonaliseConfig, job: Job, run_dir: Path, progress: Progress) -> Trained:
     """The heads (the final exit's too) on the feature cache; or every step live (--no-cache); or in LiteRT."""
     started = time.perf_counter()
     if config.engine == "litert":  # through personalise.tflite in LiteRT, in a child process without TensorFlow
         from ee_cli.litert_trainer import personalise_heads
 
-        features, history = personalise_heads(personal_model, heads, paths, roles, personal, config, run_dir, progress)
+        features, history = personalise_heads(job, config, run_dir, progress)
         return Trained(features, history, time.perf_counter() - started)
-    size = int(personal_model.input_shape[1])
     features = None
     if config.cache:
-        feature_model = compat.keras().Model(personal_model.inputs, [h.cache_tensor for h in heads] + [personal_model.get_layer(GENERIC_OUTPUT).output])
-        features = cache.build(
-            run_dir / "cache", feature_model, [h.name for h in heads], paths, size, config.views, config.seed,
-            photos.inference_batch(size), lambda f: progress("Caching features", f, ""),
-        )
-        batches = CachedBatches(features, [h.name for h in heads], config.views)
+        feature_model = compat.keras().Model(job.personal_model.inputs, [h.cache_tensor for h in job.heads] + [job.personal_model.get_layer(GENERIC_OUTPUT).output])
+        plan = cache.Plan(job.paths, job.size, config.views, config.seed, photos.inference_batch(job.size))
+        features = cache.build(run_dir / "cache", feature_model, [h.name for h in job.heads], plan, lambda f: progress("Caching features", f, ""))
+        batches = CachedBatches(features, [h.name for h in job.heads], config.views)
     else:
-        batches = LiveBatches(personal_model, heads, paths, size, config.seed)
-    history = train_heads([head.tail_model() for head in heads], batches, roles, personal, config, run_dir, progress)
+        batches = LiveBatches(job.personal_model, job.heads, job.paths, job.size, config.seed)
+    history = train_heads([head.tail_model() for head in job.heads], batches, job, config, run_dir, progress)
     return Trained(features, history, time.perf_counter() - started)
 
 
-def _metrics(config: PersonaliseConfig, class_names, found: Found, adapted: Adapted, trained: Trained, scores, chosen) -> dict[str, Any]:
+def _metrics(config: PersonaliseConfig, class_names, outcome: Outcome) -> dict[str, Any]:
+    found, adapted, trained = outcome.found, outcome.adapted, outcome.trained
     labelled = found.labelled
     return {
         "photos": {"unlabelled": len(found.unlabelled), "labelled": len(labelled) if labelled else 0, "skipped": _merge_skips(found.unlabelled, labelled)},
@@ -152,8 +176,8 @@ def _metrics(config: PersonaliseConfig, class_names, found: Found, adapted: Adap
         "train_seconds": round(trained.seconds, 2),
         "epochs": config.epochs,
         "last_epoch": trained.history[-1] if trained.history else None,
-        "holdout": scores,
-        "policy": {k: v for k, v in vars(chosen).items() if k != "constraint"},
+        "holdout": outcome.scores,
+        "policy": {k: v for k, v in vars(outcome.chosen).items() if k != "constraint"},
     }
 
 
@@ -279,7 +303,7 @@ class LiveBatches:
         return weak[:-1], strong, weak[-1]
 
 
-def train_heads(tails, batches, roles: Roles, personal: np.ndarray, config: PersonaliseConfig, run_dir: Path, progress: Progress) -> list[dict]:
+def train_heads(tails, batches, job: Job, config: PersonaliseConfig, run_dir: Path, progress: Progress) -> list[dict]:
     """Train every head's tail on its own features; checkpoint each epoch; resume where a run stopped."""
     tf = compat.tf()
     keras = compat.keras()
@@ -294,21 +318,17 @@ def train_heads(tails, batches, roles: Roles, personal: np.ndarray, config: Pers
     if manager.latest_checkpoint:
         checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
         history = json.loads(history_path.read_text())[: int(epoch_done.numpy())]
-    personal_tensor = tf.constant(personal, tf.int32)
+    personal_tensor = tf.constant(job.personal, tf.int32)
+    roles = job.roles
     step = _make_step(tails, optimizer, personal_tensor, config)
-    unlabelled = roles.train_unlabelled
-    steps_per_epoch = max(1, len(unlabelled) // config.batch)
+    steps_per_epoch = max(1, len(roles.train_unlabelled) // config.batch)
     for epoch in range(int(epoch_done.numpy()), config.epochs):
         rng = np.random.default_rng([config.seed, epoch])
-        order = rng.permutation(unlabelled)
-        labelled_order = rng.permutation(roles.train_labelled) if len(roles.train_labelled) else None
         sums: dict[str, float] = {}
-        for number in range(steps_per_epoch):
-            indices = order[number * config.batch : (number + 1) * config.batch]
+        for number, (indices, take) in enumerate(epoch_plan(rng, roles.train_unlabelled, roles.train_labelled, config.batch)):
             weak, strong, teacher = batches.batch(indices, epoch, rng)
             inputs = {"weak": weak, "strong": strong, "teacher": teacher}
-            if labelled_order is not None:
-                take = np.resize(np.roll(labelled_order, -number * config.batch), min(config.batch, len(labelled_order)))
+            if take is not None:
                 labelled_weak, _, _ = batches.batch(take, epoch, rng, with_strong=False)
                 inputs["labelled"], inputs["labels"] = labelled_weak, roles.labels[take].astype(np.int32)
             for key, value in step(inputs).items():
@@ -319,6 +339,16 @@ def train_heads(tails, batches, roles: Roles, personal: np.ndarray, config: Pers
         runs.write_json(history_path, history)
         manager.save()
     return history
+
+
+def epoch_plan(rng: np.random.Generator, unlabelled, labelled, batch: int) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """Each step's unlabelled photos and labelled photos (cycled), drawn from `rng`: one order for
+    both engines, so that TensorFlow and LiteRT train on the same batches."""
+    order = rng.permutation(np.asarray(unlabelled, int))
+    labelled_order = rng.permutation(np.asarray(labelled, int)) if len(labelled) else None
+    for start in range(0, max(1, len(order) // batch) * batch, batch):
+        take = None if labelled_order is None else np.resize(np.roll(labelled_order, -start), min(batch, len(labelled_order)))
+        yield order[start : start + batch], take
 
 
 def _summary(sums: dict[str, float], steps: int) -> str:
@@ -366,16 +396,17 @@ def _make_step(tails, optimizer, personal, config: PersonaliseConfig):
     return step
 
 
-def _holdout_evidence(personal_model, heads, paths, roles: Roles, size: int, batch: int):
+def _holdout_evidence(job: Job):
     """Per exit, on held-out photos: accuracy where labels exist, else agreement with the
     personalised final exit; and the per-photo evidence exit thresholds are chosen from."""
+    personal_model, heads, roles = job.personal_model, job.heads, job.roles
     labelled = len(roles.holdout_labelled) > 0
     indices = roles.holdout_labelled if labelled else roles.holdout_unlabelled
     if len(indices) == 0:
         return {"kind": "none", "photos": 0, "scores": {}}, None
     keras = compat.keras()
     probe = keras.Model(personal_model.inputs, [personal_model.get_layer(h.name).output for h in heads])
-    outputs = [probe(np.asarray(images, np.float32), training=False) for images in photos.dataset([paths[i] for i in indices], size, batch)]
+    outputs = [probe(np.asarray(images, np.float32), training=False) for images in photos.dataset([job.paths[i] for i in indices], job.size, photos.inference_batch(job.size))]
     logits = [np.concatenate([o[k].numpy() for o in outputs]) for k in range(len(heads))]
     truth = roles.labels[indices] if labelled else logits[-1].argmax(1)
     correct = np.stack([(l.argmax(1) == truth) for l in logits]).astype(np.int8)
@@ -411,7 +442,8 @@ def _merge_skips(unlabelled, labelled) -> dict[str, int]:
     return merged
 
 
-def _personalised_meta(meta, source: Path, config, adapted: Adapted, photo_count, scores, chosen: bundle.ExitPolicy) -> dict[str, Any]:
+def _personalised_meta(meta, source: Path, config, outcome: Outcome) -> dict[str, Any]:
+    adapted, scores = outcome.adapted, outcome.scores
     names = [meta["classes"][i] for i in adapted.personal]
     exits = [e | {"trained": True, "holdout_score": scores["scores"].get(e["name"])} for e in meta["exits"]]
     final = meta["final"] | {"trained": True, "personalised": True, "holdout_score": scores["scores"].get("final")}
@@ -420,11 +452,11 @@ def _personalised_meta(meta, source: Path, config, adapted: Adapted, photo_count
         "personal_classes": names,
         "output_classes": names,
         "generic_output": GENERIC_OUTPUT,
-        "adapted_bn": {"layers": adapted.layers, "photos": photo_count},
+        "adapted_bn": {"layers": adapted.layers, "photos": len(outcome.found.unlabelled)},
         "exits": exits,
         "final": final,
         "holdout": {"kind": scores["kind"], "photos": scores["photos"]},
         "personal_photos": {"data": str(Path(config.data).resolve()), "labelled": str(Path(config.labelled).resolve()) if config.labelled else None},
         "provenance": [*meta["provenance"], bundle.provenance("personalise", as_dict(config), source)],
     }
-    return bundle.with_exit_policy(personalised, chosen)  # replaces any earlier command's thresholds
+    return bundle.with_exit_policy(personalised, outcome.chosen)  # replaces any earlier command's thresholds

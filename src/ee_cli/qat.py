@@ -11,13 +11,15 @@ import numpy as np
 from ee_cli import augment, compat, heads
 
 QUANTISABLE = ("Conv2D", "Dense", "BatchNormalization", "ReLU", "GlobalAveragePooling2D")
+BATCH = 32
+LEARNING_RATE = 1e-4
 
 
 def head_names(meta) -> list[str]:
     return [e["name"] for e in meta["exits"]] + ["final"]
 
 
-def quantisation_aware_heads(model, meta, images: np.ndarray, steps: int = 200, batch: int = 32, seed: int = 0, learning_rate: float = 1e-4):
+def quantisation_aware_heads(model, meta, images: np.ndarray, steps: int = 200, seed: int = 0):
     """A copy of `model` whose heads carry fake-quantisation, trained for `steps` steps."""
     tf, keras, tfmot = compat.tf(), compat.keras(), compat.tfmot()
     quantization = tfmot.quantization.keras
@@ -37,7 +39,7 @@ def quantisation_aware_heads(model, meta, images: np.ndarray, steps: int = 200, 
     outputs = [name for name in names if name in student.output_names]
     teacher = keras.Model(model.inputs, [model.get_layer(name).output for name in outputs])
     trainable = [v for v in student.trainable_variables if any(name in v.name for name in names)]
-    optimizer = keras.optimizers.Adam(learning_rate)
+    optimizer = keras.optimizers.Adam(LEARNING_RATE)
     index = [student.output_names.index(name) for name in outputs]
 
     @tf.function
@@ -54,6 +56,6 @@ def quantisation_aware_heads(model, meta, images: np.ndarray, steps: int = 200, 
 
     rng = np.random.default_rng([seed, 31])
     for number in range(steps):
-        take = rng.integers(len(images), size=min(batch, len(images)))
+        take = rng.integers(len(images), size=min(BATCH, len(images)))
         step(augment.weak(images[take], seed, 1000 + number, take))
     return student

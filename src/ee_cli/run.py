@@ -11,16 +11,22 @@ from typing import Any
 import numpy as np
 
 from ee_cli import litert, photos
+from ee_cli.config import RunConfig
 from ee_cli.errors import UserError
 
 
-def run_cascade(folder: Path, data: Path, threads: int, limit: int | None = None, profile_runs: int = 200) -> dict[str, Any]:
+def run_cascade(config: RunConfig) -> dict[str, Any]:
+    if not config.tflite or not config.data:
+        raise UserError("--tflite DIR and --data DIR are required")
+    if config.threads < 1 or (config.limit is not None and config.limit < 1) or config.profile_runs < 1:
+        raise UserError("--threads, --limit and --profile-runs must be at least 1")
+    folder, threads = Path(config.tflite), config.threads
     manifest_path = folder / "manifest.json"
     if not manifest_path.is_file():
         raise UserError(f"{folder} is not an `ee export` folder (no manifest.json)")
     manifest = json.loads(manifest_path.read_text())
     classes = manifest["classes"]
-    images, labels = _photos(data, classes, int(manifest["input"]["shape"][1]), limit)
+    images, labels = _photos(Path(config.data), classes, int(manifest["input"]["shape"][1]), config)
     thresholds = manifest["cascade"]["thresholds"]
     engine = litert.CascadeEngine(folder / "cascade.tflite", thresholds, threads)
     full = litert.Runner(litert.interpreter(folder / "final.tflite", threads), "serving_default")
@@ -38,7 +44,7 @@ def run_cascade(folder: Path, data: Path, threads: int, limit: int | None = None
         "accuracy": None,
     }
     report["speedup"] = report["full_ms"]["mean"] / report["cascade_ms"]["mean"]
-    report["profile"] = _profile(engine, full, images[0], manifest, report, profile_runs)
+    report["profile"] = _profile(engine, full, images[0], manifest, report, config.profile_runs)
     if labels is not None:
         report["accuracy"] = float(np.mean(np.array(classes)[predictions] == labels))
         report["full_accuracy"] = float(np.mean(np.array(classes)[np.array(full_predictions)] == labels))
@@ -99,9 +105,9 @@ def _stats(seconds: np.ndarray) -> dict[str, float]:
     return {"mean": 1000 * float(seconds.mean()), "p50": 1000 * float(np.percentile(seconds, 50)), "p90": 1000 * float(np.percentile(seconds, 90))}
 
 
-def _photos(data: Path, classes: list[str], size: int, limit: int | None):
+def _photos(data: Path, classes: list[str], size: int, config: RunConfig):
     found = photos.scan_folder(data, classes)
     labels = photos.label_names(found, classes)
-    keep = np.random.default_rng(0).permutation(len(found.paths))[:limit] if limit else np.arange(len(found.paths))
+    keep = np.random.default_rng(config.seed).permutation(len(found.paths))[: config.limit] if config.limit else np.arange(len(found.paths))
     images = photos.load_array([found.paths[i] for i in keep], size).astype(np.float32)
     return images, labels[keep] if labels is not None else None
