@@ -195,12 +195,10 @@ def personalise(
     """Train the exits of a bundle on one person's photos, mostly unlabelled (backbone frozen)."""
     flags = _flags(locals(), leave_out=("no_cache",)) | {"cache": False if no_cache else None}
     with user_errors():
-        from ee_cli.config import PersonaliseConfig, resolve
+        from ee_cli.config import PersonaliseConfig
         from ee_cli.personalise import personalise as run_personalise
 
-        settings = resolve(PersonaliseConfig, "personalise", config, flags)
-        with _progress(quiet=settings.quiet or as_json) as progress:
-            result = run_personalise(settings, progress)
+        result = _with_progress(run_personalise, PersonaliseConfig, "personalise", config, flags, as_json)
     if as_json:
         return _echo_json(result)
     from ee_cli.render import personalise_report
@@ -210,6 +208,15 @@ def personalise(
     console.print(personalise_report(result.meta, result.metrics))
     console.print(f"Bundle written to [bold]{result.bundle_path}[/]; run details in {result.run_dir}")
     console.print("Next: [bold cyan]ee evaluate --data ./labelled_test_photos[/]  or  [bold cyan]ee export --tflite[/]")
+
+
+def _with_progress(pipeline, config_class, section: str, toml: Optional[Path], flags: dict, as_json: bool):
+    """Resolve the command's config (defaults < TOML < flags) and run its pipeline under a progress bar."""
+    from ee_cli.config import resolve
+
+    settings = resolve(config_class, section, toml, flags)
+    with _progress(quiet=settings.quiet or as_json) as progress:
+        return pipeline(settings, progress)
 
 
 @contextmanager
@@ -260,12 +267,10 @@ def evaluate(
     """Profile every exit on labelled photos and calibrate the exit thresholds."""
     flags = _flags(locals())
     with user_errors():
-        from ee_cli.config import EvaluateConfig, resolve
+        from ee_cli.config import EvaluateConfig
         from ee_cli.evaluate import evaluate as run_evaluate
 
-        settings = resolve(EvaluateConfig, "evaluate", config, flags)
-        with _progress(quiet=settings.quiet or as_json) as progress:
-            result = run_evaluate(settings, progress)
+        result = _with_progress(run_evaluate, EvaluateConfig, "evaluate", config, flags, as_json)
     if as_json:
         return _echo_json(result)
     from ee_cli.render import evaluate_report
@@ -310,15 +315,13 @@ def export_command(
     with user_errors():
         if not tflite:
             raise UserError("say which format: --tflite (the only one so far)")
-        from ee_cli.config import ExportConfig, resolve
+        from ee_cli.config import ExportConfig
         from ee_cli.export import ValidationFailed
         from ee_cli.export import export as run_export
 
-        settings = resolve(ExportConfig, "export", config, flags)
         failure = None
         try:
-            with _progress(quiet=settings.quiet or as_json) as progress:
-                result = run_export(settings, progress)
+            result = _with_progress(run_export, ExportConfig, "export", config, flags, as_json)
         except ValidationFailed as failed:
             failure, result = failed, failed.result
     _print_export(result, failed=failure is not None, as_json=as_json)
