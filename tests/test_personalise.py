@@ -74,6 +74,23 @@ def test_personalise_writes_a_personalised_bundle(workspace, attached, cli):
     assert metrics["cache"]["bytes"] > 0 and metrics["holdout"]["photos"] == 10
     assert set(metrics["last_epoch"]) >= {"exit_0/distill", "exit_0/fixmatch", "exit_0/mask_rate", "final/pseudo"}
     assert json.loads((run / "config.json").read_text())["epochs"] == 2
+    scalars = _tensorboard_scalars(run / "tensorboard")
+    assert scalars["exit_0/distill"] == [1, 2] and scalars["final/mask_rate"] == [1, 2]
+    assert scalars["exit_2/holdout_agreement"] == [1, 2] and "final/holdout_agreement" not in scalars
+
+
+def _tensorboard_scalars(folder: Path) -> dict[str, list[int]]:
+    """Every scalar tag in the event files under `folder`, with the steps (epochs) it was written at."""
+    from ee_cli import compat
+
+    tf = compat.tf()
+    found: dict[str, list[int]] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        for record in tf.data.TFRecordDataset(str(path)):
+            event = tf.compat.v1.Event.FromString(record.numpy())
+            for value in event.summary.value:
+                found.setdefault(value.tag, []).append(int(event.step))
+    return found
 
 
 def test_backbone_weights_stay_bit_identical_and_only_early_bn_statistics_change(workspace, attached):

@@ -322,6 +322,7 @@ def train_heads(tails, batches, job: Job, config: PersonaliseConfig, run_dir: Pa
     roles = job.roles
     step = _make_step(tails, optimizer, personal_tensor, config)
     steps_per_epoch = max(1, len(roles.train_unlabelled) // config.batch)
+    scalars = tf.summary.create_file_writer(str(run_dir / "tensorboard"))
     for epoch in range(int(epoch_done.numpy()), config.epochs):
         rng = np.random.default_rng([config.seed, epoch])
         sums: dict[str, float] = {}
@@ -335,10 +336,36 @@ def train_heads(tails, batches, job: Job, config: PersonaliseConfig, run_dir: Pa
                 sums[key] = sums.get(key, 0.0) + float(value)
             progress("Training exit heads", (epoch + (number + 1) / steps_per_epoch) / config.epochs, _summary(sums, number + 1))
         history.append({key: round(value / steps_per_epoch, 5) for key, value in sums.items()} | {"epoch": epoch + 1})
+        _log_scalars(scalars, history[-1] | _held_out_agreement(tails, batches, roles, config.seed, epoch), epoch + 1)
         epoch_done.assign(epoch + 1)
         runs.write_json(history_path, history)
         manager.save()
     return history
+
+
+def _held_out_agreement(tails, batches, roles: Roles, seed: int, epoch: int) -> dict[str, float]:
+    """Each exit's top-1 agreement with the final exit on the held-out photos' cached weak views: a
+    per-epoch monitor for TensorBoard (the thresholds are chosen after training, on the photos)."""
+    if not isinstance(batches, CachedBatches) or len(roles.holdout_unlabelled) == 0:
+        return {}  # --no-cache would push the held-out photos through the backbone every epoch
+    weak, _, _ = batches.batch(roles.holdout_unlabelled, epoch, np.random.default_rng([seed, epoch, 1]), with_strong=False)
+    predictions = [np.asarray(tail(features, training=False)).argmax(1) for tail, features in zip(tails, weak)]
+    return {f"{tail.name.removesuffix('_tail')}/holdout_agreement": float(np.mean(found == predictions[-1]))
+            for tail, found in zip(tails[:-1], predictions[:-1])}
+
+
+def _log_scalars(writer, values: dict[str, float], step: int) -> None:
+    """Loss terms, mask rates and held-out agreement per epoch, as Keras users open them in TensorBoard."""
+    tf = compat.tf()
+    # tf.summary.scalar lives in the tensorboard package; the core op with the scalars plugin's
+    # metadata writes the same record without installing it.
+    metadata = tf.compat.v1.SummaryMetadata()
+    metadata.plugin_data.plugin_name = "scalars"
+    with writer.as_default(step=step):
+        for name, value in values.items():
+            if name != "epoch":
+                tf.summary.write(name, tf.constant(value, tf.float32), metadata=metadata.SerializeToString())
+    writer.flush()
 
 
 def epoch_plan(rng: np.random.Generator, unlabelled, labelled, batch: int) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
