@@ -96,12 +96,7 @@ def _size(meta) -> int:
 def _profile(config: EvaluateConfig, source, model, found: Photos) -> Profile:
     meta = source.meta
     outputs = [e["name"] for e in meta["exits"]] + ["final"]
-    output_classes = np.array(meta.get("output_classes") or meta["classes"])
-    probabilities = _probabilities(model, outputs, found.paths, _size(meta))
-    predictions = np.stack([output_classes[p.argmax(axis=1)] for p in probabilities])
-    truth = found.labels if found.labels is not None else predictions[-1]
-    correct = (predictions == truth[None, :]).astype(np.int8)
-    confidences = np.stack([policy.confidence(p, config.criterion) for p in probabilities[:-1]]).reshape(len(outputs) - 1, -1)
+    confidences, correct = _exit_evidence(model, meta, found.paths, found.labels, config.criterion)
     baselines = _baselines(config, source, meta, found, _size(meta)) if found.labels is not None else {}
     references = {"final": correct[-1]} | {name: values["correct"] for name, values in baselines.items()}
     calibrate, report = policy.split(len(found.paths), config.calibrate_split, config.seed)
@@ -254,13 +249,21 @@ def _point(profile: Profile, name: str, reference_name: str, constraint: dict, e
 def _label_free_evidence(config, model, meta) -> policy.Evidence:
     """Held-out unlabelled photos: agreement of each exit with the final exit, as a phone would."""
     held = photos.scan_unlabelled(Path(config.calibrate_on))
+    confidences, agree = _exit_evidence(model, meta, held.paths, None, config.criterion)
+    return policy.Evidence(confidences, agree, agree[-1])
+
+
+def _exit_evidence(model, meta, paths, labels, criterion: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per photo: each early exit's confidence, and whether each exit (the final one too) is right,
+    against `labels`, or without labels against the final exit's prediction."""
     outputs = [e["name"] for e in meta["exits"]] + ["final"]
     output_classes = np.array(meta.get("output_classes") or meta["classes"])
-    probabilities = _probabilities(model, outputs, held.paths, _size(meta))
+    probabilities = _probabilities(model, outputs, paths, _size(meta))
     predictions = np.stack([output_classes[p.argmax(axis=1)] for p in probabilities])
-    agree = (predictions == predictions[-1][None, :]).astype(np.int8)
-    held_conf = np.stack([policy.confidence(p, config.criterion) for p in probabilities[:-1]]).reshape(len(outputs) - 1, -1)
-    return policy.Evidence(held_conf, agree, agree[-1])
+    truth = labels if labels is not None else predictions[-1]
+    correct = (predictions == truth[None, :]).astype(np.int8)
+    confidences = np.stack([policy.confidence(p, criterion) for p in probabilities[:-1]]).reshape(len(outputs) - 1, -1)
+    return confidences, correct
 
 
 def _latency(model, exit_names: list[str], size: int, runs_count: int) -> dict[str, dict]:
