@@ -7,7 +7,9 @@
 Per user, in a scratch folder: `ee attach --backbone GENERIC --classes ...` (default exits),
 `ee personalise --data unlabelled` (defaults: label-free thresholds on its held-out photos),
 `ee export --tflite --quant none` and `ee export --tflite` (int8_full, the default), each followed by
-`ee run` on the user's test photos, which nothing above has seen. Beside them, on the same test
+`ee run` on the user's test photos, which nothing above has seen; then, as its own labelled row,
+`ee evaluate --data test` (thresholds calibrated with labels on half the test photos, reported on
+the other half: the cut at the restricted baseline's accuracy). Beside them, on the same test
 photos: every exit's accuracy, the label-free policy's accuracy and MACs cut against the final
 exit's, and the generic model restricted to the user's true classes (the free baseline).
 `--ablate KEY=VALUE` adds personalise flags (e.g. exit-teacher=final) to compare designs on dev users.
@@ -45,6 +47,7 @@ class Job:
     test_per_class: int
     extra: tuple[str, ...]  # personalise flags
     modes: tuple[str, ...]  # export modes run with `ee run`
+    labelled_row: bool  # also `ee evaluate` on the test photos: thresholds calibrated on half, reported on the other half
 
 
 def load(source: str) -> tuple[dict, tuple[str, ...]]:
@@ -78,6 +81,11 @@ def run_user(job: Job, scenario: str, seed: int, work: Path) -> dict:
                      "speedup": ran["speedup"], "accuracy": ran["accuracy"], "full_accuracy": ran["full_accuracy"], "histogram": ran["histogram"],
                      "cascade_ms": ran["cascade_ms"]["mean"], "full_ms": ran["full_ms"]["mean"],
                      "latency_share": ran["profile"]["latency_share"], "mflops_share": ran["profile"]["mflops_share"]}
+    if job.labelled_row:  # last, to its own --out: the exports above took the personalised bundle
+        evaluated = ee("evaluate", "--data", str(folders["test"]), "--out", "evaluated", "--quiet", cwd=work)
+        points = evaluated["metrics"]["operating_points"]
+        row["evaluate"] = {name: {key: point[key] for key in ("accuracy", "reference_accuracy", "drop_points", "cut", "calibration_photos")}
+                           for name, point in points.items()}
     return row
 
 
@@ -121,7 +129,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="JSON lines, one user per line (appended)")
     args = parser.parse_args()
     extra = tuple(part for item in args.ablate for part in (f"--{item.split('=', 1)[0]}", item.split("=", 1)[1]))
-    job = Job(str(Path(args.generic).expanduser().resolve()), args.data, args.unlabelled, args.test_per_class, extra, () if args.no_export else ("none", "int8_full"))
+    job = Job(str(Path(args.generic).expanduser().resolve()), args.data, args.unlabelled, args.test_per_class, extra, () if args.no_export else ("none", "int8_full"), not args.no_export)
     for user in args.users.split(","):
         scenario, seed = user.split(":")
         work = args.work / f"{args.data}-{scenario}-{seed}-{'-'.join(args.ablate) or 'default'}"

@@ -26,6 +26,9 @@ def _cells(user: dict) -> dict[str, float]:
         if mode in user:
             cells[f"{label} speed-up ×"] = user[mode]["speedup"]
             cells[f"{label} drop pts"] = 100 * (user[mode]["full_accuracy"] - user[mode]["accuracy"])
+    if "evaluate" in user:  # labelled calibration on half the test photos, reported on the other half
+        cells["cut at restricted acc. ×"] = user["evaluate"]["match-restricted"]["cut"]
+        cells["keep (labelled) cut ×"] = user["evaluate"]["keep"]["cut"]
     return cells
 
 
