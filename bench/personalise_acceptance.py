@@ -34,7 +34,8 @@ RESULTS = Path(__file__).parent / "results"
 def bn_sweep(attached: Path, user: scenarios.User) -> list[dict]:
     """BN statistics only, no training: for N adapted layers, accuracy with inferred and true classes."""
     rows = []
-    for count in range(0, 9):
+    available = len(adapt.backbone_batchnorms(bundle.read_bundle(attached).load_model()))
+    for count in range(0, available + 1):
         model = bundle.read_bundle(attached).load_model()
         adapt.adapt_batchnorm(model, lambda: [user.unlabelled[i : i + 500] for i in range(0, len(user.unlabelled), 500)], count)
         inferred = adapt.infer_classes(adapt.class_shares(predict(model, "final", user.unlabelled)), PersonaliseConfig.class_share)
@@ -84,7 +85,8 @@ def run_user(generic: Path, data: dict, seed: int, labels: int, epochs: int, wor
     }
     if labels == 0:
         row["bn_sweep"] = bn_sweep(attached, user)
-        auto = next(r for r in row["bn_sweep"] if r["adapted"] == 4)
+        available = len(adapt.backbone_batchnorms(bundle.read_bundle(attached).load_model()))
+        auto = next(r for r in row["bn_sweep"] if r["adapted"] == adapt.resolve_adapt_count("auto", available))
         row["bn_only_inferred"] = auto["accuracy_inferred"]
     started = time.perf_counter()
     result = personalise(PersonaliseConfig(

@@ -87,7 +87,7 @@ def run_user(job: UserJob) -> dict[str, Any]:
                                                                    "test": len(user.test)}}
     with _inside(work):
         attached = _attach(job, names)
-        row |= _baselines(attached, user)
+        row |= _baselines(attached, user, folders, job.seed)
         for labels in settings.labels:
             row[f"labels_{labels}"] = _personalised(job, user, folders, attached, labels, names)
     return row
@@ -131,20 +131,21 @@ def restricted_accuracy(logits: np.ndarray, classes, truth: np.ndarray) -> float
     return float(np.mean(classes[logits[:, classes].argmax(1)] == truth))
 
 
-def _baselines(attached: Path, user) -> dict[str, Any]:
-    """The generic model, restricted to the true classes, and BN statistics only + inferred classes."""
-    from ee_cli import adapt, bundle
+def _baselines(attached: Path, user, folders: dict, seed: int) -> dict[str, Any]:
+    """The generic model, restricted to the true classes, and BN statistics only + inferred classes
+    (`ee personalise`'s own first step, with its defaults, on the same photo folder)."""
+    from ee_cli import bundle, photos
     from ee_cli.config import PersonaliseConfig
+    from ee_cli.personalise import Found, adapt_step
 
-    model = bundle.read_bundle(attached).load_model()
-    logits = predict(model, "final", user.test)
-    count = adapt.resolve_adapt_count("auto", len(adapt.backbone_batchnorms(model)))
-    adapt.adapt_batchnorm(model, lambda: [user.unlabelled[i : i + 250].astype(np.float32) for i in range(0, len(user.unlabelled), 250)], count)
-    inferred = adapt.infer_classes(adapt.class_shares(predict(model, "final", user.unlabelled)), PersonaliseConfig.class_share)
+    source = bundle.read_bundle(attached)
+    logits = predict(source.load_model(), "final", user.test)
+    adapted = adapt_step(PersonaliseConfig(data=str(folders["unlabelled"]), seed=seed), source, Found(photos.scan_unlabelled(folders["unlabelled"]), None))
+    inferred = adapted.personal
     return {
         "generic": float(np.mean(logits.argmax(1) == user.test_y)),
         "restricted": restricted_accuracy(logits, user.classes, user.test_y),
-        "bn_only": {"accuracy": restricted_accuracy(predict(model, "final", user.test), inferred, user.test_y), "adapted_layers": count,
+        "bn_only": {"accuracy": restricted_accuracy(predict(adapted.model, "final", user.test), inferred, user.test_y), "adapted_layers": len(adapted.layers),
                     "inferred_classes": [user.names[c] for c in inferred], "classes_exact": inferred == list(user.classes)},
     }
 

@@ -108,7 +108,7 @@ def personalise(config: PersonaliseConfig, progress: Progress | None = None) -> 
     bundle.check_output(out, config.exist_ok)
     meta = source.meta
     found = Found(photos.scan_unlabelled(Path(config.data)), photos.scan_labelled(Path(config.labelled), meta["classes"]) if config.labelled else None)
-    adapted = _adapt(config, source, found, progress)
+    adapted = adapt_step(config, source, found, progress)
     compat.seed_everything(config.seed)
     personal_model, heads = build_personal_model(adapted.model, meta.get("output_classes") or meta["classes"], meta["classes"], adapted.personal)
     job = Job(personal_model, heads, found.paths, _roles(len(found.unlabelled), found.labelled, adapted.personal, config), np.array(adapted.personal))
@@ -127,8 +127,10 @@ def _size(meta) -> int:
     return int(meta["input"]["shape"][0])
 
 
-def _adapt(config: PersonaliseConfig, source, found: Found, progress: Progress) -> Adapted:
-    """The person's early-BatchNorm statistics (forward passes only), then their classes."""
+def adapt_step(config: PersonaliseConfig, source, found: Found, progress: Progress | None = None) -> Adapted:
+    """The person's early-BatchNorm statistics (forward passes only), then their classes: the
+    "BN only" model, before any head trains (the benchmark reports it as a baseline)."""
+    progress = progress or (lambda stage, fraction, info: None)
     meta, size = source.meta, _size(source.meta)
     compat.seed_everything(config.seed)
     model = source.load_model()
