@@ -63,23 +63,20 @@ def build(directory: Path, feature_model, head_names: list[str], plan: Plan, pro
             dtype = np.float32 if name == TEACHER else np.float16
             shape = (views, len(paths), *output.shape[1:])
             arrays[(name, kind)] = np.lib.format.open_memmap(directory / f"{name}.{kind}.npy", "w+", dtype, shape)
-    passes = [(kind, view) for kind in KINDS for view in range(views)]
     tf = compat.tf()
-    for pass_number, (kind, view) in enumerate(passes):
-        start = 0
-        for images in photos.dataset(paths, size, batch):
-            count = int(images.shape[0])
-            indices = np.arange(start, start + count)
-            if kind == "weak":
-                images = augment.weak(images, seed, 2 * view, indices)
-            else:
-                images = augment.strong(images, seed, 2 * view + 1, indices)
-            outputs = feature_model(tf.cast(images, tf.float32), training=False)
-            for name, values in zip(names, outputs):
-                arrays[(name, kind)][view, start : start + count] = values.numpy()
-            start += count
-            if progress:
-                progress((pass_number + start / len(paths)) / len(passes))
+    start = 0
+    for images in photos.dataset(paths, size, batch):  # each photo decoded once, for every view
+        count = int(images.shape[0])
+        indices = np.arange(start, start + count)
+        for view in range(views):
+            for kind, views_of in (("weak", augment.weak), ("strong", augment.strong)):
+                viewed = views_of(images, seed, 2 * view + (kind == "strong"), indices)
+                outputs = feature_model(tf.cast(viewed, tf.float32), training=False)
+                for name, values in zip(names, outputs):
+                    arrays[(name, kind)][view, start : start + count] = values.numpy()
+        start += count
+        if progress:
+            progress(start / len(paths))
     for array in arrays.values():
         array.flush()
     seconds = time.perf_counter() - started

@@ -1,0 +1,47 @@
+"""The feature cache streams: photos are decoded a few batches ahead of the backbone, never all at
+once, and features go to memory-mapped files on disk as each batch is done."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ee_cli import cache, compat, photos
+from test_personalise import coloured_photos
+
+BATCH = 8
+VIEWS = 2
+
+
+class CountingModel:
+    """A feature model that records, at each call, how many photos were decoded beyond the batches
+    already through the backbone (a batch is through after its weak and strong view of every view)."""
+
+    def __init__(self, decoded: list):
+        keras = compat.keras()
+        pixels = keras.Input((32, 32, 3))
+        features = keras.layers.Conv2D(4, 3)(pixels)
+        teacher = keras.layers.Dense(5)(keras.layers.GlobalAveragePooling2D()(features))
+        self.model = keras.Model(pixels, [keras.layers.Flatten()(features), teacher])
+        self.outputs, self.decoded = self.model.outputs, decoded
+        self.calls, self.through, self.ahead = 0, 0, []
+
+    def __call__(self, images, training: bool):
+        self.ahead.append(len(self.decoded) - self.through)
+        self.calls += 1
+        if self.calls % (2 * VIEWS) == 0:
+            self.through += int(images.shape[0])
+        return self.model(images, training=training)
+
+
+def test_photos_are_decoded_a_few_batches_ahead_and_features_go_to_disk(tmp_path, monkeypatch):
+    coloured_photos(tmp_path / "photos", 200)
+    paths = sorted((tmp_path / "photos").glob("*.png"))
+    decoded: list = []
+    real = photos.load_photo
+    monkeypatch.setattr(photos, "load_photo", lambda path, size: (decoded.append(path), real(path, size))[1])
+    model = CountingModel(decoded)
+    built = cache.build(tmp_path / "cache", model, ["h"], cache.Plan(paths, 32, VIEWS, 0, BATCH))
+    assert len(decoded) == len(paths)  # each photo decoded once, for every view
+    assert max(model.ahead) <= 5 * BATCH < len(paths), max(model.ahead)
+    assert all(isinstance(array, np.memmap) for array in built.arrays.values())
+    assert built.arrays[("h", "strong")].shape[:2] == (VIEWS, len(paths))
