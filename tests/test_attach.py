@@ -212,6 +212,13 @@ def test_help_is_grouped_and_does_not_import_tensorflow(tmp_path):
     assert all(panel in result.stdout for panel in ("Backbone", "Exits", "Output", "Examples"))
 
 
+@pytest.mark.parametrize("command", ["attach", "personalise", "evaluate", "export", "run"])
+def test_every_command_has_help_with_examples_and_the_run_options(cli, command):
+    result = cli(command, "--help")
+    assert result.exit_code == 0 and "Example" in result.stdout
+    assert all(option in result.stdout for option in ("--seed", "--config", "--json"))
+
+
 @pytest.mark.parametrize("name", ["resnet50", "mobilenet_v2", "efficientnet_b0"])
 def test_imagenet_backbones_with_preprocessing_inside_reload_identically(workspace, name):
     result = attach(AttachConfig(backbone=name, weights="none", input_size=32, num_classes=4, out="B"))

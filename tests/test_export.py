@@ -120,9 +120,10 @@ def test_a_bundle_without_thresholds_exports_the_plain_model_and_says_why(worksp
 
 
 def test_measured_policy_times_stages_and_heads_and_never_deploys_a_slower_cascade(workspace, calibrated):
-    exported = run_ee("export", "--tflite", "--quant", "int8_full", "--out", "M", "--json", cwd=workspace, timeout=300)
+    exported = run_ee("export", "--tflite", "--out", "M", "--json", cwd=workspace, timeout=300)  # the defaults: int8_full, measured
     assert exported.returncode == 0, exported.stderr[-2000:]
     manifest = json.loads(exported.stdout)["manifest"]
+    assert manifest["quant"] == "int8_full" and manifest["input"]["dtype"] == "uint8"
     choice = manifest["cascade"]["policy"]
     assert choice["from_bundle"]["set_by"] == "evaluate"
     first = choice["measured"][0]
@@ -136,6 +137,24 @@ def test_measured_policy_times_stages_and_heads_and_never_deploys_a_slower_casca
     else:
         assert choice["reason"].startswith("plain model")
     assert not any(path.name.startswith("profile-") for path in (workspace / "M").iterdir())
+    ran = run_ee("run", "--tflite", "M", "--data", "test", "--profile-runs", "5", "--json", cwd=workspace, timeout=300)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    report = json.loads(ran.stdout)
+    assert report["quant"] == "int8_full" and sum(report["histogram"].values()) == 60 and 0 <= report["accuracy"] <= 1
+    assert list(report["histogram"]) == manifest["cascade"]["stops_after"]
+
+
+@pytest.mark.parametrize(("quant", "extra", "pixels"), [("fp16", [], "float32"), ("dynamic", [], "float32"), ("int8", [], "float32"),
+                                                        ("int8_full", ["--input-type", "int8"], "int8")])
+def test_every_mode_exports_and_validates(workspace, calibrated, quant, extra, pixels):
+    result = run_ee("export", "--tflite", "--quant", quant, *extra, "--policy", "recorded", "--validate", "test", "--max-accuracy-drop", "3.4",
+                    "--out", "X", "--json", cwd=workspace, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    manifest = json.loads(result.stdout)["manifest"]
+    assert manifest["quant"] == quant and manifest["input"]["dtype"] == pixels and manifest["validation"]["passed"]
+    assert {"multi_exit.tflite", "final.tflite", "cascade.tflite"} <= set(manifest["files"])
+    refused = run_ee("export", "--tflite", "--quant", quant, "--out", "X", cwd=workspace, timeout=300)  # an existing --out
+    assert refused.returncode == 2 and "already exists" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize(
@@ -209,3 +228,17 @@ def test_alternating_wall_times_takes_turns_in_blocks_and_times_every_call_asked
     # Each turn: one untimed call after the switch, then up to `block` timed ones.
     assert timed[:8] == ["plain"] * 4 + ["cascade"] * 4
     assert timed.count("plain") == timed.count("cascade") == 7 + 3
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--data", "test"], "--tflite DIR and --data DIR are required"),
+        (["--tflite", "E", "--data", "test", "--threads", "0"], "at least 1"),
+        (["--tflite", "E", "--data", "missing"], "does not exist"),
+    ],
+)
+def test_run_mistakes_are_one_line(workspace, cli, args, expected):
+    (workspace / "E").mkdir()
+    (workspace / "E" / "manifest.json").write_text(json.dumps({"classes": ["r", "g"], "input": {"shape": [1, 32, 32, 3]}}))
+    assert expected in one_line_error(cli("run", *args))

@@ -271,3 +271,34 @@ def test_label_free_thresholds_are_chosen_on_held_out_photos_by_default(workspac
     assert all(e["threshold"] is None and not e["enabled"] for e in cleared["exits"])
     assert cleared["policy"]["set_by"] == "personalise" and cleared["policy"]["photos"] == 8
     assert not (workspace / "P2" / bundle.EVIDENCE_FILE).exists()
+
+
+def test_all_classes_and_no_batchnorm_adaptation(workspace, attached, cli):
+    coloured_photos(workspace / "photos", 24)
+    result = cli("personalise", "--data", "photos", "--personal-classes", "all", "--adapt-bn", "0", "--out", "P", *QUICK, "--epochs", "0")
+    assert result.exit_code == 0, result.output
+    meta = json.loads((workspace / "P" / "ee.json").read_text())
+    assert meta["output_classes"] == ["r", "g", "b", "x", "y"] and meta["adapted_bn"]["layers"] == []
+    generic, personal = bundle.read_bundle(attached).load_model(), bundle.read_bundle(workspace / "P").load_model()
+    for layer in adapt.backbone_batchnorms(generic):
+        for a, b in zip(layer.get_weights(), personal.get_layer(layer.name).get_weights()):
+            np.testing.assert_array_equal(a, b, err_msg=layer.name)
+
+
+def test_a_config_file_sets_personalise_options_and_flags_override_it(workspace, attached, cli):
+    coloured_photos(workspace / "photos", 24)
+    (workspace / "ee.toml").write_text('[personalise]\npersonal-classes = "r,g,b"\nepochs = 1\nbatch = 8\nholdout = 0.5\n')
+    result = cli("personalise", "--data", "photos", "--config", "ee.toml", "--holdout", "0.25", "--out", "P", "--quiet")
+    assert result.exit_code == 0, result.output
+    used = json.loads(sorted((workspace / "runs").glob("personalise-*"))[-1].joinpath("config.json").read_text())
+    assert (used["personal_classes"], used["epochs"], used["batch"], used["holdout"]) == ("r,g,b", 1, 8, 0.25)
+
+
+def test_class_inference_finds_the_demo_users_three_classes(workspace, cli):
+    """End to end on real photos: the shipped Fashion-MNIST model and the demo user's unlabelled photos."""
+    root = Path(__file__).resolve().parents[1]
+    summary = json.loads((root / "datasets" / "demo" / "README.json").read_text())
+    attach(AttachConfig(backbone=str(root / "models" / "fashion_resnet9.h5"), classes=str(root / "models" / "fashion_classes.txt"), out="G"))
+    result = cli("personalise", "--data", str(root / "datasets" / "demo" / "unlabelled"), "--bundle", "G", "--out", "P", "--epochs", "0", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert sorted(json.loads((workspace / "P" / "ee.json").read_text())["personal_classes"]) == sorted(summary["classes"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -62,3 +64,17 @@ def test_the_real_archive_loads_when_present():
         pytest.skip(f"CIFAR-10 archive not found at {cifar10.default_archive()}")
     data = cifar10.load()
     assert data["x_train"].shape == (50000, 32, 32, 3) and np.bincount(data["y_test"]).tolist() == [1000] * 10
+
+
+def test_the_scenario_command_writes_a_users_folders(tmp_path):
+    if not cifar10.default_archive().is_file() and not (cifar10.cache_dir() / "cifar10.npz").is_file():
+        pytest.skip(f"CIFAR-10 archive not found at {cifar10.default_archive()}")
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "datasets.scenarios", "--seed", "4", "--k", "2", "--condition", "blur", "--unlabelled", "12", "--labels", "2", "--out", str(tmp_path / "user")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=repo)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(list((tmp_path / "user" / "unlabelled").glob("*.png"))) == 12
+    assert sum(1 for _ in (tmp_path / "user" / "labelled").rglob("*.png")) == 4
