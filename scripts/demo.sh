@@ -5,7 +5,7 @@
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 ee="$repo/.venv/bin/ee"
-work="$repo/build/demo"
+work="${EE_DEMO_DIR:-$repo/build/demo}"
 rm -rf "$work" && mkdir -p "$work" && cd "$work"
 export EE_THREADS="${EE_THREADS:-2}"
 demo="$repo/datasets/demo"

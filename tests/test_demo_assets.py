@@ -38,3 +38,19 @@ def test_fashion_mnist_loader_when_the_debian_package_is_installed():
     data = fashion_mnist.load()
     assert data["x_train"].shape == (60000, 32, 32, 3) and np.bincount(data["y_test"]).tolist() == [1000] * 10
     assert np.array_equal(data["x_train"][..., 0], data["x_train"][..., 2])  # grey in three equal channels
+
+
+@pytest.mark.nightly
+def test_make_demo_runs_the_whole_flow_offline(tmp_path):
+    """`make demo`'s script end to end (a few minutes): every step succeeds and the cascade it runs is real."""
+    import os
+    import subprocess
+
+    work = tmp_path / "demo"
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh")], capture_output=True, text=True, timeout=1800,
+                          env=os.environ | {"EE_DEMO_DIR": str(work)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Why the generic row is so low" in done.stdout
+    for mode in ("float32", "int8"):
+        ran = json.loads((work / f"run-{mode}.json").read_text())
+        assert ran["photos"] == 300 and sum(ran["histogram"].values()) == 300 and ran["accuracy"] > 0.5
