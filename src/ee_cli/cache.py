@@ -64,14 +64,17 @@ def build(directory: Path, feature_model, head_names: list[str], plan: Plan, pro
             shape = (views, len(paths), *output.shape[1:])
             arrays[(name, kind)] = np.lib.format.open_memmap(directory / f"{name}.{kind}.npy", "w+", dtype, shape)
     tf = compat.tf()
+    # One graph per view kind: eager dispatch cost as much as the convolutions at 224 px.
+    weak_features = tf.function(lambda images, table: feature_model(augment.weak_from_table(images, table), training=False), reduce_retracing=True)
+    strong_features = tf.function(lambda images, table: feature_model(augment.strong_from_table(images, table), training=False), reduce_retracing=True)
     start = 0
     for images in photos.dataset(paths, size, batch):  # each photo decoded once, for every view
         count = int(images.shape[0])
         indices = np.arange(start, start + count)
         for view in range(views):
-            for kind, views_of in (("weak", augment.weak), ("strong", augment.strong)):
-                viewed = views_of(images, seed, 2 * view + (kind == "strong"), indices)
-                outputs = feature_model(tf.cast(viewed, tf.float32), training=False)
+            for kind, features_of in (("weak", weak_features), ("strong", strong_features)):
+                table = augment.view_table(seed, 2 * view + (kind == "strong"), indices, size, size)
+                outputs = features_of(tf.cast(images, tf.float32), tf.constant(table))
                 for name, values in zip(names, outputs):
                     arrays[(name, kind)][view, start : start + count] = values.numpy()
         start += count

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ee_cli import bundle, compat, flops, litert, photos, policy, runs
+from ee_cli import bundle, compat, flops, inference, litert, photos, policy, runs
 from ee_cli.config import EvaluateConfig, as_dict
 from ee_cli.errors import UserError
 from ee_cli.personal_model import generic_output
@@ -161,15 +161,7 @@ def _refuse_training_photos(root: Path, meta) -> None:
 
 
 def _probabilities(model, outputs: list[str], paths, size: int) -> list[np.ndarray]:
-    keras = compat.keras()
-    probe = keras.Model(model.inputs, [model.get_layer(name).output for name in outputs])
-    batch = photos.inference_batch(size)
-    collected = [[] for _ in outputs]
-    for images in photos.dataset(paths, size, batch):
-        results = probe(np.asarray(images, np.float32), training=False)
-        for store, logits in zip(collected, results if isinstance(results, (list, tuple)) else [results]):
-            store.append(compat.tf().nn.softmax(logits).numpy())
-    return [np.concatenate(store) for store in collected]
+    return [compat.tf().nn.softmax(logits).numpy() for logits in inference.outputs_of(model, outputs, paths, size)]
 
 
 def _cut(meta, mean_cost: float) -> float:

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from ee_cli import adapt, bundle, cache, compat, photos, policy, runs, ssl
+from ee_cli import adapt, bundle, cache, compat, inference, photos, policy, runs, ssl
 from ee_cli.config import PersonaliseConfig, as_dict
 from ee_cli.errors import UserError
 from ee_cli.personal_model import GENERIC_OUTPUT, PersonalHead, build_personal_model, generic_output
@@ -140,7 +140,7 @@ def adapt_step(config: PersonaliseConfig, source, found: Found, progress: Progre
     started = time.perf_counter()
     layers = adapt.adapt_batchnorm(model, lambda: photos.dataset(found.unlabelled.paths, size, photos.inference_batch(size)), count)
     seconds = time.perf_counter() - started
-    shares = adapt.class_shares(_predict(model, generic_output(model), found.unlabelled.paths, size, photos.inference_batch(size)))
+    shares = adapt.class_shares(inference.outputs_of(model, [generic_output(model)], found.unlabelled.paths, size)[0])
     personal = _personal_classes(config, meta["classes"], shares, found.labelled)
     progress("Adapting BatchNorm statistics", 1.0, f"personal classes: {', '.join(meta['classes'][i] for i in personal)}")
     return Adapted(model, layers, len(bn_layers), seconds, shares, personal)
@@ -230,12 +230,6 @@ def _planned_output(run_dir: Path, source: Path) -> Path:
     out = bundle.default_output(stem)
     runs.write_json(planned, {"out": str(out)})
     return out
-
-
-def _predict(model, output: str, paths, size: int, batch: int) -> np.ndarray:
-    keras = compat.keras()
-    probe = keras.Model(model.inputs, model.get_layer(output).output)
-    return np.concatenate([probe(np.asarray(images, np.float32), training=False).numpy() for images in photos.dataset(paths, size, batch)])
 
 
 def _personal_classes(config, class_names: list[str], shares: np.ndarray, labelled) -> list[int]:
@@ -433,10 +427,7 @@ def _holdout_evidence(job: Job):
     indices = roles.holdout_labelled if labelled else roles.holdout_unlabelled
     if len(indices) == 0:
         return {"kind": "none", "photos": 0, "scores": {}}, None
-    keras = compat.keras()
-    probe = keras.Model(personal_model.inputs, [personal_model.get_layer(h.name).output for h in heads])
-    outputs = [probe(np.asarray(images, np.float32), training=False) for images in photos.dataset([job.paths[i] for i in indices], job.size, photos.inference_batch(job.size))]
-    logits = [np.concatenate([o[k].numpy() for o in outputs]) for k in range(len(heads))]
+    logits = inference.outputs_of(personal_model, [h.name for h in heads], [job.paths[i] for i in indices], job.size)
     truth = roles.labels[indices] if labelled else logits[-1].argmax(1)
     correct = np.stack([(l.argmax(1) == truth) for l in logits]).astype(np.int8)
     probabilities = [compat.tf().nn.softmax(l).numpy() for l in logits[:-1]]
