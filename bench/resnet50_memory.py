@@ -1,49 +1,118 @@
-"""Peak memory of personalising a ResNet50@224 bundle on 500 photos (the personalise issue's
-acceptance 3), measured as the child process's peak RSS.
+"""`ee personalise` on a ResNet50@224 bundle as the photo count grows: peak memory and time per phase,
+beside the forward-pass bound measured in the same run (issue 22).
 
-    python -m bench.resnet50_memory [--photos 500] [--epochs 30]
+    PYTHONPATH=. .venv/bin/python -m bench.resnet50_memory [--photos 500,2000] [--epochs 30]
+
+Per photo count, each in its own fresh process: `ee personalise` with its defaults (its peak RSS is
+the process's VmHWM), then the bound: one plain batched pass of the same photos through the whole
+network and one through the network up to the last adapted BatchNorm layer, timed through the same
+decoding pipeline. The bound is what the method needs at the least: a whole pass per photo per view
+(weak and strong), one for the class mix, one per held-out photo, and the BatchNorm passes
+(1 + min(layers, 4)) to the last adapted layer. Random-init weights: cost does not depend on them.
+Writes bench/results/resnet50-scaling-<date>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
+from datetime import date
 from pathlib import Path
 
 from datasets import cifar10
 
+RESULTS = Path(__file__).parent / "results"
+
+PERSONALISE = textwrap.dedent(
+    """
+    import json, sys
+    from ee_cli.config import PersonaliseConfig
+    from ee_cli.litert_trainer import peak_rss_mb
+    from ee_cli.personalise import personalise
+    result = personalise(PersonaliseConfig(data=sys.argv[1], bundle="R50", out=sys.argv[2], epochs=int(sys.argv[3]), quiet=True))
+    print(json.dumps({"metrics": result.metrics, "peak_rss_mb": peak_rss_mb()}))
+    """
+)
+
+BOUND = textwrap.dedent(
+    """
+    import json, sys, time
+    from pathlib import Path
+    from ee_cli import adapt, bundle, inference, photos
+    from ee_cli.litert_trainer import peak_rss_mb
+    paths = photos.scan_unlabelled(Path(sys.argv[1])).paths
+    model = bundle.read_bundle(Path("R50")).load_model()
+    layers = adapt.backbone_batchnorms(model)
+    count = adapt.resolve_adapt_count("auto", len(layers))
+    last_input = layers[count - 1].inbound_nodes[0].inbound_layers.name
+    inference.outputs_of(model, ["final"], paths[:16], 224)  # trace once, untimed
+    started = time.perf_counter()
+    inference.outputs_of(model, ["final"], paths, 224)
+    whole = time.perf_counter() - started
+    inference.outputs_of(model, [last_input], paths[:16], 224)
+    started = time.perf_counter()
+    inference.outputs_of(model, [last_input], paths, 224)
+    to_last_bn = time.perf_counter() - started
+    print(json.dumps({"whole_pass_s": whole, "to_last_adapted_bn_pass_s": to_last_bn, "adapted_layers": count, "peak_rss_mb": peak_rss_mb()}))
+    """
+)
+
+
+def _python(code: str, *args, cwd: Path) -> dict:
+    done = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=7200)
+    if done.returncode != 0:
+        sys.exit(done.stderr[-3000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure(root: Path, data: dict, count: int, epochs: int) -> dict:
+    from PIL import Image
+
+    folder = root / f"photos-{count}"
+    folder.mkdir()
+    for index in range(count):
+        Image.fromarray(data["x_train"][index * 7]).save(folder / f"{index:04d}.png")
+    started = time.perf_counter()
+    run = _python(PERSONALISE, folder, f"P{count}", epochs, cwd=root)
+    wall = time.perf_counter() - started
+    bound = _python(BOUND, folder, cwd=root)
+    metrics, views, holdout_share = run["metrics"], run["metrics"]["cache"]["views"], 0.2
+    bn_passes = 1 + min(bound["adapted_layers"], 4)
+    bound_seconds = bound["whole_pass_s"] * (2 * views + 1 + holdout_share) + bound["to_last_adapted_bn_pass_s"] * bn_passes
+    return {
+        "photos": count, "epochs": epochs, "peak_rss_mb": run["peak_rss_mb"], "wall_seconds": round(wall, 1),
+        "phases_seconds": metrics["phases_seconds"], "cache": metrics["cache"], "adapted_layers": len(metrics["adapted_bn"]["layers"]),
+        "bound": {"seconds": round(bound_seconds, 1), "whole_pass_s": round(bound["whole_pass_s"], 2),
+                  "to_last_adapted_bn_pass_s": round(bound["to_last_adapted_bn_pass_s"], 2), "bn_passes": bn_passes,
+                  "whole_passes": 2 * views + 1 + holdout_share, "bound_process_peak_rss_mb": bound["peak_rss_mb"]},
+        "personalise_over_bound": round(sum(metrics["phases_seconds"].values()) / bound_seconds, 2),
+        "command_wall_over_bound": round(wall / bound_seconds, 2),
+    }
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--photos", type=int, default=500)
+    parser.add_argument("--photos", default="500,2000")
     parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--out", type=Path, default=RESULTS / f"resnet50-scaling-{date.today()}.json")
     args = parser.parse_args()
-    from PIL import Image
-
     data = cifar10.load()
+    rows = []
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
-        for index in range(args.photos):
-            Image.fromarray(data["x_train"][index * 7]).save(root / f"{index:04d}.png")
-        ee = [sys.executable, "-m", "ee_cli"]
-        subprocess.run([*ee, "attach", "--backbone", "resnet50", "--weights", "none", "--out", str(root / "R50"), "--json"], check=True, capture_output=True, cwd=root)
-        started = time.perf_counter()
-        done = subprocess.run(
-            [*ee, "personalise", "--bundle", str(root / "R50"), "--data", str(root), "--epochs", str(args.epochs), "--json", "--quiet", "--out", str(root / "P")],
-            capture_output=True, text=True, cwd=root,
-        )
-        seconds = time.perf_counter() - started
-        if done.returncode != 0:
-            sys.exit(done.stderr[-3000:])
-        metrics = json.loads(done.stdout)["metrics"]
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # kB -> MB on Linux
-    print(json.dumps({"photos": args.photos, "peak_rss_mb": round(peak, 1), "wall_seconds": round(seconds, 1),
-                      "cache": metrics["cache"], "adapted_bn": len(metrics["adapted_bn"]["layers"]), "train_seconds": metrics["train_seconds"]}, indent=2))
+        attached = subprocess.run([sys.executable, "-m", "ee_cli", "attach", "--backbone", "resnet50", "--weights", "none", "--out", "R50", "--json"],
+                                  capture_output=True, text=True, cwd=root)
+        if attached.returncode != 0:
+            sys.exit(attached.stderr[-3000:])
+        for count in (int(n) for n in args.photos.split(",")):
+            rows.append(measure(root, data, count, args.epochs))
+            print(json.dumps(rows[-1]), flush=True)
+    args.out.write_text(json.dumps({"date": str(date.today()), "model": "resnet50 @224, random init, default exits", "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -61,9 +61,10 @@ class Adapted:
     model: Any
     layers: list[str]
     of: int
-    seconds: float
+    seconds: float  # the BatchNorm passes
     shares: np.ndarray  # estimated class mix over the bundle's classes
     personal: list[int]
+    classes_seconds: float  # the pass that estimates the class mix
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,9 @@ def personalise(config: PersonaliseConfig, progress: Progress | None = None) -> 
     personal_model, heads = build_personal_model(adapted.model, meta.get("output_classes") or meta["classes"], meta["classes"], adapted.personal)
     job = Job(personal_model, heads, found.paths, _roles(len(found.unlabelled), found.labelled, adapted.personal, config), np.array(adapted.personal))
     trained = _train(config, job, run_dir, progress)
+    started = time.perf_counter()
     scores, evidence = _holdout_evidence(job)
+    scores["seconds"] = round(time.perf_counter() - started, 2)
     outcome = Outcome(found, adapted, trained, scores, _label_free_policy(evidence, meta, config))
     metrics = _metrics(config, meta["classes"], outcome)
     new_meta = _personalised_meta(meta, source.path, config, outcome)
@@ -139,11 +142,11 @@ def adapt_step(config: PersonaliseConfig, source, found: Found, progress: Progre
     progress("Adapting BatchNorm statistics", 0.0, f"{count} of {len(bn_layers)} layers")
     started = time.perf_counter()
     layers = adapt.adapt_batchnorm(model, lambda: photos.dataset(found.unlabelled.paths, size, photos.inference_batch(size)), count)
-    seconds = time.perf_counter() - started
+    seconds, started = time.perf_counter() - started, time.perf_counter()
     shares = adapt.class_shares(inference.outputs_of(model, [generic_output(model)], found.unlabelled.paths, size)[0])
     personal = _personal_classes(config, meta["classes"], shares, found.labelled)
     progress("Adapting BatchNorm statistics", 1.0, f"personal classes: {', '.join(meta['classes'][i] for i in personal)}")
-    return Adapted(model, layers, len(bn_layers), seconds, shares, personal)
+    return Adapted(model, layers, len(bn_layers), seconds, shares, personal, time.perf_counter() - started)
 
 
 def _train(config: PersonaliseConfig, job: Job, run_dir: Path, progress: Progress) -> Trained:
@@ -176,11 +179,20 @@ def _metrics(config: PersonaliseConfig, class_names, outcome: Outcome) -> dict[s
         "personal_classes": [class_names[i] for i in adapted.personal],
         "cache": None if trained.features is None else {"bytes": trained.features.bytes, "build_seconds": round(trained.features.seconds, 2), "views": config.views},
         "train_seconds": round(trained.seconds, 2),
+        "phases_seconds": _phases(outcome),
         "epochs": config.epochs,
         "last_epoch": trained.history[-1] if trained.history else None,
         "holdout": outcome.scores,
         "policy": {k: v for k, v in vars(outcome.chosen).items() if k != "constraint"},
     }
+
+
+def _phases(outcome: Outcome) -> dict[str, float]:
+    """Wall seconds per phase, for the forward-pass bound (a reused cache counts its first build)."""
+    adapted, trained = outcome.adapted, outcome.trained
+    cache_seconds = trained.features.seconds if trained.features is not None else 0.0
+    return {"batchnorm": round(adapted.seconds, 2), "classes": round(adapted.classes_seconds, 2), "cache": round(cache_seconds, 2),
+            "heads": round(trained.seconds - cache_seconds, 2), "holdout": outcome.scores.get("seconds", 0.0)}
 
 
 def _check_numbers(config: PersonaliseConfig) -> None:
