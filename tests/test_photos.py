@@ -86,3 +86,13 @@ def test_views_are_reproducible_per_seed_and_photo():
     np.testing.assert_array_equal(alone[0], first[1])
     assert first.shape == images.shape
     assert first.min() >= 0 and first.max() <= 255
+
+
+def test_the_hosts_strong_view_runs_each_op_on_its_own_photos_with_the_same_values():
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (24, 32, 32, 3)).astype(np.float32)
+    table = augment.view_table(5, 1, np.arange(24), 32, 32)
+    assert len(set(table[:, 3].tolist())) >= 4  # several ops drawn, so the partition is exercised
+    every_op = augment.strong_from_table(images, table).numpy()
+    chosen_only = augment.strong_from_table(images, table, each_op_on_its_photos_only=True).numpy()
+    np.testing.assert_array_equal(chosen_only, every_op)

@@ -88,16 +88,31 @@ def weak_from_table(images, table):
     return tf.gather(cropped, cols, axis=2, batch_dims=1)
 
 
-def strong_from_table(images, table):
+def strong_from_table(images, table, each_op_on_its_photos_only: bool = False):
+    """Weak view, two tone/colour ops per photo, cutout. By default every op runs on every photo and
+    each photo keeps its own (builtin ops only, for the LiteRT artefact); on the host each op runs
+    on the photos that drew it alone, the same values at a quarter of the work."""
     tf = compat.tf()
     table = tf.convert_to_tensor(table, tf.float32)
     images = weak_from_table(images, table)
     for step in range(2):
         op = tf.cast(table[:, 3 + step], tf.int32)
         magnitude = table[:, 5 + step]
-        candidates = tf.stack([_apply(name, images, magnitude) for name in STRONG_OPS], axis=1)  # (B, ops, H, W, C)
-        images = tf.gather(candidates, op, axis=1, batch_dims=1)
+        if each_op_on_its_photos_only:
+            images = _each_op_on_its_photos(images, op, magnitude)
+        else:
+            candidates = tf.stack([_apply(name, images, magnitude) for name in STRONG_OPS], axis=1)  # (B, ops, H, W, C)
+            images = tf.gather(candidates, op, axis=1, batch_dims=1)
     return _cutout(images, table)
+
+
+def _each_op_on_its_photos(images, op, magnitude):
+    tf = compat.tf()
+    parts = tf.dynamic_partition(images, op, len(STRONG_OPS))
+    magnitudes = tf.dynamic_partition(magnitude, op, len(STRONG_OPS))
+    positions = tf.dynamic_partition(tf.range(tf.shape(images)[0]), op, len(STRONG_OPS))
+    done = tf.dynamic_stitch(positions, [_apply(name, part, m) for name, part, m in zip(STRONG_OPS, parts, magnitudes)])
+    return tf.reshape(done, tf.shape(images))
 
 
 def _apply(op: str, images, magnitude):

@@ -66,7 +66,8 @@ def build(directory: Path, feature_model, head_names: list[str], plan: Plan, pro
     tf = compat.tf()
     # One graph per view kind: eager dispatch cost as much as the convolutions at 224 px.
     weak_features = tf.function(lambda images, table: feature_model(augment.weak_from_table(images, table), training=False), reduce_retracing=True)
-    strong_features = tf.function(lambda images, table: feature_model(augment.strong_from_table(images, table), training=False), reduce_retracing=True)
+    strong_features = tf.function(lambda images, table: feature_model(augment.strong_from_table(images, table, each_op_on_its_photos_only=True), training=False),
+                                  reduce_retracing=True)
     start = 0
     for images in photos.dataset(paths, size, batch):  # each photo decoded once, for every view
         count = int(images.shape[0])
