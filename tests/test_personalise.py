@@ -302,3 +302,20 @@ def test_class_inference_finds_the_demo_users_three_classes(workspace, cli):
     result = cli("personalise", "--data", str(root / "datasets" / "demo" / "unlabelled"), "--bundle", "G", "--out", "P", "--epochs", "0", "--quiet")
     assert result.exit_code == 0, result.output
     assert sorted(json.loads((workspace / "P" / "ee.json").read_text())["personal_classes"]) == sorted(summary["classes"])
+
+
+def test_a_collapsed_class_mix_backs_the_batchnorm_depth_off_and_says_so():
+    one_class, spread = np.array([0.95, 0.03, 0.02]), np.array([0.5, 0.3, 0.2])
+    asked: list[int] = []
+
+    def adapt_to(count):  # collapses from 4 adapted layers on
+        asked.append(count)
+        return f"model-{count}", one_class if count >= 4 else spread
+
+    count, model, shares, note = adapt.backed_off(adapt_to, 8)
+    assert (count, model, asked) == (2, "model-2", [8, 4, 2]) and shares is spread
+    assert "collapsed onto one class (95%) with 8 BatchNorm layers adapted: backed off to 2" in note
+    assert adapt.backed_off(adapt_to, 2)[3] is None and asked[-1] == 2  # no collapse: no note, one attempt
+    # Photos that really are of one class collapse even unadapted: the asked depth stands.
+    count, model, _, note = adapt.backed_off(lambda n: (f"model-{n}", one_class), 8)
+    assert (count, model) == (8, "model-8") and "even without adaptation" in note

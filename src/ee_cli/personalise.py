@@ -65,6 +65,7 @@ class Adapted:
     shares: np.ndarray  # estimated class mix over the bundle's classes
     personal: list[int]
     classes_seconds: float  # the pass that estimates the class mix
+    note: str | None = None  # said when the BatchNorm depth was backed off
 
 
 @dataclass(frozen=True)
@@ -136,17 +137,30 @@ def adapt_step(config: PersonaliseConfig, source, found: Found, progress: Progre
     progress = progress or (lambda stage, fraction, info: None)
     meta, size = source.meta, _size(source.meta)
     compat.seed_everything(config.seed)
-    model = source.load_model()
-    bn_layers = adapt.backbone_batchnorms(model)
-    count = adapt.resolve_adapt_count(config.adapt_bn, len(bn_layers))
-    progress("Adapting BatchNorm statistics", 0.0, f"{count} of {len(bn_layers)} layers")
-    started = time.perf_counter()
-    layers = adapt.adapt_batchnorm(model, lambda: photos.dataset(found.unlabelled.paths, size, photos.inference_batch(size)), count)
-    seconds, started = time.perf_counter() - started, time.perf_counter()
-    shares = adapt.class_shares(inference.outputs_of(model, [generic_output(model)], found.unlabelled.paths, size)[0])
+    unadapted = [source.load_model()]  # used by the first attempt; a back-off loads a fresh copy
+    available = len(adapt.backbone_batchnorms(unadapted[0]))
+    count = adapt.resolve_adapt_count(config.adapt_bn, available)
+    timings = {"batchnorm": 0.0, "classes": 0.0}
+
+    def adapt_to(layers: int):
+        model = unadapted.pop() if unadapted else source.load_model()
+        progress("Adapting BatchNorm statistics", 0.0, f"{layers} of {available} layers")
+        started = time.perf_counter()
+        adapt.adapt_batchnorm(model, lambda: photos.dataset(found.unlabelled.paths, size, photos.inference_batch(size)), layers)
+        middle = time.perf_counter()
+        shares = adapt.class_shares(inference.outputs_of(model, [generic_output(model)], found.unlabelled.paths, size)[0])
+        timings["batchnorm"] += middle - started
+        timings["classes"] += time.perf_counter() - middle
+        return model, shares
+
+    if config.adapt_bn == "auto":  # the user's own N is taken as given
+        count, model, shares, note = adapt.backed_off(adapt_to, count)
+    else:
+        (model, shares), note = adapt_to(count), None
     personal = _personal_classes(config, meta["classes"], shares, found.labelled)
     progress("Adapting BatchNorm statistics", 1.0, f"personal classes: {', '.join(meta['classes'][i] for i in personal)}")
-    return Adapted(model, layers, len(bn_layers), seconds, shares, personal, time.perf_counter() - started)
+    layers = [layer.name for layer in adapt.backbone_batchnorms(model)[:count]]
+    return Adapted(model, layers, available, timings["batchnorm"], shares, personal, timings["classes"], note)
 
 
 def _train(config: PersonaliseConfig, job: Job, run_dir: Path, progress: Progress) -> Trained:
@@ -174,7 +188,7 @@ def _metrics(config: PersonaliseConfig, class_names, outcome: Outcome) -> dict[s
     labelled = found.labelled
     return {
         "photos": {"unlabelled": len(found.unlabelled), "labelled": len(labelled) if labelled else 0, "skipped": _merge_skips(found.unlabelled, labelled)},
-        "adapted_bn": {"layers": adapted.layers, "of": adapted.of, "photos": len(found.unlabelled), "seconds": round(adapted.seconds, 2)},
+        "adapted_bn": {"layers": adapted.layers, "of": adapted.of, "photos": len(found.unlabelled), "seconds": round(adapted.seconds, 2), "note": adapted.note},
         "class_shares": {class_names[i]: round(float(s), 4) for i, s in enumerate(adapted.shares)},
         "personal_classes": [class_names[i] for i in adapted.personal],
         "cache": None if trained.features is None else {"bytes": trained.features.bytes, "build_seconds": round(trained.features.seconds, 2), "views": config.views},

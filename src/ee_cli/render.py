@@ -61,6 +61,8 @@ def personalise_report(meta: dict[str, Any], metrics: dict[str, Any]):
         f"Predicted class shares: {shares}",
         f"Personal classes: {', '.join(metrics['personal_classes'])}",
     ]
+    if adapted.get("note"):
+        lines.insert(2, f"Note: {adapted['note']}")
     if metrics["cache"]:
         lines.append(f"Feature cache: {metrics['cache']['bytes'] / 1e6:.1f} MB, built in {metrics['cache']['build_seconds']:.1f} s; heads trained in {metrics['train_seconds']:.1f} s")
     holdout = metrics["holdout"]
