@@ -94,6 +94,7 @@ def _without_timings(value):
     return value
 
 
+@pytest.mark.nightly  # a second full smoke run (~100 s); the serial smoke run stays in `make test`
 def test_ray_runs_users_at_once_with_the_serial_figures(serial):
     pytest.importorskip("ray")
     tmp, serial_results = serial

@@ -159,6 +159,9 @@ def run_report(report: dict[str, Any]):
     ]
     if report.get("accuracy") is not None:
         lines.append(f"Accuracy: cascade {100 * report['accuracy']:.2f}%, full model {100 * report['full_accuracy']:.2f}%")
+        outside = report.get("photos_of_classes_outside_the_export") or {}
+        if outside:
+            lines.append(f"Note: {sum(outside.values())} photos of {', '.join(outside)} (not among the export's classes) count as wrong")
     profile = report["profile"]
     stages = Table(title="Latency profile (medians: each stage's signature call alone; the engine to each exit, in turns with the plain model)")
     for column in ("exit", "stage ms", "to this exit ms", "latency share", "MFLOPs share"):
