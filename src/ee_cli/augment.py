@@ -66,7 +66,8 @@ def weak(images, seed: int, view: int, indices):
 
 
 def strong(images, seed: int, view: int, indices):
-    return strong_from_table(images, view_table(seed, view, indices, *_sides(images)))
+    """The host's strong view (each op on its own photos; the same values as the artefact's form)."""
+    return strong_from_table(images, view_table(seed, view, indices, *_sides(images)), each_op_on_its_photos_only=True)
 
 
 def _sides(images) -> tuple[int, int]:
