@@ -95,7 +95,7 @@ def _on_test_photos(personal: Path, user) -> dict:
 
     found = bundle.read_bundle(personal)
     meta, model = found.meta, found.load_model()
-    names = [e["name"] for e in meta["exits"]] + ["final"]
+    names = bundle.head_outputs(meta)
     classes = np.array([user.names.index(c) for c in meta["output_classes"]])
     logits = [predict(model, name, user.test) for name in names]
     correct = np.stack([(classes[l.argmax(1)] == user.test_y) for l in logits]).astype(np.int8)

@@ -38,7 +38,7 @@ def user_figures(generic: Path, seed: int, data: dict, unlabelled: int) -> dict:
                                                    engine=engine, quiet=True))
             personal = np.asarray([user.names.index(name) for name in result.meta["personal_classes"]])
             model = bundle.read_bundle(result.bundle_path).load_model()
-            outputs = [e["name"] for e in result.meta["exits"]] + ["final"]
+            outputs = bundle.head_outputs(result.meta)
             found[engine] = {"accuracy": {name: float(np.mean(personal[predict(model, name, user.test).argmax(1)] == user.test_y)) for name in outputs},
                              "train_seconds": result.metrics["train_seconds"], "personal_classes": result.meta["personal_classes"]}
     return found

@@ -99,7 +99,7 @@ def run_user(generic: Path, data: dict, seed: int, labels: int, epochs: int, wor
     personal = [cifar10.CLASSES.index(name) for name in result.meta["personal_classes"]]
     row["personal_classes"] = personal
     model = bundle.read_bundle(result.bundle_path).load_model()
-    for output in [e["name"] for e in result.meta["exits"]] + ["final"]:
+    for output in bundle.head_outputs(result.meta):
         predictions = np.asarray(personal)[predict(model, output, user.test).argmax(1)]
         row[f"ee_{output}"] = float(np.mean(predictions == user.test_y))
     row["exits_enabled"] = [e["name"] for e in result.meta["exits"] if e["enabled"]]

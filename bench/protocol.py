@@ -161,7 +161,7 @@ def _personalised(job: UserJob, user, folders: dict, attached: Path, labels: int
     seconds = time.perf_counter() - started
     personal = [names.index(name) for name in result.meta["personal_classes"]]
     model = bundle.read_bundle(result.bundle_path).load_model()
-    outputs = [e["name"] for e in result.meta["exits"]] + ["final"]
+    outputs = bundle.head_outputs(result.meta)
     accuracy = {name: float(np.mean(np.asarray(personal)[predict(model, name, user.test).argmax(1)] == user.test_y)) for name in outputs}
     figures: dict[str, Any] = {
         "accuracy": accuracy,

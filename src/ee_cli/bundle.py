@@ -74,6 +74,11 @@ def exit_policy(meta: dict[str, Any]) -> ExitPolicy | None:
     return ExitPolicy(**{**stored, "thresholds": tuple(stored["thresholds"])})
 
 
+def head_outputs(meta: dict[str, Any]) -> list[str]:
+    """The model's personal outputs in cascade order: every early exit, then the final exit."""
+    return [e["name"] for e in meta["exits"]] + ["final"]
+
+
 def stage_costs(meta: dict[str, Any]) -> policy.StageCosts:
     """The MACs cost model of a bundle's cascade: each exit's backbone prefix and head."""
     exits = meta["exits"]

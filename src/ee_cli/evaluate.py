@@ -95,7 +95,7 @@ def _size(meta) -> int:
 
 def _profile(config: EvaluateConfig, source, model, found: Photos) -> Profile:
     meta = source.meta
-    outputs = [e["name"] for e in meta["exits"]] + ["final"]
+    outputs = bundle.head_outputs(meta)
     confidences, correct = _exit_evidence(model, meta, found.paths, found.labels, config.criterion)
     baselines = _baselines(config, source, meta, found, _size(meta)) if found.labels is not None else {}
     references = {"final": correct[-1]} | {name: values["correct"] for name, values in baselines.items()}
@@ -248,7 +248,7 @@ def _label_free_evidence(config, model, meta) -> policy.Evidence:
 def _exit_evidence(model, meta, paths, labels, criterion: str) -> tuple[np.ndarray, np.ndarray]:
     """Per photo: each early exit's confidence, and whether each exit (the final one too) is right,
     against `labels`, or without labels against the final exit's prediction."""
-    outputs = [e["name"] for e in meta["exits"]] + ["final"]
+    outputs = bundle.head_outputs(meta)
     output_classes = np.array(meta.get("output_classes") or meta["classes"])
     probabilities = _probabilities(model, outputs, paths, _size(meta))
     predictions = np.stack([output_classes[p.argmax(axis=1)] for p in probabilities])

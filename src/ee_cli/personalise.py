@@ -141,12 +141,13 @@ def adapt_step(config: PersonaliseConfig, source, found: Found, progress: Progre
     available = len(adapt.backbone_batchnorms(unadapted[0]))
     count = adapt.resolve_adapt_count(config.adapt_bn, available)
     timings = {"batchnorm": 0.0, "classes": 0.0}
+    adapted_names: dict[int, list[str]] = {}  # per layer count tried: the layers it adapted
 
     def adapt_to(layers: int):
         model = unadapted.pop() if unadapted else source.load_model()
         progress("Adapting BatchNorm statistics", 0.0, f"{layers} of {available} layers")
         started = time.perf_counter()
-        adapt.adapt_batchnorm(model, lambda: photos.dataset(found.unlabelled.paths, size, photos.inference_batch(size)), layers)
+        adapted_names[layers] = adapt.adapt_batchnorm(model, lambda: photos.dataset(found.unlabelled.paths, size, photos.inference_batch(size)), layers)
         middle = time.perf_counter()
         shares = adapt.class_shares(inference.outputs_of(model, [generic_output(model)], found.unlabelled.paths, size)[0])
         timings["batchnorm"] += middle - started
@@ -159,8 +160,7 @@ def adapt_step(config: PersonaliseConfig, source, found: Found, progress: Progre
         (model, shares), note = adapt_to(count), None
     personal = _personal_classes(config, meta["classes"], shares, found.labelled)
     progress("Adapting BatchNorm statistics", 1.0, f"personal classes: {', '.join(meta['classes'][i] for i in personal)}")
-    layers = [layer.name for layer in adapt.backbone_batchnorms(model)[:count]]
-    return Adapted(model, layers, available, timings["batchnorm"], shares, personal, timings["classes"], note)
+    return Adapted(model, adapted_names[count], available, timings["batchnorm"], shares, personal, timings["classes"], note)
 
 
 def _train(config: PersonaliseConfig, job: Job, run_dir: Path, progress: Progress) -> Trained:

@@ -8,22 +8,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from ee_cli import augment, compat, heads
+from ee_cli import augment, bundle, compat, heads
 
 QUANTISABLE = ("Conv2D", "Dense", "BatchNormalization", "ReLU", "GlobalAveragePooling2D")
 BATCH = 32
 LEARNING_RATE = 1e-4
 
 
-def head_names(meta) -> list[str]:
-    return [e["name"] for e in meta["exits"]] + ["final"]
-
-
 def quantisation_aware_heads(model, meta, images: np.ndarray, steps: int = 200, seed: int = 0):
     """A copy of `model` whose heads carry fake-quantisation, trained for `steps` steps."""
     tf, keras, tfmot = compat.tf(), compat.keras(), compat.tfmot()
     quantization = tfmot.quantization.keras
-    names = head_names(meta)
+    names = bundle.head_outputs(meta)
 
     def annotate(layer):
         in_head = any(heads.is_head_layer(layer.name, name) for name in names) and layer.name not in names
