@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import one_line_error
+from conftest import narrow_resnet9, one_line_error
 from ee_cli import adapt, bundle, photos, policy
 from ee_cli.attach import attach
 from ee_cli.config import AttachConfig, PersonaliseConfig
@@ -45,7 +45,7 @@ def labelled_folder(root: Path, classes: list[str], per_class: int = 6) -> Path:
 def personalised_user(root: Path, photo_count: int, batch: int) -> None:
     """In `root`: bundle B (attached), photos/ (the person's), P (personalised on them, classes r,g,b)
     and test/ (20 labelled photos per class)."""
-    attach(AttachConfig(backbone="cifar_resnet9", out="B", classes="r,g,b,x,y"))
+    attach(AttachConfig(backbone=narrow_resnet9(root), out="B", classes="r,g,b,x,y"))
     coloured_photos(root / "photos", photo_count)
     personalise(PersonaliseConfig(data="photos", bundle="B", out="P", epochs=2, batch=batch, views=1, personal_classes="r,g,b"))
     labelled_folder(root / "test", ["r", "g", "b"], per_class=20)
@@ -53,7 +53,7 @@ def personalised_user(root: Path, photo_count: int, batch: int) -> None:
 
 @pytest.fixture
 def attached(workspace):
-    return attach(AttachConfig(backbone="cifar_resnet9", out="B", classes="r,g,b,x,y")).bundle_path
+    return attach(AttachConfig(backbone=narrow_resnet9(workspace), out="B", classes="r,g,b,x,y")).bundle_path
 
 
 def test_personalise_writes_a_personalised_bundle(workspace, attached, cli):
