@@ -5,10 +5,11 @@ beside the forward-pass bound measured in the same run (issue 22).
 
 Per photo count, each in its own fresh process: `ee personalise` with its defaults (its peak RSS is
 the process's VmHWM), then the bound: one plain batched pass of the same photos through the whole
-network and one through the network up to the last adapted BatchNorm layer, timed through the same
+network and one up to each BatchNorm depth personalise tried, timed through the same
 decoding pipeline. The bound is what the method needs at the least: a whole pass per photo per view
-(weak and strong), one for the class mix, one per held-out photo, and the BatchNorm passes
-(1 + min(layers, 4)) to the last adapted layer. Random-init weights: cost does not depend on them.
+(weak and strong), one per held-out photo, and per BatchNorm depth tried (a collapsed class mix backs
+off to fewer layers) one pass for the class mix and 1 + min(layers, 4) passes to that depth.
+Random-init weights: their class mix may collapse, so the back-off's extra passes count in the bound.
 Writes bench/results/resnet50-scaling-<date>.json.
 """
 
@@ -48,17 +49,18 @@ BOUND = textwrap.dedent(
     paths = photos.scan_unlabelled(Path(sys.argv[1])).paths
     model = bundle.read_bundle(Path("R50")).load_model()
     layers = adapt.backbone_batchnorms(model)
-    count = adapt.resolve_adapt_count("auto", len(layers))
-    last_input = layers[count - 1].inbound_nodes[0].inbound_layers.name
-    inference.outputs_of(model, ["final"], paths[:16], 224)  # trace once, untimed
-    started = time.perf_counter()
-    inference.outputs_of(model, ["final"], paths, 224)
-    whole = time.perf_counter() - started
-    inference.outputs_of(model, [last_input], paths[:16], 224)
-    started = time.perf_counter()
-    inference.outputs_of(model, [last_input], paths, 224)
-    to_last_bn = time.perf_counter() - started
-    print(json.dumps({"whole_pass_s": whole, "to_last_adapted_bn_pass_s": to_last_bn, "adapted_layers": count, "peak_rss_mb": peak_rss_mb()}))
+
+    def timed(output):
+        inference.outputs_of(model, [output], paths[:16], 224)  # trace once, untimed
+        started = time.perf_counter()
+        inference.outputs_of(model, [output], paths, 224)
+        return time.perf_counter() - started
+
+    depths = {}
+    for count in json.loads(sys.argv[2]):
+        if count:
+            depths[count] = timed(layers[count - 1].inbound_nodes[0].inbound_layers.name)
+    print(json.dumps({"whole_pass_s": timed("final"), "to_adapted_bn_pass_s": depths, "peak_rss_mb": peak_rss_mb()}))
     """
 )
 
@@ -80,16 +82,20 @@ def measure(root: Path, data: dict, count: int, epochs: int) -> dict:
     started = time.perf_counter()
     run = _python(PERSONALISE, folder, f"P{count}", epochs, cwd=root)
     wall = time.perf_counter() - started
-    bound = _python(BOUND, folder, cwd=root)
+    tried = run["metrics"]["adapted_bn"]["tried"]
+    bound = _python(BOUND, folder, json.dumps(tried), cwd=root)
     metrics, views, holdout_share = run["metrics"], run["metrics"]["cache"]["views"], 0.2
-    bn_passes = 1 + min(bound["adapted_layers"], 4)
-    bound_seconds = bound["whole_pass_s"] * (2 * views + 1 + holdout_share) + bound["to_last_adapted_bn_pass_s"] * bn_passes
+    # Each BatchNorm depth tried (a collapsed class mix backs off to fewer layers) costs its BN
+    # passes, 1 + min(layers, 4), to that depth, and one whole pass for its class mix.
+    bn_seconds = sum((1 + min(count, 4)) * bound["to_adapted_bn_pass_s"].get(str(count), 0.0) for count in tried)
+    whole_passes = 2 * views + holdout_share + len(tried)
+    bound_seconds = bound["whole_pass_s"] * whole_passes + bn_seconds
     return {
         "photos": count, "epochs": epochs, "peak_rss_mb": run["peak_rss_mb"], "wall_seconds": round(wall, 1),
-        "phases_seconds": metrics["phases_seconds"], "cache": metrics["cache"], "adapted_layers": len(metrics["adapted_bn"]["layers"]),
-        "bound": {"seconds": round(bound_seconds, 1), "whole_pass_s": round(bound["whole_pass_s"], 2),
-                  "to_last_adapted_bn_pass_s": round(bound["to_last_adapted_bn_pass_s"], 2), "bn_passes": bn_passes,
-                  "whole_passes": 2 * views + 1 + holdout_share, "bound_process_peak_rss_mb": bound["peak_rss_mb"]},
+        "phases_seconds": metrics["phases_seconds"], "cache": metrics["cache"], "adapted_bn": metrics["adapted_bn"],
+        "bound": {"seconds": round(bound_seconds, 1), "whole_pass_s": round(bound["whole_pass_s"], 2), "whole_passes": whole_passes,
+                  "bn_seconds": round(bn_seconds, 1), "to_adapted_bn_pass_s": bound["to_adapted_bn_pass_s"],
+                  "bound_process_peak_rss_mb": bound["peak_rss_mb"]},
         "personalise_over_bound": round(sum(metrics["phases_seconds"].values()) / bound_seconds, 2),
         "command_wall_over_bound": round(wall / bound_seconds, 2),
     }

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import one_line_error
+from conftest import narrow_resnet9, one_line_error
 from ee_cli import bundle, litert_trainer, ondevice
 from ee_cli.attach import attach
 from ee_cli.config import AttachConfig, PersonaliseConfig
@@ -111,7 +111,7 @@ def trained(tmp_path_factory):
     previous = Path.cwd()
     os.chdir(root)
     try:
-        attach(AttachConfig(backbone="cifar_resnet9", out="B", classes="r,g,b,x,y"))
+        attach(AttachConfig(backbone=narrow_resnet9(root), out="B", classes="r,g,b,x,y"))
         coloured_photos(root / "photos", 48)
         personalise(PersonaliseConfig(data="photos", bundle="B", out="P", epochs=3, batch=16, views=1, personal_classes="r,g,b", engine="litert", seed=1))
     finally:
@@ -146,7 +146,8 @@ def test_every_signature_runs_in_plain_litert_with_builtin_ops_only(trained):
     assert report["keys"] == expected and report["ran"] == expected and report["finite"]
     assert not [op for op in report["ops"] if "flex" in op.lower() or op.startswith("Custom")], report["ops"]
     assert {"READ_VARIABLE", "ASSIGN_VARIABLE", "VAR_HANDLE"} <= set(report["ops"])  # state lives in the file
-    assert report["features"]["exit_0_weak"] == [4, 1024] and report["features"]["teacher"] == [4, 3]
+    # exit_0's features: a 4x4 grid of the narrow ResNet-9's 16 channels at its graft point.
+    assert report["features"]["exit_0_weak"] == [4, 16 * 16] and report["features"]["teacher"] == [4, 3]
     assert report["infer_sums"] == pytest.approx([1.0] * 4, abs=1e-5)
     assert report["moved"]  # new BN statistics change what the prefix computes
 
@@ -206,7 +207,9 @@ def test_a_litert_step_is_the_tensorflow_engines_step(trained, tmp_path):
     optimizer.build([v for tail in tails for v in tail.trainable_variables])
     step = _make_step(tails, optimizer, tf.constant([0, 1, 2]), PersonaliseConfig())
     losses = [float(step({"weak": weak, "strong": strong, "teacher": teacher})["loss"]) for _ in range(3)]
-    assert report["losses"] == pytest.approx(losses, rel=1e-4)
+    # The first loss agrees to float precision; after an Adam step the few weights whose gradients
+    # are at rounding size (see below) move the narrow heads' loss by a few 1e-4.
+    assert report["losses"][0] == pytest.approx(losses[0], rel=1e-5) and report["losses"] == pytest.approx(losses, rel=1e-3)
     with np.load(tmp_path / "after.npz") as after:
         differences = []
         for head in ondevice.trainable_heads(heads):

@@ -66,6 +66,7 @@ class Adapted:
     personal: list[int]
     classes_seconds: float  # the pass that estimates the class mix
     note: str | None = None  # said when the BatchNorm depth was backed off
+    tried: tuple[int, ...] = ()  # the layer counts adapted, in order (more than one after a back-off)
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,7 @@ def adapt_step(config: PersonaliseConfig, source, found: Found, progress: Progre
         (model, shares), note = adapt_to(count), None
     personal = _personal_classes(config, meta["classes"], shares, found.labelled)
     progress("Adapting BatchNorm statistics", 1.0, f"personal classes: {', '.join(meta['classes'][i] for i in personal)}")
-    return Adapted(model, adapted_names[count], available, timings["batchnorm"], shares, personal, timings["classes"], note)
+    return Adapted(model, adapted_names[count], available, timings["batchnorm"], shares, personal, timings["classes"], note, tuple(adapted_names))
 
 
 def _train(config: PersonaliseConfig, job: Job, run_dir: Path, progress: Progress) -> Trained:
@@ -188,7 +189,8 @@ def _metrics(config: PersonaliseConfig, class_names, outcome: Outcome) -> dict[s
     labelled = found.labelled
     return {
         "photos": {"unlabelled": len(found.unlabelled), "labelled": len(labelled) if labelled else 0, "skipped": _merge_skips(found.unlabelled, labelled)},
-        "adapted_bn": {"layers": adapted.layers, "of": adapted.of, "photos": len(found.unlabelled), "seconds": round(adapted.seconds, 2), "note": adapted.note},
+        "adapted_bn": {"layers": adapted.layers, "of": adapted.of, "photos": len(found.unlabelled), "seconds": round(adapted.seconds, 2), "note": adapted.note,
+                       "tried": list(adapted.tried)},
         "class_shares": {class_names[i]: round(float(s), 4) for i, s in enumerate(adapted.shares)},
         "personal_classes": [class_names[i] for i in adapted.personal],
         "cache": None if trained.features is None else {"bytes": trained.features.bytes, "build_seconds": round(trained.features.seconds, 2), "views": config.views},
