@@ -35,6 +35,7 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--test-per-class", type=int, default=300)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--quant", default="none,int8_full", help="export modes timed in LiteRT")
+    parser.add_argument("--points", default="match-generic,keep", help="operating points calibrated, exported and timed in LiteRT")
     parser.add_argument("--no-whole-network", action="store_true", help="skip whole-network FixMatch fine-tuning")
     parser.add_argument("--workers", type=int, default=1, help="users at once, as Ray tasks on a local Ray (1: serial, in this process)")
     parser.add_argument("--ray-address", default=None, help="an existing Ray cluster to fan users out to")
@@ -54,7 +55,8 @@ def jobs_for(args, work: Path, generic: str) -> list:
     if not wanted:
         _user_error(f"no scenario among {args.scenarios}; choose from {', '.join(s.name for s in SCENARIOS)}")
     settings = Settings(unlabelled=args.unlabelled, labels=tuple(int(x) for x in args.labels.split(",")), test_per_class=args.test_per_class,
-                        epochs=args.epochs, whole_network=not args.no_whole_network, quant=tuple(args.quant.split(",")))
+                        epochs=args.epochs, whole_network=not args.no_whole_network, quant=tuple(args.quant.split(",")),
+                        points=tuple(args.points.split(",")))
     data = "synthetic" if args.smoke else "cifar10"
     return [UserJob(generic, data, scenario, seed, settings, str(work / f"{scenario.name}-seed{seed}"))
             for scenario in wanted for seed in (int(x) for x in args.seeds.split(","))]
@@ -63,6 +65,7 @@ def jobs_for(args, work: Path, generic: str) -> list:
 def smoke_defaults(args) -> None:
     """Tiny everything; the generic model is an untrained, narrow cifar_resnet9 written to the work folder."""
     args.unlabelled, args.test_per_class, args.epochs, args.quant = min(args.unlabelled, 40), min(args.test_per_class, 30), min(args.epochs, 1), "none"
+    args.points = args.points.split(",")[0]  # one point exercises the calibrate-export-time path
     if args.labels == "0,10":
         args.labels = "0,2"
 

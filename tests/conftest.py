@@ -11,7 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
+
+from ee_cli.attach import attach
+from ee_cli.config import AttachConfig, PersonaliseConfig
+from ee_cli.personalise import personalise
 
 os.environ.setdefault("EE_THREADS", "2")  # results are bit-identical only at a fixed thread count
 
@@ -90,6 +95,9 @@ def tiny_classifier(path: Path, *, softmax: bool = True, classifier: bool = True
     return path
 
 
+QUICK = ["--epochs", "2", "--batch", "16", "--views", "1", "--quiet"]  # personalise flags for a quick run
+
+
 def narrow_resnet9(folder: Path, num_classes: int = 5) -> str:
     """ee's ResNet-9 at a quarter of its width, saved as a model file: the same graph, graft points
     and exits as `--backbone cifar_resnet9` at 1/16 of the compute, so personalising, calibrating and
@@ -101,3 +109,36 @@ def narrow_resnet9(folder: Path, num_classes: int = 5) -> str:
         compat.seed_everything(0)
         backbones.cifar_resnet9(32, num_classes, width=8).save(path)
     return str(path)
+
+
+def coloured_photos(root: Path, count: int = 48, size: int = 32, seed: int = 0) -> Path:
+    """Photos dominated by red, green or blue, a cheap stand-in for three classes."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        base = np.zeros((size, size, 3))
+        base[..., index % 3] = 180
+        pixels = (base + rng.normal(0, 40, (size, size, 3))).clip(0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(root / f"{index:03d}.png")
+    return root
+
+
+def labelled_folder(root: Path, classes: list[str], per_class: int = 6) -> Path:
+    for index, name in enumerate(classes):
+        coloured_photos(root / name, per_class, seed=index + 10)
+    return root
+
+
+def personalised_user(root: Path, photo_count: int, batch: int) -> None:
+    """In `root`: bundle B (attached), photos/ (the person's), P (personalised on them, classes r,g,b)
+    and test/ (20 labelled photos per class)."""
+    attach(AttachConfig(backbone=narrow_resnet9(root), out="B", classes="r,g,b,x,y"))
+    coloured_photos(root / "photos", photo_count)
+    personalise(PersonaliseConfig(data="photos", bundle="B", out="P", epochs=2, batch=batch, views=1, personal_classes="r,g,b"))
+    labelled_folder(root / "test", ["r", "g", "b"], per_class=20)
+
+
+@pytest.fixture
+def attached(workspace):
+    """Bundle B: exits grafted onto the narrow ResNet-9, classes r,g,b,x,y."""
+    return attach(AttachConfig(backbone=narrow_resnet9(workspace), out="B", classes="r,g,b,x,y")).bundle_path

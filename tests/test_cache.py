@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from conftest import coloured_photos
 from ee_cli import cache, compat, photos
-from test_personalise import coloured_photos
 
 BATCH = 8
 VIEWS = 2

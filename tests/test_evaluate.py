@@ -9,9 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import copy_workspace, one_line_error, prepared_workspace
+from conftest import coloured_photos, copy_workspace, labelled_folder, one_line_error, personalised_user, prepared_workspace
 from ee_cli import bundle, photos, policy
-from test_personalise import coloured_photos, labelled_folder, personalised_user
 
 
 @pytest.fixture(scope="module")

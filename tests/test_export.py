@@ -10,11 +10,10 @@ import textwrap
 
 import pytest
 
-from conftest import copy_workspace, one_line_error, prepared_workspace, run_ee
+from conftest import coloured_photos, copy_workspace, one_line_error, personalised_user, prepared_workspace, run_ee
 from ee_cli.attach import attach
 from ee_cli.config import AttachConfig, EvaluateConfig
 from ee_cli.evaluate import evaluate
-from test_personalise import coloured_photos, personalised_user
 
 COMPARE = textwrap.dedent(
     """

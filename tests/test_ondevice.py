@@ -18,12 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import narrow_resnet9, one_line_error
+from conftest import coloured_photos, narrow_resnet9, one_line_error
 from ee_cli import bundle, litert_trainer, ondevice
 from ee_cli.attach import attach
 from ee_cli.config import AttachConfig, PersonaliseConfig
 from ee_cli.personalise import personalise
-from test_personalise import coloured_photos
 
 # Runs in a child process: numpy, LiteRT and ee_cli's TF-free modules only.
 LITERT_CHECKS = textwrap.dedent(

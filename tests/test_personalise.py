@@ -3,58 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from conftest import narrow_resnet9, one_line_error
-from ee_cli import adapt, bundle, photos, policy
+from conftest import QUICK, coloured_photos, labelled_folder, one_line_error
+from ee_cli import adapt, bundle, photos
 from ee_cli.attach import attach
 from ee_cli.config import AttachConfig, PersonaliseConfig
 from ee_cli.personalise import personalise
 from test_photos import messy_folder
-
-QUICK = ["--epochs", "2", "--batch", "16", "--views", "1", "--quiet"]
-
-
-def coloured_photos(root: Path, count: int = 48, size: int = 32, seed: int = 0) -> Path:
-    """Photos dominated by red, green or blue, a cheap stand-in for three classes."""
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    for index in range(count):
-        base = np.zeros((size, size, 3))
-        base[..., index % 3] = 180
-        pixels = (base + rng.normal(0, 40, (size, size, 3))).clip(0, 255).astype(np.uint8)
-        Image.fromarray(pixels).save(root / f"{index:03d}.png")
-    return root
-
-
-def labelled_folder(root: Path, classes: list[str], per_class: int = 6) -> Path:
-    for index, name in enumerate(classes):
-        coloured_photos(root / name, per_class, seed=index + 10)
-    return root
-
-
-def personalised_user(root: Path, photo_count: int, batch: int) -> None:
-    """In `root`: bundle B (attached), photos/ (the person's), P (personalised on them, classes r,g,b)
-    and test/ (20 labelled photos per class)."""
-    attach(AttachConfig(backbone=narrow_resnet9(root), out="B", classes="r,g,b,x,y"))
-    coloured_photos(root / "photos", photo_count)
-    personalise(PersonaliseConfig(data="photos", bundle="B", out="P", epochs=2, batch=batch, views=1, personal_classes="r,g,b"))
-    labelled_folder(root / "test", ["r", "g", "b"], per_class=20)
-
-
-@pytest.fixture
-def attached(workspace):
-    return attach(AttachConfig(backbone=narrow_resnet9(workspace), out="B", classes="r,g,b,x,y")).bundle_path
-
 
 def test_personalise_writes_a_personalised_bundle(workspace, attached, cli):
     coloured_photos(workspace / "photos")
@@ -183,96 +142,6 @@ def test_user_mistakes_are_one_line(workspace, attached, cli, args, expected):
     assert expected in one_line_error(cli("personalise", *args))
 
 
-def test_no_cache_mode_trains_too(workspace, attached):
-    coloured_photos(workspace / "photos", 24)
-    result = personalise(PersonaliseConfig(data="photos", bundle="B", out="P", epochs=1, batch=8, cache=False, personal_classes="r,g,b"))
-    assert result.metrics["cache"] is None and result.metrics["last_epoch"]["loss"] > 0
-
-
-def _personalise_process(workspace: Path, *extra: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "ee_cli", "personalise", "--data", "photos", "--bundle", "B", "--personal-classes", "r,g,b",
-               "--epochs", "30", "--batch", "8", "--views", "1", "--quiet", "--seed", "3", *extra]
-    return subprocess.Popen(command, cwd=workspace, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ | {"EE_THREADS": "2"})
-
-
-def test_kill_9_then_resume_ends_bit_identical_to_an_uninterrupted_run(workspace, attached):
-    coloured_photos(workspace / "photos", 64)
-    assert _personalise_process(workspace, "--out", "straight").wait(timeout=300) == 0
-    victim = _personalise_process(workspace, "--out", "resumed")
-    history = workspace / "runs" / "personalise-2" / "history.json"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not (history.is_file() and len(json.loads(history.read_text() or "[]")) >= 2):
-        time.sleep(0.05)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    done = json.loads(history.read_text())
-    assert 2 <= len(done) < 30, "the run was not interrupted mid-training"
-    assert not (workspace / "resumed").exists()
-    # Mark the finished epochs: a resume keeps them, a silent retrain from scratch would rewrite them.
-    history.write_text(json.dumps([entry | {"marker": True} for entry in done]))
-    resumed = _personalise_process(workspace, "--out", "resumed", "--resume")
-    _, stderr = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, stderr
-    assert json.loads(history.read_text())[0].get("marker"), "--resume trained the finished epochs again"
-    straight = bundle.read_bundle(workspace / "straight").load_model()
-    again = bundle.read_bundle(workspace / "resumed").load_model()
-    for layer in straight.layers:
-        for a, b in zip(layer.get_weights(), again.get_layer(layer.name).get_weights()):
-            np.testing.assert_array_equal(a, b, err_msg=layer.name)
-
-
-def test_more_photos_continue_from_a_personalised_bundle(workspace, attached, cli):
-    coloured_photos(workspace / "photos", 24)
-    assert cli("personalise", "--data", "photos", "--personal-classes", "r,g,b", "--out", "P1", *QUICK).exit_code == 0
-    coloured_photos(workspace / "photos", 48, seed=2)
-    result = cli("personalise", "--from", "P1", "--data", "photos", "--personal-classes", "r,g,b", "--out", "P2", *QUICK)
-    assert result.exit_code == 0, result.output
-    meta = json.loads((workspace / "P2" / "ee.json").read_text())
-    assert [step["command"] for step in meta["provenance"]] == ["attach", "personalise", "personalise"]
-    before = bundle.read_bundle(workspace / "P1").load_model()
-    after = bundle.read_bundle(workspace / "P2").load_model()
-    # The generic teacher is carried over untouched; the personal heads keep training.
-    np.testing.assert_array_equal(before.get_layer("predictions").get_weights()[0], after.get_layer("predictions").get_weights()[0])
-    assert after.output_names == ["exit_0", "exit_1", "exit_2", "final", "generic"]
-    # With no epochs, the heads are P1's exactly: they continue, they are not drawn afresh.
-    assert cli("personalise", "--from", "P1", "--data", "photos", "--personal-classes", "r,g,b", "--out", "P3", *QUICK, "--epochs", "0").exit_code == 0
-    kept = bundle.read_bundle(workspace / "P3").load_model()
-    heads = [layer for layer in before.layers if layer.name.startswith(("exit_", "final_logits")) and layer.get_weights()]
-    assert len(heads) >= 4
-    for layer in heads:
-        for a, b in zip(layer.get_weights(), kept.get_layer(layer.name).get_weights()):
-            np.testing.assert_array_equal(a, b, err_msg=layer.name)
-
-
-def test_label_free_thresholds_are_chosen_on_held_out_photos_by_default(workspace, attached, cli):
-    coloured_photos(workspace / "photos", 160)
-    result = cli("personalise", "--data", "photos", "--personal-classes", "r,g,b", "--out", "P", *QUICK)
-    assert result.exit_code == 0, result.output
-    meta = json.loads((workspace / "P" / "ee.json").read_text())
-    chosen = meta["policy"]
-    assert chosen["set_by"] == "personalise" and chosen["operating_point"] == "keep (label-free)" and chosen["photos"] == 32
-    thresholds = [e["threshold"] for e in meta["exits"]]
-    assert any(t is not None for t in thresholds), chosen["reason"]
-    assert [e["enabled"] for e in meta["exits"]] == [t is not None for t in thresholds]
-    evidence = bundle.read_bundle(workspace / "P").evidence()
-    assert evidence.confidences.shape == (3, 32) and evidence.reference.tolist() == [1] * 32  # the final exit agrees with itself
-    # What the bundle says is what the policy gives on the stored evidence, and it keeps its bound there.
-    costs = bundle.stage_costs(meta)
-    again = policy.cheapest_cascade(evidence, policy.max_drop(0.005, 1.645), costs)
-    assert [None if t >= policy.NEVER else pytest.approx(t) for t in again.thresholds] == thresholds
-    taken = policy.exit_taken(evidence.confidences, again.thresholds)
-    assert policy.outcome(taken, evidence.correct, costs.leaving(again.thresholds < policy.NEVER)).accuracy >= 1 - 0.005
-    assert chosen["predicted"]["speedup"] > 1.0 and "fewer MACs" in chosen["reason"]
-    # Re-personalising with too few photos to choose thresholds clears the stale ones.
-    coloured_photos(workspace / "few", 40, seed=5)
-    again_result = cli("personalise", "--from", "P", "--data", "few", "--personal-classes", "r,g,b", "--out", "P2", *QUICK)
-    assert again_result.exit_code == 0, again_result.output
-    cleared = json.loads((workspace / "P2" / "ee.json").read_text())
-    assert all(e["threshold"] is None and not e["enabled"] for e in cleared["exits"])
-    assert cleared["policy"]["set_by"] == "personalise" and cleared["policy"]["photos"] == 8
-    assert not (workspace / "P2" / bundle.EVIDENCE_FILE).exists()
-
-
 def test_all_classes_and_no_batchnorm_adaptation(workspace, attached, cli):
     coloured_photos(workspace / "photos", 24)
     result = cli("personalise", "--data", "photos", "--personal-classes", "all", "--adapt-bn", "0", "--out", "P", *QUICK, "--epochs", "0")
@@ -283,15 +152,6 @@ def test_all_classes_and_no_batchnorm_adaptation(workspace, attached, cli):
     for layer in adapt.backbone_batchnorms(generic):
         for a, b in zip(layer.get_weights(), personal.get_layer(layer.name).get_weights()):
             np.testing.assert_array_equal(a, b, err_msg=layer.name)
-
-
-def test_a_config_file_sets_personalise_options_and_flags_override_it(workspace, attached, cli):
-    coloured_photos(workspace / "photos", 24)
-    (workspace / "ee.toml").write_text('[personalise]\npersonal-classes = "r,g,b"\nepochs = 1\nbatch = 8\nholdout = 0.5\n')
-    result = cli("personalise", "--data", "photos", "--config", "ee.toml", "--holdout", "0.25", "--out", "P", "--quiet")
-    assert result.exit_code == 0, result.output
-    used = json.loads(sorted((workspace / "runs").glob("personalise-*"))[-1].joinpath("config.json").read_text())
-    assert (used["personal_classes"], used["epochs"], used["batch"], used["holdout"]) == ("r,g,b", 1, 8, 0.25)
 
 
 def test_class_inference_finds_the_demo_users_three_classes(workspace, cli):
