@@ -26,13 +26,12 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from bench.exits_acceptance import ee, load
-from bench.protocol import SCENARIOS, predict, restricted_accuracy
+from bench.exits_acceptance import ee, user_arguments, user_photos
+from bench.protocol import predict, restricted_accuracy
 
 TEACHERS = ("generic", "final")
 INGREDIENTS = ("maxprob", "entropy", "ensemble", "gate")
@@ -120,17 +119,11 @@ def sweep(probabilities: list[np.ndarray], train: list[np.ndarray], truth: np.nd
     return found
 
 
-def run_user(generic: str, data_name: str, scenario: str, seed: int, teacher: str, work: Path, unlabelled: int, test_per_class: int) -> dict:
-    from datasets import scenarios
+def run_user(args: argparse.Namespace, scenario: str, seed: int, teacher: str, work: Path) -> dict:
     from ee_cli import bundle
 
-    k, condition = next((s.k, s.condition) for s in SCENARIOS if s.name == scenario)
-    data, names = load(data_name)
-    user = scenarios.make_user(data, seed, k=k, condition=condition, unlabelled=unlabelled, names=names)
-    keep = np.sort(np.concatenate([np.flatnonzero(user.test_y == c)[:test_per_class] for c in user.classes]))
-    user = replace(user, test=user.test[keep], test_y=user.test_y[keep])
-    folders = scenarios.write_user(user, work / "photos")
-    ee("attach", "--backbone", generic, "--classes", ",".join(names), cwd=work)
+    user, folders, names = user_photos(args.data, scenario, seed, args.unlabelled, args.test_per_class, work)
+    ee("attach", "--backbone", str(Path(args.generic).expanduser().resolve()), "--classes", ",".join(names), cwd=work)
     personalised = ee("personalise", "--data", str(folders["unlabelled"]), "--exit-teacher", teacher, "--quiet", cwd=work)
     found = bundle.read_bundle(work / personalised["bundle"])
     model, meta = found.load_model(), found.meta
@@ -163,15 +156,10 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--generic", required=True)
-    parser.add_argument("--data", choices=("cifar10", "fashion"), default="cifar10")
-    parser.add_argument("--users", required=True, help="scenario:seed,... (dev users: seeds 100 and up)")
-    parser.add_argument("--unlabelled", type=int, default=500)
-    parser.add_argument("--test-per-class", type=int, default=300)
+    user_arguments(parser)
     parser.add_argument("--work", type=Path, default=Path("build/exits-ablation"))
     parser.add_argument("--out", type=Path, required=True, help="stem: writes <out>.jsonl and <out>.md")
     args = parser.parse_args()
-    generic = str(Path(args.generic).expanduser().resolve())
     rows = []
     for user in args.users.split(","):
         scenario, seed = user.split(":")
@@ -181,7 +169,7 @@ def main() -> None:
             work = args.work / f"{args.data}-{scenario}-{seed}-{teacher}"
             subprocess.run(["rm", "-rf", str(work)], check=True)
             work.mkdir(parents=True)
-            rows.append(run_user(generic, args.data, scenario, int(seed), teacher, work, args.unlabelled, args.test_per_class))
+            rows.append(run_user(args, scenario, int(seed), teacher, work))
             with args.out.with_suffix(".jsonl").open("a") as handle:
                 handle.write(json.dumps(rows[-1]) + "\n")
             print(json.dumps({k: rows[-1][k] for k in ("scenario", "seed", "teacher", "classes_exact")}

@@ -58,15 +58,29 @@ def load(source: str) -> tuple[dict, tuple[str, ...]]:
     return cifar10.load(), cifar10.CLASSES
 
 
-def run_user(job: Job, scenario: str, seed: int, work: Path) -> dict:
+def user_photos(data_name: str, scenario: str, seed: int, unlabelled: int, test_per_class: int, work: Path):
+    """One bench user's photos written under work/photos: (user, folders, every class name)."""
     from datasets import scenarios
 
     k, condition = next((s.k, s.condition) for s in SCENARIOS if s.name == scenario)
-    data, names = load(job.data)
-    user = scenarios.make_user(data, seed, k=k, condition=condition, unlabelled=job.unlabelled, names=names)
-    keep = np.sort(np.concatenate([np.flatnonzero(user.test_y == c)[: job.test_per_class] for c in user.classes]))
+    data, names = load(data_name)
+    user = scenarios.make_user(data, seed, k=k, condition=condition, unlabelled=unlabelled, names=names)
+    keep = np.sort(np.concatenate([np.flatnonzero(user.test_y == c)[:test_per_class] for c in user.classes]))
     user = replace(user, test=user.test[keep], test_y=user.test_y[keep])
-    folders = scenarios.write_user(user, work / "photos")
+    return user, scenarios.write_user(user, work / "photos"), names
+
+
+def user_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every per-user bench script takes."""
+    parser.add_argument("--generic", required=True)
+    parser.add_argument("--data", choices=("cifar10", "fashion"), default="cifar10")
+    parser.add_argument("--users", required=True, help="scenario:seed,... e.g. k2-low_light:0,k3-colour_cast:1 (dev users: seeds 100 and up)")
+    parser.add_argument("--unlabelled", type=int, default=500)
+    parser.add_argument("--test-per-class", type=int, default=300)
+
+
+def run_user(job: Job, scenario: str, seed: int, work: Path) -> dict:
+    user, folders, names = user_photos(job.data, scenario, seed, job.unlabelled, job.test_per_class, work)
     started = time.perf_counter()
     ee("attach", "--backbone", job.generic, "--classes", ",".join(names), cwd=work)
     personalised = ee("personalise", "--data", str(folders["unlabelled"]), "--quiet", *job.extra, cwd=work)
@@ -118,11 +132,7 @@ def _on_test_photos(personal: Path, user) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--generic", required=True)
-    parser.add_argument("--data", choices=("cifar10", "fashion"), default="cifar10")
-    parser.add_argument("--users", required=True, help="scenario:seed,... e.g. k2-low_light:0,k3-colour_cast:1")
-    parser.add_argument("--unlabelled", type=int, default=500)
-    parser.add_argument("--test-per-class", type=int, default=300)
+    user_arguments(parser)
     parser.add_argument("--ablate", action="append", default=[], help="KEY=VALUE personalise flag, e.g. exit-teacher=final")
     parser.add_argument("--no-export", action="store_true", help="personalise and measure on the test photos only (for ablations)")
     parser.add_argument("--work", type=Path, default=Path("build/exits-acceptance"))

@@ -173,9 +173,15 @@ def test_a_collapsed_class_mix_backs_the_batchnorm_depth_off_and_says_so():
         return f"model-{count}", one_class if count >= 4 else spread
 
     count, model, shares, note = adapt.backed_off(adapt_to, 8)
-    assert (count, model, asked) == (2, "model-2", [8, 4, 2]) and shares is spread
+    # After the collapse, the unadapted mix first (0: is it the photos themselves?), then halving.
+    assert (count, model, asked) == (2, "model-2", [8, 0, 4, 2]) and shares is spread
     assert "collapsed onto one class (95%) with 8 BatchNorm layers adapted: backed off to 2" in note
     assert adapt.backed_off(adapt_to, 2)[3] is None and asked[-1] == 2  # no collapse: no note, one attempt
     # Photos that really are of one class collapse even unadapted: the asked depth stands.
-    count, model, _, note = adapt.backed_off(lambda n: (f"model-{n}", one_class), 8)
-    assert (count, model) == (8, "model-8") and "even without adaptation" in note
+    def always_one_class(count):
+        asked.append(count)
+        return f"model-{count}", one_class
+
+    asked.clear()
+    count, model, _, note = adapt.backed_off(always_one_class, 8)
+    assert (count, model, asked) == (8, "model-8", [8, 0]) and "even without adaptation" in note  # two attempts, not five

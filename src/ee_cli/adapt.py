@@ -54,18 +54,26 @@ def backed_off(adapt_to: Callable[[int], tuple[Any, np.ndarray]], count: int) ->
     Adapting many layers of a deep pretrained network on one person's photos can make it predict
     one class for every photo (seen on a MobileNet with 25 of ~50 layers adapted). If even the
     unadapted model's mix is collapsed, the photos themselves are of one class: `count` stands.
+    That is checked first after a collapse (it is the cheapest attempt), so a network that collapses
+    at every depth costs two attempts, not one per halving.
     Returns the count used, its model and mix, and a one-line note when it backed off."""
     model, shares = adapt_to(count)
     if count == 0 or not collapsed(shares):
         return count, model, shares, None
     share, tried = float(np.max(shares)), count
-    while count > 0:
+    unadapted_model, unadapted_shares = adapt_to(0)
+    if collapsed(unadapted_shares):
+        return tried, model, shares, f"one class holds {share:.0%} of the photos even without adaptation: kept {tried} BatchNorm layers adapted"
+    while count > 1:
         count //= 2
         fewer_model, fewer_shares = adapt_to(count)
         if not collapsed(fewer_shares):
-            note = f"the class mix collapsed onto one class ({share:.0%}) with {tried} BatchNorm layers adapted: backed off to {count}"
-            return count, fewer_model, fewer_shares, note
-    return tried, model, shares, f"one class holds {share:.0%} of the photos even without adaptation: kept {tried} BatchNorm layers adapted"
+            return count, fewer_model, fewer_shares, _backed_off_note(share, tried, count)
+    return 0, unadapted_model, unadapted_shares, _backed_off_note(share, tried, 0)
+
+
+def _backed_off_note(share: float, tried: int, count: int) -> str:
+    return f"the class mix collapsed onto one class ({share:.0%}) with {tried} BatchNorm layers adapted: backed off to {count}"
 
 
 def adapt_batchnorm(model, batches, count: int, rounds: int = 4) -> list[str]:
