@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from conftest import QUICK, coloured_photos
-from ee_cli import bundle, policy
+from ee_cli import bundle, inference, photos, policy
 from ee_cli.config import PersonaliseConfig
-from ee_cli.personalise import personalise
+from ee_cli.personalise import _roles, personalise
 
 
 def test_no_cache_mode_trains_too(workspace, attached):
@@ -111,6 +111,23 @@ def test_label_free_thresholds_are_chosen_on_held_out_photos_by_default(workspac
     assert all(e["threshold"] is None and not e["enabled"] for e in cleared["exits"])
     assert cleared["policy"]["set_by"] == "personalise" and cleared["policy"]["photos"] == 8
     assert not (workspace / "P2" / bundle.EVIDENCE_FILE).exists()
+
+
+def test_label_free_evidence_is_each_exits_agreement_with_the_final_exit(workspace, attached, cli):
+    # Untrained exits (--epochs 0) disagree with the final exit on some photos, so evidence that
+    # were not computed from the model (all ones, say) would show.
+    coloured_photos(workspace / "photos", 160)
+    assert cli("personalise", "--data", "photos", "--personal-classes", "r,g,b", "--out", "P", *QUICK, "--epochs", "0").exit_code == 0
+    found = bundle.read_bundle(workspace / "P")
+    held = _roles(160, None, [0, 1, 2], PersonaliseConfig()).holdout_unlabelled
+    paths = photos.scan_unlabelled(workspace / "photos").paths
+    logits = inference.outputs_of(found.load_model(), bundle.head_outputs(found.meta), [paths[i] for i in held], 32)
+    agree = np.stack([exit_logits.argmax(1) == logits[-1].argmax(1) for exit_logits in logits]).astype(np.int8)
+    evidence = found.evidence()
+    np.testing.assert_array_equal(evidence.correct, agree)
+    assert not agree[:-1].all()
+    maxprob = np.stack([np.exp(l - l.max(1, keepdims=True)).max(1) / np.exp(l - l.max(1, keepdims=True)).sum(1) for l in logits[:-1]])
+    np.testing.assert_allclose(evidence.confidences, maxprob, rtol=1e-5)
 
 
 def test_a_config_file_sets_personalise_options_and_flags_override_it(workspace, attached, cli):
