@@ -18,7 +18,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 install: $(VENV)/.installed
 
 test: install
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=10
 
 demo: install
 	bash scripts/demo.sh

@@ -142,3 +142,13 @@ def personalised_user(root: Path, photo_count: int, batch: int) -> None:
 def attached(workspace):
     """Bundle B: exits grafted onto the narrow ResNet-9, classes r,g,b,x,y."""
     return attach(AttachConfig(backbone=narrow_resnet9(workspace), out="B", classes="r,g,b,x,y")).bundle_path
+
+
+# `make test` runs two xdist workers, each taking whole files in collection order: handing out the
+# files that hold the slowest tests first lets both workers finish together instead of one waiting
+# on a long file collected last.
+SLOWEST_FILES = ("test_bench.py", "test_personalise_runs.py", "test_export.py", "test_ondevice.py")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: (SLOWEST_FILES.index(item.path.name) if item.path.name in SLOWEST_FILES else len(SLOWEST_FILES)))
