@@ -173,7 +173,7 @@ def _train(config: PersonaliseConfig, job: Job, run_dir: Path, progress: Progres
         features, history = personalise_heads(job, config, run_dir, progress)
         return Trained(features, history, time.perf_counter() - started)
     features = None
-    if config.cache:
+    if config.cache and config.epochs > 0:  # with no epochs to train, a cache would be built for nothing
         feature_model = compat.keras().Model(job.personal_model.inputs, [h.cache_tensor for h in job.heads] + [job.personal_model.get_layer(GENERIC_OUTPUT).output])
         plan = cache.Plan(job.paths, job.size, config.views, config.seed, photos.inference_batch(job.size))
         features = cache.build(run_dir / "cache", feature_model, [h.name for h in job.heads], plan, lambda f: progress("Caching features", f, ""))
