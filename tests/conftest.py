@@ -144,8 +144,8 @@ def attached(workspace):
     return attach(AttachConfig(backbone=narrow_resnet9(workspace), out="B", classes="r,g,b,x,y")).bundle_path
 
 
-# `make test` runs two xdist workers, each taking whole files in collection order: handing out the
-# files that hold the slowest tests first lets both workers finish together instead of one waiting
+# `make test` runs xdist workers that each take whole files in collection order: handing out the
+# files that hold the slowest tests first lets the workers finish together instead of one waiting
 # on a long file collected last.
 SLOWEST_FILES = ("test_bench.py", "test_personalise_runs.py", "test_export.py", "test_ondevice.py")
 
