@@ -104,3 +104,23 @@ def test_ray_runs_users_at_once_with_the_serial_figures(tmp_path):
     for alone, fanned in zip(serial_results["users"], parallel["users"]):
         assert (alone["scenario"], alone["seed"]) == (fanned["scenario"], fanned["seed"])
         assert _without_timings(fanned) == _without_timings(alone)
+
+
+def test_ablation_ensemble_averages_exits_in_log_space_and_the_gate_ranks_agreeing_photos_first():
+    import numpy as np
+
+    from bench import exits_ablation
+
+    sure, unsure = np.array([[0.9, 0.1]]), np.array([[0.5, 0.5]])
+    first, second = exits_ablation.ensembled([sure, unsure])
+    np.testing.assert_allclose(first, sure)  # exit 0 has nothing before it
+    np.testing.assert_allclose(second, [[0.75, 0.25]])  # sqrt(0.9*0.5) : sqrt(0.1*0.5), normalised
+    # Photos whose exit agrees with the final exit are the confident ones: the fitted gate must
+    # score them above the others, label-free (agreement is the target, not the truth).
+    rng = np.random.default_rng(0)
+    top = rng.uniform(0.5, 1.0, 400)
+    probabilities = np.stack([top, 1 - top], axis=1)
+    final = np.where(top > 0.75, 0, 1)
+    final_probabilities = np.eye(2)[final]
+    _, scores = exits_ablation.confidences_for("gate", [probabilities, final_probabilities], [probabilities, final_probabilities])
+    assert scores.shape == (1, 400) and scores[0][top > 0.8].min() > scores[0][top < 0.7].max()
