@@ -87,7 +87,7 @@ def measure(root: Path, data: dict, count: int, epochs: int) -> dict:
     metrics, views, holdout_share = run["metrics"], run["metrics"]["cache"]["views"], 0.2
     # Each BatchNorm depth tried (a collapsed class mix backs off to fewer layers) costs its BN
     # passes, 1 + min(layers, 4), to that depth, and one whole pass for its class mix.
-    bn_seconds = sum((1 + min(count, 4)) * bound["to_adapted_bn_pass_s"].get(str(count), 0.0) for count in tried)
+    bn_seconds = sum((1 + min(layers, 4)) * bound["to_adapted_bn_pass_s"].get(str(layers), 0.0) for layers in tried)
     whole_passes = 2 * views + holdout_share + len(tried)
     bound_seconds = bound["whole_pass_s"] * whole_passes + bn_seconds
     return {
