@@ -43,8 +43,7 @@ def scan_unlabelled(root: Path) -> PhotoSet:
 
 def scan_labelled(root: Path, class_names: list[str]) -> PhotoSet:
     """One sub-folder per class; every sub-folder name must be one of `class_names`."""
-    check_folder(root)
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = [root / name for name in subfolder_names(root)]
     unknown = [folder.name for folder in folders if folder.name not in class_names]
     if unknown:
         raise UserError(f"{root}: sub-folder(s) {', '.join(unknown[:5])} match no class of the bundle ({', '.join(class_names[:10])}...)")
@@ -61,8 +60,7 @@ def scan_labelled(root: Path, class_names: list[str]) -> PhotoSet:
 
 def scan_folder(root: Path, class_names: list[str]) -> PhotoSet:
     """Labelled when every sub-folder is named after a class, unlabelled when none is; a mix is a mistake."""
-    check_folder(root)
-    folders = [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    folders = subfolder_names(root)
     matching = [name for name in folders if name in class_names]
     if matching and len(matching) < len(folders):
         strangers = sorted(set(folders) - set(matching))
@@ -75,7 +73,13 @@ def label_names(found: PhotoSet, class_names: list[str]) -> np.ndarray | None:
     return None if found.labels is None else np.array([class_names[i] for i in found.labels])
 
 
-def check_folder(root: Path) -> None:
+def subfolder_names(root: Path) -> list[str]:
+    """The photo folder's visible sub-folders, sorted: its classes when it is labelled."""
+    _check_folder(root)
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _check_folder(root: Path) -> None:
     if not root.exists():
         raise UserError(f"photo folder {root} does not exist")
     if not root.is_dir():
@@ -83,7 +87,7 @@ def check_folder(root: Path) -> None:
 
 
 def _files(root: Path) -> list[Path]:
-    check_folder(root)
+    _check_folder(root)
     return sorted(p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 

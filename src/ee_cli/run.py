@@ -110,8 +110,7 @@ def _stats(seconds: np.ndarray) -> dict[str, float]:
 def _photos(data: Path, classes: list[str], size: int, config: RunConfig):
     """The photos, labelled by their sub-folders. Sub-folders of classes the export cannot predict
     (its personal classes missed one) count as photos it gets wrong, as they would on the phone."""
-    photos.check_folder(data)
-    folders = sorted(p.name for p in data.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = photos.subfolder_names(data)
     known = [name for name in folders if name in classes]
     names = classes + [name for name in folders if name not in classes] if known else classes
     found = photos.scan_folder(data, names)
