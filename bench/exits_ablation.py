@@ -35,7 +35,6 @@ from bench.protocol import predict, restricted_accuracy
 
 TEACHERS = ("generic", "final")
 INGREDIENTS = ("maxprob", "entropy", "ensemble", "gate")
-KEEP_DROP, KEEP_Z = 0.5, 1.645
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -51,10 +50,11 @@ def ensembled(probabilities: list[np.ndarray]) -> list[np.ndarray]:
 
 def gate_features(probabilities: list[np.ndarray], index: int) -> np.ndarray:
     """Per photo: top probability, top-2 margin, normalised entropy, agreement with the previous exit."""
+    from ee_cli import policy
+
     p = probabilities[index]
     top2 = np.sort(p, axis=1)[:, -2:]
-    clipped = np.clip(p, 1e-12, 1.0)
-    entropy = -(clipped * np.log(clipped)).sum(axis=1) / np.log(p.shape[1])
+    entropy = 1.0 - policy.confidence(p, "entropy")
     previous = probabilities[index - 1].argmax(1) if index else p.argmax(1)
     return np.stack([top2[:, 1], top2[:, 1] - top2[:, 0], entropy, (previous == p.argmax(1)).astype(float)], axis=1)
 
@@ -99,7 +99,9 @@ def sweep(probabilities: list[np.ndarray], train: list[np.ndarray], truth: np.nd
     """Per ingredient: exit accuracy on the report half, and the label-free keep point chosen on the
     calibration half, reported on the report half."""
     from ee_cli import policy
+    from ee_cli.config import PersonaliseConfig
 
+    defaults = PersonaliseConfig()  # the keep point personalise chooses by default
     calibrate, report = policy.split(len(truth), 0.5, seed)
     found = {}
     for ingredient in INGREDIENTS:
@@ -108,7 +110,7 @@ def sweep(probabilities: list[np.ndarray], train: list[np.ndarray], truth: np.nd
         correct = (predicted == truth).astype(np.int8)
         agrees = (predicted == predicted[-1]).astype(np.int8)
         evidence = policy.Evidence(confidences[:, calibrate], agrees[:, calibrate], agrees[-1, calibrate])
-        choice = policy.cheapest_cascade(evidence, policy.max_drop(KEEP_DROP / 100, KEEP_Z), costs)
+        choice = policy.cheapest_cascade(evidence, policy.max_drop(defaults.max_drop / 100, defaults.margin_z), costs)
         used = choice.thresholds < policy.NEVER
         reported = policy.outcome(policy.exit_taken(confidences[:, report], choice.thresholds), correct[:, report], costs.leaving(used))
         found[ingredient] = {

@@ -6,7 +6,6 @@ that never import TensorFlow: an abort there is a failed test, and the phone's c
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import coloured_photos, narrow_resnet9, one_line_error
+from conftest import coloured_photos, narrow_resnet9, one_line_error, prepared_workspace
 from ee_cli import bundle, litert_trainer, ondevice
 from ee_cli.attach import attach
 from ee_cli.config import AttachConfig, PersonaliseConfig
@@ -106,15 +105,10 @@ def _litert(*args) -> dict:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny bundle personalised through LiteRT (3 epochs); returns the workspace."""
-    root = tmp_path_factory.mktemp("ondevice")
-    previous = Path.cwd()
-    os.chdir(root)
-    try:
+    with prepared_workspace(tmp_path_factory, "ondevice") as root:
         attach(AttachConfig(backbone=narrow_resnet9(root), out="B", classes="r,g,b,x,y"))
         coloured_photos(root / "photos", 48)
         personalise(PersonaliseConfig(data="photos", bundle="B", out="P", epochs=3, batch=16, views=1, personal_classes="r,g,b", engine="litert", seed=1))
-    finally:
-        os.chdir(previous)
     return root
 
 

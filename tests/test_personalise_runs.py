@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import QUICK, coloured_photos
-from ee_cli import bundle, inference, photos, policy
+from ee_cli import bundle, compat, inference, photos, policy
 from ee_cli.config import PersonaliseConfig
 from ee_cli.personalise import _roles, personalise
 
@@ -128,7 +128,7 @@ def test_label_free_evidence_is_each_exits_agreement_with_the_final_exit(workspa
     evidence = found.evidence()
     np.testing.assert_array_equal(evidence.correct, agree)
     assert not agree[:-1].all()
-    maxprob = np.stack([np.exp(l - l.max(1, keepdims=True)).max(1) / np.exp(l - l.max(1, keepdims=True)).sum(1) for l in logits[:-1]])
+    maxprob = np.stack([compat.tf().nn.softmax(exit_logits).numpy().max(1) for exit_logits in logits[:-1]])
     np.testing.assert_allclose(evidence.confidences, maxprob, rtol=1e-5)
 
 
