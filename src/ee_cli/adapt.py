@@ -112,7 +112,7 @@ def _input_statistics(probe, batches, training: bool) -> list[tuple[np.ndarray, 
     then batches are merged exactly in float64 (Chan et al.'s pairwise update)."""
     tf = compat.tf()
 
-    @tf.function
+    @tf.function(autograph=False)
     def moments(images):
         features = probe(images, training=training)
         features = features if isinstance(features, (list, tuple)) else [features]

@@ -65,9 +65,9 @@ def build(directory: Path, feature_model, head_names: list[str], plan: Plan, pro
             arrays[(name, kind)] = np.lib.format.open_memmap(directory / f"{name}.{kind}.npy", "w+", dtype, shape)
     tf = compat.tf()
     # One graph per view kind: eager dispatch cost as much as the convolutions at 224 px.
-    weak_features = tf.function(lambda images, table: feature_model(augment.weak_from_table(images, table), training=False), reduce_retracing=True)
+    weak_features = tf.function(lambda images, table: feature_model(augment.weak_from_table(images, table), training=False), reduce_retracing=True, autograph=False)
     strong_features = tf.function(lambda images, table: feature_model(augment.strong_from_table(images, table, each_op_on_its_photos_only=True), training=False),
-                                  reduce_retracing=True)
+                                  reduce_retracing=True, autograph=False)
     start = 0
     for images in photos.dataset(paths, size, batch):  # each photo decoded once, for every view
         count = int(images.shape[0])

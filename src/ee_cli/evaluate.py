@@ -266,7 +266,7 @@ def _latency(model, exit_names: list[str], size: int, runs_count: int) -> dict[s
     for index, name in enumerate([*exit_names, "final"]):
         wanted = exit_names[: index + 1] if name != "final" else [*exit_names, "final"]
         prefix = keras.Model(model.inputs, [model.get_layer(n).output for n in wanted])
-        run = tf.function(lambda x, prefix=prefix: prefix(x, training=False))
+        run = tf.function(lambda x, prefix=prefix: prefix(x, training=False), autograph=False)
         times = 1000 * litert.wall_times(lambda: [t.numpy() for t in tf.nest.flatten(run(sample))], runs_count, warmup=5)
         measured[name] = {"p50": float(np.percentile(times, 50)), "p90": float(np.percentile(times, 90)), "threads": compat.thread_count()}
     return measured

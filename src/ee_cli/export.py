@@ -279,7 +279,7 @@ def _tf_function(signature: Signature):
 
     run.__name__ = signature.key
     spec = tf.TensorSpec((1, *model.input_shape[1:]), tf.float32, name="x")
-    return tf.function(run, input_signature=[spec])
+    return tf.function(run, input_signature=[spec], autograph=False)
 
 
 def _representative(signatures: list[Signature]) -> Iterator:

@@ -13,7 +13,7 @@ def outputs_of(model, names: list[str], paths, size: int) -> list[np.ndarray]:
     """The named layers' outputs (logits for ee's outputs) for every photo, in order."""
     tf, keras = compat.tf(), compat.keras()
     probe = keras.Model(model.inputs, [model.get_layer(name).output for name in names])
-    run = tf.function(lambda images: probe(tf.cast(images, tf.float32), training=False), reduce_retracing=True)
+    run = tf.function(lambda images: probe(tf.cast(images, tf.float32), training=False), reduce_retracing=True, autograph=False)
     collected: list[list[np.ndarray]] = [[] for _ in names]
     for images in photos.dataset(paths, size, photos.inference_batch(size)):
         results = run(images)

@@ -136,7 +136,7 @@ def _relu(tf):
 
 def _signature(tf, function, name: str, specs: list):
     function.__name__ = name
-    return tf.function(function, input_signature=specs)
+    return tf.function(function, input_signature=specs, autograph=False)
 
 
 class _Signatures:

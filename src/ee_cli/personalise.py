@@ -437,7 +437,7 @@ def _make_step(tails, optimizer, personal, config: PersonaliseConfig):
         report["loss"] = total
         return total, report
 
-    @tf.function
+    @tf.function(autograph=False)
     def step(inputs):
         with tf.GradientTape() as tape:
             total, report = losses(inputs)

@@ -38,7 +38,7 @@ def quantisation_aware_heads(model, meta, images: np.ndarray, steps: int = 200, 
     optimizer = keras.optimizers.Adam(LEARNING_RATE)
     index = [student.output_names.index(name) for name in outputs]
 
-    @tf.function
+    @tf.function(autograph=False)
     def step(pixels):
         targets = [tf.nn.softmax(t) for t in teacher(pixels, training=False)]
         with tf.GradientTape() as tape:
