@@ -5,10 +5,10 @@ beside the forward-pass bound measured in the same run (issue 22).
 
 Per photo count, each in its own fresh process: `ee personalise` with its defaults (its peak RSS is
 the process's VmHWM), then the bound: one plain batched pass of the same photos through the whole
-network and one up to each BatchNorm depth personalise tried, timed through the same
-decoding pipeline. The bound is what the method needs at the least: a whole pass per photo per view
-(weak and strong), one per held-out photo, and per BatchNorm depth tried (a collapsed class mix backs
-off to fewer layers) one pass for the class mix and 1 + min(layers, 4) passes to that depth.
+network, timed through the same decoding pipeline. The bound is what the method needs at the
+least: a whole pass per photo per view (weak and strong), one per held-out photo, one per BatchNorm
+depth tried for its class mix (a collapsed mix backs off to fewer layers), and the exact BatchNorm
+passes: one per wave of layers, each as deep as its wave (its share of the whole pass's compute).
 Random-init weights: their class mix may collapse, so the back-off's extra passes count in the bound.
 Writes bench/results/resnet50-scaling-<date>.json.
 """
@@ -44,11 +44,12 @@ BOUND = textwrap.dedent(
     """
     import json, sys, time
     from pathlib import Path
-    from ee_cli import adapt, bundle, inference, photos
+    from ee_cli import adapt, bundle, flops, graft, inference, photos
     from ee_cli.litert_trainer import peak_rss_mb
     paths = photos.scan_unlabelled(Path(sys.argv[1])).paths
     model = bundle.read_bundle(Path("R50")).load_model()
-    layers = adapt.backbone_batchnorms(model)
+    layers = adapt.backbone_batchnorms(model)[: int(sys.argv[2])]
+    graph = graft.layer_graph(model)
 
     def timed(output):
         inference.outputs_of(model, [output], paths[:16], 224)  # trace once, untimed
@@ -56,11 +57,16 @@ BOUND = textwrap.dedent(
         inference.outputs_of(model, [output], paths, 224)
         return time.perf_counter() - started
 
-    depths = {}
-    for count in json.loads(sys.argv[2]):
-        if count:
-            depths[count] = timed(layers[count - 1].inbound_nodes[0].inbound_layers.name)
-    print(json.dumps({"whole_pass_s": timed("final"), "to_adapted_bn_pass_s": depths, "peak_rss_mb": peak_rss_mb()}))
+    def macs_to(names):
+        return sum(flops.layer_macs(graph.layers[name]) for name in graft.ancestors(graph, names))
+
+    whole_macs = macs_to(["final"])
+    waves = [[layer.inbound_nodes[0].inbound_layers.name for layer in wave] for wave in adapt.batchnorm_waves(model, layers)]
+    shares = [macs_to(wave) / whole_macs for wave in waves]
+    whole = timed("final")
+    deepest = timed(waves[-1][-1]) if waves else 0.0
+    print(json.dumps({"whole_pass_s": whole, "bn_waves": len(waves), "bn_wave_macs_shares": shares,
+                      "deepest_wave_pass_s": deepest, "peak_rss_mb": peak_rss_mb()}))
     """
 )
 
@@ -83,18 +89,22 @@ def measure(root: Path, data: dict, count: int, epochs: int) -> dict:
     run = _python(PERSONALISE, folder, f"P{count}", epochs, cwd=root)
     wall = time.perf_counter() - started
     tried = run["metrics"]["adapted_bn"]["tried"]
-    bound = _python(BOUND, folder, json.dumps(tried), cwd=root)
+    bound = _python(BOUND, folder, max(tried), cwd=root)
     metrics, views, holdout_share = run["metrics"], run["metrics"]["cache"]["views"], 0.2
-    # Each BatchNorm depth tried (a collapsed class mix backs off to fewer layers) costs its BN
-    # passes, 1 + min(layers, 4), to that depth, and one whole pass for its class mix.
-    bn_seconds = sum((1 + min(layers, 4)) * bound["to_adapted_bn_pass_s"].get(str(layers), 0.0) for layers in tried)
+    # BatchNorm: one pass per wave of layers, each only as deep as its wave (the compute share of a
+    # whole pass its layers need; the deepest wave's pass is also timed, to check that share), once
+    # for the deepest depth tried: shallower depths reuse its statistics. One whole pass for the
+    # class mix per depth tried, two per view for the feature cache, one per held-out photo.
+    bn_seconds = bound["whole_pass_s"] * sum(bound["bn_wave_macs_shares"])
     whole_passes = 2 * views + holdout_share + len(tried)
     bound_seconds = bound["whole_pass_s"] * whole_passes + bn_seconds
     return {
         "photos": count, "epochs": epochs, "peak_rss_mb": run["peak_rss_mb"], "wall_seconds": round(wall, 1),
         "phases_seconds": metrics["phases_seconds"], "cache": metrics["cache"], "adapted_bn": metrics["adapted_bn"],
         "bound": {"seconds": round(bound_seconds, 1), "whole_pass_s": round(bound["whole_pass_s"], 2), "whole_passes": whole_passes,
-                  "bn_seconds": round(bn_seconds, 1), "to_adapted_bn_pass_s": bound["to_adapted_bn_pass_s"],
+                  "bn_seconds": round(bn_seconds, 1), "bn_waves": bound["bn_waves"],
+                  "deepest_wave_pass_s": round(bound["deepest_wave_pass_s"], 2),
+                  "deepest_wave_modelled_s": round(bound["whole_pass_s"] * (bound["bn_wave_macs_shares"] or [0])[-1], 2),
                   "bound_process_peak_rss_mb": bound["peak_rss_mb"]},
         "personalise_over_bound": round(sum(metrics["phases_seconds"].values()) / bound_seconds, 2),
         "command_wall_over_bound": round(wall / bound_seconds, 2),

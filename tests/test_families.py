@@ -113,11 +113,8 @@ def user_model(family: str):
 
 def recalibrate_batchnorm(model, photos: np.ndarray) -> None:
     """Every BatchNorm layer's statistics from the photos: a random-init network needs them before
-    int8 means anything (design note). One batch holds every photo, so the training-mode pass alone
-    is exact; adapt's inference-mode refinement rounds diverge on a deep random network
-    (EfficientNetV2B0's block6 statistics reached 1e17, then inf, after 4 rounds)."""
-    count = len(adapt.backbone_batchnorms(model))
-    adapt.adapt_batchnorm(model, lambda: [photos], count, rounds=0)
+    int8 means anything (design note)."""
+    adapt.adapt_batchnorm(model, lambda: [photos], len(adapt.backbone_batchnorms(model)))
 
 
 def cascade(model, exits: list[dict], calibration: np.ndarray, quant: str) -> bytes:

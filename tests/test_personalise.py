@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import QUICK, coloured_photos, labelled_folder, one_line_error
-from ee_cli import adapt, bundle, photos
+from ee_cli import adapt, bundle, compat, photos
 from ee_cli.attach import attach
 from ee_cli.config import AttachConfig, PersonaliseConfig
 from ee_cli.personalise import personalise
@@ -70,17 +70,36 @@ def test_backbone_weights_stay_bit_identical_and_only_early_bn_statistics_change
                 np.testing.assert_array_equal(before, after, err_msg=weight.name)
 
 
-def test_adapted_statistics_are_exactly_those_of_the_photos(workspace, attached):
-    from ee_cli import compat
-
+def test_adapted_statistics_are_exactly_those_of_the_photos_at_every_depth(workspace, attached):
     model = bundle.read_bundle(attached).load_model()
+    layers = adapt.backbone_batchnorms(model)
     images = photos.load_array(photos.scan_unlabelled(coloured_photos(workspace / "photos", 20)).paths, 32)
-    adapt.adapt_batchnorm(model, lambda: [images[:7], images[7:]], 2)
-    first, second = adapt.backbone_batchnorms(model)[:2]
-    for layer in (first, second):
+    generic = adapt.statistics_of(layers)
+    adapted = adapt.adapt_batchnorm(model, lambda: [images[:7], images[7:]], len(layers))
+    for layer in layers:  # with every earlier layer adapted, each layer's statistics are its input's own
         inputs = compat.keras().Model(model.inputs, layer.input)(images.astype(np.float32)).numpy().reshape(-1, layer.input.shape[-1])
-        np.testing.assert_allclose(layer.moving_mean.numpy(), inputs.mean(0), rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(layer.moving_variance.numpy(), inputs.var(0), rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(layer.moving_mean.numpy(), inputs.mean(0), rtol=1e-4, atol=1e-4, err_msg=layer.name)
+        np.testing.assert_allclose(layer.moving_variance.numpy(), inputs.var(0), rtol=1e-3, atol=1e-4, err_msg=layer.name)
+    # Nested: adapting 3 layers gives the first 3 of those statistics, and switching depth needs no pass.
+    shallow = bundle.read_bundle(attached).load_model()
+    shallow_layers = adapt.backbone_batchnorms(shallow)
+    adapt.adapt_batchnorm(shallow, lambda: [images], 3)
+    adapt.set_statistics(layers, adapted, generic, 3)
+    for ours, theirs in zip(adapt.statistics_of(layers), adapt.statistics_of(shallow_layers)):
+        np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(ours[1], theirs[1], rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(adapt.statistics_of(layers)[3][1], generic[3][1])
+
+
+def test_parallel_batchnorms_share_a_pass_and_a_merge_waits_for_both():
+    keras = compat.keras()
+    pixels = keras.Input((8, 8, 3))
+    left = keras.layers.BatchNormalization(name="left")(keras.layers.Conv2D(4, 3, name="a")(pixels))
+    right = keras.layers.BatchNormalization(name="right")(keras.layers.Conv2D(4, 3, name="b")(pixels))
+    after = keras.layers.BatchNormalization(name="after")(keras.layers.Add()([left, right]))
+    model = keras.Model(pixels, keras.layers.BatchNormalization(name="last")(after))
+    waves = adapt.batchnorm_waves(model, adapt.backbone_batchnorms(model))
+    assert [[layer.name for layer in wave] for wave in waves] == [["left", "right"], ["after"], ["last"]]
 
 
 def test_class_inference_keeps_classes_above_the_share():
@@ -168,20 +187,20 @@ def test_a_collapsed_class_mix_backs_the_batchnorm_depth_off_and_says_so():
     one_class, spread = np.array([0.95, 0.03, 0.02]), np.array([0.5, 0.3, 0.2])
     asked: list[int] = []
 
-    def adapt_to(count):  # collapses from 4 adapted layers on
+    def mix_at(count):  # collapses from 4 adapted layers on
         asked.append(count)
-        return f"model-{count}", one_class if count >= 4 else spread
+        return one_class if count >= 4 else spread
 
-    count, model, shares, note = adapt.backed_off(adapt_to, 8)
+    count, shares, note = adapt.backed_off(mix_at, 8)
     # After the collapse, the unadapted mix first (0: is it the photos themselves?), then halving.
-    assert (count, model, asked) == (2, "model-2", [8, 0, 4, 2]) and shares is spread
+    assert (count, asked) == (2, [8, 0, 4, 2]) and shares is spread
     assert "collapsed onto one class (95%) with 8 BatchNorm layers adapted: backed off to 2" in note
-    assert adapt.backed_off(adapt_to, 2)[3] is None and asked[-1] == 2  # no collapse: no note, one attempt
+    assert adapt.backed_off(mix_at, 2)[2] is None and asked[-1] == 2  # no collapse: no note, one attempt
     # Photos that really are of one class collapse even unadapted: the asked depth stands.
     def always_one_class(count):
         asked.append(count)
-        return f"model-{count}", one_class
+        return one_class
 
     asked.clear()
-    count, model, _, note = adapt.backed_off(always_one_class, 8)
-    assert (count, model, asked) == (8, "model-8", [8, 0]) and "even without adaptation" in note  # two attempts, not five
+    count, _, note = adapt.backed_off(always_one_class, 8)
+    assert (count, asked) == (8, [8, 0]) and "even without adaptation" in note  # two attempts, not five

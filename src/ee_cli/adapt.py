@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ee_cli import compat
+from ee_cli import compat, graft
 from ee_cli.errors import UserError
 
 
@@ -47,64 +47,83 @@ def collapsed(shares: np.ndarray) -> bool:
     return float(np.max(shares)) >= COLLAPSED_SHARE
 
 
-def backed_off(adapt_to: Callable[[int], tuple[Any, np.ndarray]], count: int) -> tuple[int, Any, np.ndarray, str | None]:
-    """Adapt `count` layers; while the class mix collapses onto one class, halve the count.
+def backed_off(mix_at: Callable[[int], np.ndarray], count: int) -> tuple[int, np.ndarray, str | None]:
+    """The BatchNorm depth to keep: `count`, or while its class mix collapses onto one class, half.
 
-    `adapt_to(n)` adapts a fresh model's first n layers and returns it with its estimated class mix.
-    Adapting many layers of a deep pretrained network on one person's photos can make it predict
-    one class for every photo (seen on a MobileNet with 25 of ~50 layers adapted). If even the
-    unadapted model's mix is collapsed, the photos themselves are of one class: `count` stands.
-    That is checked first after a collapse (it is the cheapest attempt), so a network that collapses
-    at every depth costs two attempts, not one per halving.
-    Returns the count used, its model and mix, and a one-line note when it backed off."""
-    model, shares = adapt_to(count)
+    `mix_at(n)` estimates the class mix with the first n layers adapted. Adapting many layers of a
+    deep pretrained network on one person's photos can make it predict one class for every photo
+    (seen on a MobileNet with 25 of ~50 layers adapted). If even the unadapted model's mix is
+    collapsed, the photos themselves are of one class: `count` stands. That is checked first after
+    a collapse (it is the cheapest attempt), so a network that collapses at every depth costs two
+    attempts, not one per halving.
+    Returns the depth, its mix and a one-line note when it backed off."""
+    shares = mix_at(count)
     if count == 0 or not collapsed(shares):
-        return count, model, shares, None
+        return count, shares, None
     share, tried = float(np.max(shares)), count
-    unadapted_model, unadapted_shares = adapt_to(0)
+    unadapted_shares = mix_at(0)
     if collapsed(unadapted_shares):
-        return tried, model, shares, f"one class holds {share:.0%} of the photos even without adaptation: kept {tried} BatchNorm layers adapted"
+        return tried, shares, f"one class holds {share:.0%} of the photos even without adaptation: kept {tried} BatchNorm layers adapted"
     while count > 1:
         count //= 2
-        fewer_model, fewer_shares = adapt_to(count)
+        fewer_shares = mix_at(count)
         if not collapsed(fewer_shares):
-            return count, fewer_model, fewer_shares, _backed_off_note(share, tried, count)
-    return 0, unadapted_model, unadapted_shares, _backed_off_note(share, tried, 0)
+            return count, fewer_shares, _backed_off_note(share, tried, count)
+    return 0, unadapted_shares, _backed_off_note(share, tried, 0)
 
 
 def _backed_off_note(share: float, tried: int, count: int) -> str:
     return f"the class mix collapsed onto one class ({share:.0%}) with {tried} BatchNorm layers adapted: backed off to {count}"
 
 
-def adapt_batchnorm(model, batches, count: int, rounds: int = 4) -> list[str]:
+Statistics = list[tuple[np.ndarray, np.ndarray]]  # per BatchNorm layer: moving mean and variance
+
+
+def adapt_batchnorm(model, batches, count: int) -> Statistics:
     """Set the moving mean and variance of the first `count` BN layers to those of the photos.
 
-    Frozen BN layers ignore `training=True`, so we compute the statistics ourselves, in passes that
-    collect every adapted layer's input at once. A first pass runs the adapted layers on their batch
-    statistics (as in training), so that deep layers see normalised inputs even when the stored
-    statistics are far off (a random-init ResNet50 overflows otherwise); then up to `rounds` passes
-    in inference mode refine them: after pass r the first r layers hold their exact statistics
-    (exact for `count <= rounds`). `batches` returns an iterable of uint8 image batches.
-    Returns the adapted layers' names.
+    Exact: each layer's statistics are those of its input with every earlier adapted layer already
+    adapted. Frozen BN layers ignore `training=True`, so we compute them ourselves, one pass per
+    wave of layers that no other adapted layer feeds (`batchnorm_waves`), each pass running only as
+    deep as its wave. Because a layer's statistics never depend on later ones, the first n of the
+    result are the exact statistics of adapting n layers (`set_statistics` switches depth without
+    a pass). `batches` returns an iterable of uint8 image batches. Returns the computed statistics.
     """
     keras = compat.keras()
     layers = backbone_batchnorms(model)[:count]
-    if not layers:
-        return []
-    probe = keras.Model(model.inputs, [layer.input for layer in layers])
+    computed: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for wave in batchnorm_waves(model, layers):
+        probe = keras.Model(model.inputs, [layer.input for layer in wave])
+        found = _input_statistics(probe, batches)
+        _assign(wave, found)
+        computed |= {layer.name: statistics for layer, statistics in zip(wave, found)}
+    return [computed[layer.name] for layer in layers]
+
+
+def batchnorm_waves(model, layers: list) -> list[list]:
+    """`layers` grouped into passes: a layer goes one wave after the latest adapted layer upstream of it."""
+    graph = graft.layer_graph(model)
+    chosen = {layer.name for layer in layers}
+    wave_of: dict[str, int] = {}
+    for layer in layers:  # in topological order
+        upstream = (graft.ancestors(graph, [layer.name]) - {layer.name}) & chosen
+        wave_of[layer.name] = 1 + max((wave_of[name] for name in upstream), default=-1)
+    waves: list[list] = [[] for _ in range(1 + max(wave_of.values(), default=-1))]
     for layer in layers:
-        layer.trainable = True
-    try:
-        _assign(layers, _input_statistics(probe, batches, training=True))
-    finally:
-        for layer in layers:
-            layer.trainable = False
-    for _ in range(min(count, rounds)):
-        _assign(layers, _input_statistics(probe, batches, training=False))
-    return [layer.name for layer in layers]
+        waves[wave_of[layer.name]].append(layer)
+    return waves
 
 
-def _input_statistics(probe, batches, training: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+def statistics_of(layers) -> Statistics:
+    return [(layer.moving_mean.numpy(), layer.moving_variance.numpy()) for layer in layers]
+
+
+def set_statistics(layers, adapted: Statistics, original: Statistics, depth: int) -> None:
+    """The first `depth` layers adapted, the rest back at the generic model's statistics."""
+    _assign(layers, [*adapted[:depth], *original[depth:]])
+
+
+def _input_statistics(probe, batches) -> Statistics:
     """Per probed tensor: per-channel mean and variance over every photo.
 
     Each batch is reduced to per-channel means and variances inside TensorFlow (a ResNet50@224 batch
@@ -114,7 +133,7 @@ def _input_statistics(probe, batches, training: bool) -> list[tuple[np.ndarray, 
 
     @tf.function(autograph=False)
     def moments(images):
-        features = probe(images, training=training)
+        features = probe(images, training=False)
         features = features if isinstance(features, (list, tuple)) else [features]
         return [tf.nn.moments(values, axes=list(range(len(values.shape) - 1))) for values in features]
 
@@ -140,10 +159,10 @@ def _merge(a: tuple, b: tuple) -> tuple:
     return mean, variance, n
 
 
-def _assign(layers, statistics) -> None:
+def _assign(layers, statistics: Statistics) -> None:
     for layer, (mean, variance) in zip(layers, statistics):
-        layer.moving_mean.assign(mean.astype(np.float32))
-        layer.moving_variance.assign(variance.astype(np.float32))
+        layer.moving_mean.assign(np.asarray(mean, np.float32))
+        layer.moving_variance.assign(np.asarray(variance, np.float32))
 
 
 def class_shares(logits: np.ndarray, iterations: int = 100) -> np.ndarray:

@@ -66,7 +66,7 @@ class Adapted:
     personal: list[int]
     classes_seconds: float  # the pass that estimates the class mix
     note: str | None = None  # said when the BatchNorm depth was backed off
-    tried: tuple[int, ...] = ()  # the layer counts adapted, in order (more than one after a back-off)
+    tried: tuple[int, ...] = ()  # the depths whose class mix was estimated, in order (more than one after a back-off)
 
 
 @dataclass(frozen=True)
@@ -138,30 +138,32 @@ def adapt_step(config: PersonaliseConfig, source, found: Found, progress: Progre
     progress = progress or (lambda stage, fraction, info: None)
     meta, size = source.meta, _size(source.meta)
     compat.seed_everything(config.seed)
-    unadapted = [source.load_model()]  # used by the first attempt; a back-off loads a fresh copy
-    available = len(adapt.backbone_batchnorms(unadapted[0]))
-    count = adapt.resolve_adapt_count(config.adapt_bn, available)
-    timings = {"batchnorm": 0.0, "classes": 0.0}
-    adapted_names: dict[int, list[str]] = {}  # per layer count tried: the layers it adapted
+    model = source.load_model()
+    layers = adapt.backbone_batchnorms(model)
+    count = adapt.resolve_adapt_count(config.adapt_bn, len(layers))
+    generic_statistics = adapt.statistics_of(layers)
+    progress("Adapting BatchNorm statistics", 0.0, f"{count} of {len(layers)} layers")
+    started = time.perf_counter()
+    adapted = adapt.adapt_batchnorm(model, lambda: photos.dataset(found.unlabelled.paths, size, photos.inference_batch(size)), count)
+    seconds = {"batchnorm": time.perf_counter() - started, "classes": 0.0}
+    tried: list[int] = []
 
-    def adapt_to(layers: int):
-        model = unadapted.pop() if unadapted else source.load_model()
-        progress("Adapting BatchNorm statistics", 0.0, f"{layers} of {available} layers")
+    def mix_at(depth: int) -> np.ndarray:  # statistics are nested: a shallower depth needs no new pass
+        adapt.set_statistics(layers, adapted, generic_statistics, depth)
+        tried.append(depth)
         started = time.perf_counter()
-        adapted_names[layers] = adapt.adapt_batchnorm(model, lambda: photos.dataset(found.unlabelled.paths, size, photos.inference_batch(size)), layers)
-        middle = time.perf_counter()
-        shares = adapt.class_shares(inference.outputs_of(model, [generic_output(model)], found.unlabelled.paths, size)[0])
-        timings["batchnorm"] += middle - started
-        timings["classes"] += time.perf_counter() - middle
-        return model, shares
+        logits = inference.outputs_of(model, [generic_output(model)], found.unlabelled.paths, size)[0]
+        seconds["classes"] += time.perf_counter() - started
+        return adapt.class_shares(logits)
 
     if config.adapt_bn == "auto":  # the user's own N is taken as given
-        count, model, shares, note = adapt.backed_off(adapt_to, count)
+        count, shares, note = adapt.backed_off(mix_at, count)
     else:
-        (model, shares), note = adapt_to(count), None
+        shares, note = mix_at(count), None
+    adapt.set_statistics(layers, adapted, generic_statistics, count)
     personal = _personal_classes(config, meta["classes"], shares, found.labelled)
     progress("Adapting BatchNorm statistics", 1.0, f"personal classes: {', '.join(meta['classes'][i] for i in personal)}")
-    return Adapted(model, adapted_names[count], available, timings["batchnorm"], shares, personal, timings["classes"], note, tuple(adapted_names))
+    return Adapted(model, [layer.name for layer in layers[:count]], len(layers), seconds["batchnorm"], shares, personal, seconds["classes"], note, tuple(tried))
 
 
 def _train(config: PersonaliseConfig, job: Job, run_dir: Path, progress: Progress) -> Trained:
