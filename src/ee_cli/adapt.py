@@ -9,7 +9,7 @@ up the person's class mix instead.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
