@@ -11,6 +11,7 @@ import textwrap
 import pytest
 
 from conftest import coloured_photos, copy_workspace, one_line_error, personalised_user, prepared_workspace, run_ee
+from ee_cli import bundle, compat
 from ee_cli.attach import attach
 from ee_cli.config import AttachConfig, EvaluateConfig
 from ee_cli.evaluate import evaluate
@@ -53,6 +54,16 @@ def calibrated(workspace, calibrated_template):
     return workspace / "C"
 
 
+def _compute_operators(path) -> int:
+    """Convolutions and fully connected operators over every subgraph of a .tflite file."""
+    schema = compat.litert_schema()
+    wanted = {schema.BuiltinOperator.CONV_2D, schema.BuiltinOperator.DEPTHWISE_CONV_2D, schema.BuiltinOperator.FULLY_CONNECTED}
+    model = schema.Model.GetRootAs(path.read_bytes(), 0)
+    codes = [max(model.OperatorCodes(i).BuiltinCode(), model.OperatorCodes(i).DeprecatedBuiltinCode()) for i in range(model.OperatorCodesLength())]
+    return sum(codes[graph.Operators(i).OpcodeIndex()] in wanted
+               for graph in (model.Subgraphs(g) for g in range(model.SubgraphsLength())) for i in range(graph.OperatorsLength()))
+
+
 def _compare(folder, data) -> dict:
     done = subprocess.run([sys.executable, "-c", COMPARE, str(folder), str(data)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -78,6 +89,13 @@ def test_cascade_matches_the_multi_exit_model(workspace, calibrated, mode, toler
     assert manifest["files"]["cascade.tflite"] <= 1.1 * manifest["files"]["multi_exit.tflite"]
     assert manifest["files"]["cascade.tflite"] < manifest["files"]["final.tflite"] + sum(
         manifest["files"][f"{name}.tflite"] for name in enabled)
+    # Each layer runs once: the stages hold the plain model's compute operators plus the enabled heads'
+    # (the converter shares identical weights, so a stage that recomputes earlier layers keeps the size).
+    model = bundle.read_bundle(calibrated).load_model()
+    head_layers = sum(type(layer).__name__ in ("Conv2D", "DepthwiseConv2D", "Dense") for name in enabled
+                      for layer in model.layers if layer.name.startswith(f"{name}_"))
+    export = workspace / f"E-{mode}"
+    assert _compute_operators(export / "cascade.tflite") == _compute_operators(export / "final.tflite") + head_layers
     assert manifest["cascade"]["stops_after"] == [*enabled, "final"] and len(enabled) >= 1
     stage_io = manifest["cascade"]["stage_io"]
     assert len(stage_io) == len(enabled) + 1 and stage_io[0]["input"]["dtype"] == manifest["input"]["dtype"]
