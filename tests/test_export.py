@@ -54,6 +54,24 @@ def calibrated(workspace, calibrated_template):
     return workspace / "C"
 
 
+@pytest.fixture(scope="module")
+def float_export(calibrated_template):
+    """The float cascade export of the calibrated template, written once for the tests that read it."""
+    result = run_ee("export", "--tflite", "--quant", "none", "--out", "E-none", "--validate", "test",
+                    "--policy", "recorded", "--json", cwd=calibrated_template, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout)["manifest"]
+
+
+def _exported(workspace, mode: str, bound: list[str], float_export: dict) -> dict:
+    if mode == "none":
+        return float_export
+    result = run_ee("export", "--tflite", "--quant", mode, "--out", f"E-{mode}", "--validate", "test", *bound,
+                    "--policy", "recorded", "--json", cwd=workspace, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout)["manifest"]
+
+
 def _compute_operators(path) -> int:
     """Convolutions and fully connected operators over every subgraph of a .tflite file."""
     schema = compat.litert_schema()
@@ -71,13 +89,10 @@ def _compare(folder, data) -> dict:
 
 
 @pytest.mark.parametrize(("mode", "tolerance", "agreement", "bound"), [("none", 1e-5, 1.0, []), ("int8_full", 0.05, 0.99, ["--max-accuracy-drop", "3.4"])])
-def test_cascade_matches_the_multi_exit_model(workspace, calibrated, mode, tolerance, agreement, bound):
+def test_cascade_matches_the_multi_exit_model(float_export, workspace, calibrated, mode, tolerance, agreement, bound):
     # Float validates at the default bound (1 point); int8 on this near-random tiny model may flip
     # up to two of the 60 labelled photos (3.3 points), no more.
-    result = run_ee("export", "--tflite", "--quant", mode, "--out", f"E-{mode}", "--validate", "test", *bound,
-                    "--policy", "recorded", "--json", cwd=workspace, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    manifest = json.loads(result.stdout)["manifest"]
+    manifest = _exported(workspace, mode, bound, float_export)
     assert set(manifest["files"]) >= {"multi_exit.tflite", "final.tflite", "cascade.tflite"}
     assert manifest["validation"]["passed"] and manifest["validation"]["labelled"]
     assert all(entry["finite"] for entry in manifest["validation"]["exits"].values())
@@ -111,15 +126,14 @@ def test_cascade_matches_the_multi_exit_model(workspace, calibrated, mode, toler
         assert all(stage["outputs"]["features"]["dtype"] == "int8" for stage in stage_io[:-1])
 
 
-def test_run_and_evaluate_time_the_exported_files_in_litert(workspace, calibrated):
-    assert run_ee("export", "--tflite", "--quant", "none", "--out", "E", cwd=workspace, timeout=300).returncode == 0
-    result = run_ee("run", "--tflite", "E", "--data", "test", "--json", cwd=workspace, timeout=300)
+def test_run_and_evaluate_time_the_exported_files_in_litert(float_export, workspace, calibrated):
+    result = run_ee("run", "--tflite", "E-none", "--data", "test", "--json", cwd=workspace, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
     assert report["photos"] == 60 and sum(report["histogram"].values()) == 60
     assert report["cascade_ms"]["mean"] > 0 and report["full_ms"]["mean"] > 0 and 0 <= report["accuracy"] <= 1
     assert len(report["profile"]["stage_ms"]) == len(report["histogram"])
-    profiled = run_ee("evaluate", "--bundle", "C", "--data", "test", "--tflite", "E", "--latency-runs", "3", "--out", "C2", "--json", cwd=workspace, timeout=300)
+    profiled = run_ee("evaluate", "--bundle", "C", "--data", "test", "--tflite", "E-none", "--latency-runs", "3", "--out", "C2", "--json", cwd=workspace, timeout=300)
     assert profiled.returncode == 0, profiled.stderr[-2000:]
     rows = {row["exit"]: row for row in json.loads(profiled.stdout)["metrics"]["exits"]}
     assert rows["final"]["litert_p50_ms"] > 0 and rows["final"]["litert_threads"] == 1
