@@ -128,7 +128,9 @@ def main() -> None:
         for count in (int(n) for n in args.photos.split(",")):
             rows.append(measure(root, data, count, args.epochs))
             print(json.dumps(rows[-1]), flush=True)
-    args.out.write_text(json.dumps({"date": str(date.today()), "model": "resnet50 @224, random init, default exits", "rows": rows}, indent=2) + "\n")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+    args.out.write_text(json.dumps({"date": str(date.today()), "commit": commit, "command": f"PYTHONPATH=. .venv/bin/python -m bench.resnet50_memory --photos {args.photos} --epochs {args.epochs}",
+                                    "model": "resnet50 @224, random init, default exits", "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
