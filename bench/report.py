@@ -1,5 +1,7 @@
 """From per-user rows to the three claims beside the paper's figures: a summary dict, Markdown
-tables and plots. Spread is over users (headline) and over seeds within a scenario (per scenario)."""
+tables and plots. Spread is over users (headline) and over seeds within a scenario (per scenario):
+sample standard deviations, 95 % bootstrap intervals of the mean (of the geometric mean for ratios),
+medians and worst cases; a verdict only where the interval clears the target."""
 
 from __future__ import annotations
 
@@ -23,10 +25,31 @@ def _values(rows: list[dict], pick: Callable[[dict], float | None]) -> np.ndarra
     return np.array(found, float)
 
 
-def stats(values: np.ndarray) -> dict[str, float] | None:
+BOOTSTRAP_RESAMPLES = 10_000
+
+
+def stats(values: np.ndarray, ratio: bool = False) -> dict[str, float] | None:
+    """Over users: mean, sample std, median, worst, best and a 95 % bootstrap interval of the centre.
+    For ratios the centre is the geometric mean (a 2x and a 0.5x average to 1x, not 1.25x)."""
     if not len(values):
         return None
-    return {"mean": float(values.mean()), "std": float(values.std()), "worst": float(values.min()), "best": float(values.max()), "users": len(values)}
+    values = np.asarray(values, float)
+    found = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0, "median": float(np.median(values)),
+             "worst": float(values.min()), "best": float(values.max()), "users": len(values)}
+    if ratio:
+        found["geomean"] = float(np.exp(np.log(values).mean()))
+    found["ci95"] = bootstrap_interval(np.log(values) if ratio else values, transform=np.exp if ratio else None)
+    return found
+
+
+def bootstrap_interval(values: np.ndarray, transform=None, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile-bootstrap interval of the mean of `values` (seeded: the same rows, the same interval)."""
+    rng = np.random.default_rng(seed)
+    means = rng.choice(values, (BOOTSTRAP_RESAMPLES, len(values)), replace=True).mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    if transform is not None:
+        low, high = transform(low), transform(high)
+    return float(low), float(high)
 
 
 def figures(rows: list[dict], labels: tuple[int, ...], modes: tuple[str, ...], points: tuple[str, ...]) -> dict[str, Any]:
@@ -41,13 +64,13 @@ def figures(rows: list[dict], labels: tuple[int, ...], modes: tuple[str, ...], p
     found["restricted"] = stats(_values(rows, lambda r: 100 * r["restricted"]))
     found["bn_only"] = stats(_values(rows, lambda r: 100 * r["bn_only"]["accuracy"]))
     found["whole_network"] = stats(_values(rows, lambda r: 100 * r["labels_0"]["whole_network"]["accuracy"]))
-    found["training_ratio"] = stats(_values(rows, lambda r: r["labels_0"]["whole_network"]["seconds"] / r["labels_0"]["seconds"]["train"]))
-    found["training_ratio_command"] = stats(_values(rows, lambda r: r["labels_0"]["whole_network"]["seconds"] / r["labels_0"]["seconds"]["command"]))
+    found["training_ratio"] = stats(_values(rows, lambda r: r["labels_0"]["whole_network"]["seconds"] / r["labels_0"]["seconds"]["train"]), ratio=True)
+    found["training_ratio_command"] = stats(_values(rows, lambda r: r["labels_0"]["whole_network"]["seconds"] / r["labels_0"]["seconds"]["command"]), ratio=True)
     for point in points:
-        found[f"mflops_ratio_{point}"] = stats(_values(rows, lambda r: _point(r, point)["plain_mflops"] / _point(r, point)["mean_mflops"]))
+        found[f"mflops_ratio_{point}"] = stats(_values(rows, lambda r: _point(r, point)["plain_mflops"] / _point(r, point)["mean_mflops"]), ratio=True)
         found[f"accuracy_{point}"] = stats(_values(rows, lambda r: 100 * _point(r, point)["accuracy"]))
         for mode in modes:
-            found[f"latency_ratio_{point}_{mode}"] = stats(_values(rows, lambda r: _point(r, point)["litert"][mode]["speedup"]))
+            found[f"latency_ratio_{point}_{mode}"] = stats(_values(rows, lambda r: _point(r, point)["litert"][mode]["speedup"]), ratio=True)
     return found
 
 
@@ -56,57 +79,75 @@ def _point(row: dict, point: str) -> dict:
 
 
 def _cell(value: dict | None, unit: str = "", digits: int = 1, signed: bool = False) -> str:
+    """Ratios: geometric mean [95 % interval] (median; worst … best). Others: mean ± sample std [95 % interval] (worst … best)."""
     if value is None:
         return "—"
     sign = "+" if signed else ""
-    return f"{value['mean']:{sign}.{digits}f}{unit} ± {value['std']:.{digits}f} ({value['worst']:{sign}.{digits}f} … {value['best']:{sign}.{digits}f})"
+    low, high = value["ci95"]
+    interval = f"[{low:{sign}.{digits}f}, {high:{sign}.{digits}f}]"
+    if "geomean" in value:
+        return f"{value['geomean']:.{digits}f}{unit} {interval} (median {value['median']:.{digits}f}; {value['worst']:.{digits}f} … {value['best']:.{digits}f})"
+    return f"{value['mean']:{sign}.{digits}f}{unit} ± {value['std']:.{digits}f} {interval} ({value['worst']:{sign}.{digits}f} … {value['best']:{sign}.{digits}f})"
 
 
-def _verdict(value: dict | None, statistic: str, target: float) -> str:
+def _verdict(value: dict | None, target: float, worst_case: bool = False) -> str:
+    """Judged on the 95 % interval (or on the worst user): no verdict where the interval spans the target."""
     if value is None:
         return "not measured"
-    return "meets or beats" if value[statistic] >= target else "falls short"
+    if worst_case:
+        return "meets or beats in the worst case" if value["worst"] >= target else "falls short in the worst case"
+    low, high = value["ci95"]
+    if low >= target:
+        return "meets or beats"
+    return "falls short" if high < target else "undecided: the interval spans the target"
 
 
 def _claim(found: dict, key: str, claim: str, paper: str, unit: str, digits: int = 1, signed: bool = False,
-           judged: tuple[str, float, str] | None = None) -> str:
-    """One table row; `judged` = (statistic, target, suffix) compares that statistic with the target."""
+           judged: tuple[float, bool] | None = None) -> str:
+    """One table row; `judged` = (target, worst_case) compares the interval (or the worst user) with the target."""
     value = found.get(key)
-    verdict = "" if judged is None else _verdict(value, judged[0], judged[1]) + judged[2]
+    verdict = "" if judged is None else _verdict(value, *judged)
     return f"| {claim} | {paper} | {_cell(value, unit, digits, signed)} |" + (f" {verdict} |" if verdict else " |")
 
 
 def headline_table(found: dict, labels: tuple[int, ...], modes: tuple[str, ...]) -> str:
     low, high = PAPER["latency_ratio"]
     gain, training = PAPER["accuracy_gain_points"], PAPER["training_ratio"]
-    lines = ["| claim | paper | measured here: mean ± std over users (worst … best) | |", "|---|---|---|---|"]
-    lines += [_claim(found, f"gain_over_generic_L{label}", f"accuracy gain over the generic model, {label} labels/class", f"+{gain} pts", " pts",
-                     signed=True, judged=("mean", gain, "")) for label in labels]
+    lines = ["| claim | paper | measured here over users: mean ± sample std, or for ratios the geometric mean; [95 % bootstrap interval]; (worst … best) | |",
+             "|---|---|---|---|"]
     lines += [_claim(found, f"gain_over_restricted_L{label}", f"accuracy gain over the generic model restricted to the user's classes (free baseline), {label} labels/class",
-                     "—", " pts", signed=True, judged=("worst", 0.0, " in the worst case")) for label in labels]
+                     "—", " pts", signed=True, judged=(0.0, True)) for label in labels]
+    lines += [_claim(found, f"gain_over_generic_L{label}", f"accuracy gain over the generic model, {label} labels/class", f"+{gain} pts", " pts",
+                     signed=True, judged=(gain, False)) for label in labels]
     lines.append(_claim(found, "training_ratio", "training time, whole-network FixMatch ÷ exits only (feature cache + heads)", f"{training}×", "×", 2,
-                        judged=("mean", training, "")))
+                        judged=(training, False)))
     lines.append(_claim(found, "training_ratio_command", "same, ÷ the whole `ee personalise` command (BN adaptation, class inference, hold-out scoring, saving)",
-                        f"{training}×", "×", 2, judged=("mean", training, "")))
+                        f"{training}×", "×", 2, judged=(training, False)))
     lines += [_claim(found, f"latency_ratio_match-generic_{mode}", f"latency at the generic model's accuracy, LiteRT {mode} cascade vs plain model", f"{low}–{high}×",
-                     "×", 2, judged=("mean", low, "")) for mode in modes]
+                     "×", 2, judged=(low, False)) for mode in modes]
     lines += [_claim(found, f"latency_ratio_keep_{mode}", f"latency within 0.5 pt of the personalised accuracy, LiteRT {mode}", "—", "×", 2) for mode in modes]
     return "\n".join(lines)
 
 
 def scenario_table(rows: list[dict], labels: tuple[int, ...], modes: tuple[str, ...]) -> str:
-    header = ["scenario", "users", "generic", "restricted", "BN only", *[f"ee final, {label} labels" for label in labels], "whole network",
-              "train ratio", *[f"latency ratio @generic, {mode}" for mode in modes], *[f"latency ratio @keep, {mode}" for mode in modes]]
+    header = ["scenario", "users", *[f"gain over restricted, {label} labels" for label in labels], "generic", "restricted", "BN only",
+              *[f"ee final, {label} labels" for label in labels], "whole network", "train ratio",
+              *[f"latency ratio @generic, {mode}" for mode in modes], *[f"latency ratio @keep, {mode}" for mode in modes]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for scenario in sorted({r["scenario"] for r in rows}, key=[r["scenario"] for r in rows].index):
         group = [r for r in rows if r["scenario"] == scenario]
         found = figures(group, labels, modes, ("match-generic", "keep"))
 
-        def short(name, unit="", digits=1):
+        def short(name, unit="", digits=1, signed=False):
             value = found.get(name)
-            return "—" if value is None else f"{value['mean']:.{digits}f}{unit} ± {value['std']:.{digits}f}"
+            if value is None:
+                return "—"
+            if "geomean" in value:  # ratios: geometric mean and range
+                return f"{value['geomean']:.{digits}f}{unit} ({value['worst']:.{digits}f} … {value['best']:.{digits}f})"
+            return f"{value['mean']:{'+' if signed else ''}.{digits}f}{unit} ± {value['std']:.{digits}f}"
 
-        cells = [scenario, str(len(group)), short("generic"), short("restricted"), short("bn_only"), *[short(f"ee_final_L{label}") for label in labels],
+        cells = [scenario, str(len(group)), *[short(f"gain_over_restricted_L{label}", signed=True) for label in labels],
+                 short("generic"), short("restricted"), short("bn_only"), *[short(f"ee_final_L{label}") for label in labels],
                  short("whole_network"), short("training_ratio", "×", 2), *[short(f"latency_ratio_match-generic_{mode}", "×", 2) for mode in modes],
                  *[short(f"latency_ratio_keep_{mode}", "×", 2) for mode in modes]]
         lines.append("| " + " | ".join(cells) + " |")
@@ -130,7 +171,7 @@ def plot(rows: list[dict], path: Path, modes: tuple[str, ...]) -> Path:
         for scenario in scenarios:
             values = 100 * _values([r for r in rows if r["scenario"] == scenario], pick)
             means.append(values.mean() if len(values) else np.nan)
-            spreads.append(values.std() if len(values) else 0)
+            spreads.append(values.std(ddof=1) if len(values) > 1 else 0)
         left.bar(np.arange(len(scenarios)) + number * width, means, width, yerr=spreads, label=name, capsize=2)
     left.set_xticks(np.arange(len(scenarios)) + 0.4 - width / 2, scenarios, rotation=20)
     left.set_ylabel("accuracy on the user's test photos (%)")

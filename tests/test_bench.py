@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bench import report
@@ -36,12 +37,24 @@ def test_summary_figures_are_gains_and_ratios_per_user():
     assert found["gain_over_restricted_L0"]["worst"] == pytest.approx(-10.0) and found["gain_over_restricted_L0"]["best"] == pytest.approx(10.0)
     assert found["gain_over_generic_L10"]["best"] == pytest.approx(40.0)
     assert found["training_ratio"]["mean"] == pytest.approx(6.5) and found["training_ratio_command"]["mean"] == pytest.approx(3.25)
-    assert found["latency_ratio_match-generic_none"]["std"] == pytest.approx(0.5)
-    assert found["mflops_ratio_keep"]["mean"] == pytest.approx(2.0)
+    assert found["latency_ratio_match-generic_none"]["std"] == pytest.approx(0.5 ** 0.5)  # sample std over the two users
+    assert found["training_ratio"]["geomean"] == pytest.approx(30 ** 0.5) and found["mflops_ratio_keep"]["geomean"] == pytest.approx(2.0)
     table = report.headline_table(found, (0, 10), ("none",))
-    assert "+25.0 pts ± 5.0 (+20.0 … +30.0) | meets or beats" in table
-    assert "6.50× ± 3.50 (3.00 … 10.00) | meets or beats" in table
+    assert "+25.0 pts ± 7.1 [+20.0, +30.0] (+20.0 … +30.0) | meets or beats" in table
+    assert "5.48× [3.00, 10.00] (median 6.50; 3.00 … 10.00) | meets or beats" in table
     assert "falls short in the worst case" in table  # one user is below the free baseline: said, not hidden
+    # The free baseline's gain comes first: it is the figure that matters.
+    assert table.index("free baseline") < table.index("accuracy gain over the generic model, 0")
+
+
+def test_ratios_average_geometrically_and_a_verdict_needs_the_interval_to_clear_the_target():
+    even = report.stats(np.array([2.0, 0.5]), ratio=True)
+    assert even["geomean"] == pytest.approx(1.0) and even["mean"] == pytest.approx(1.25)
+    spread = report.stats(np.array([1.5, 2.0, 3.0, 1.0, 4.0]), ratio=True)
+    low, high = spread["ci95"]
+    assert low < 2.2 < high and report._verdict(spread, 2.2) == "undecided: the interval spans the target"
+    assert report._verdict(spread, 0.9) == "meets or beats" and report._verdict(spread, 5.0) == "falls short"
+    assert report.stats(np.array([1.5, 2.0, 3.0, 1.0, 4.0]), ratio=True) == spread  # seeded: the same rows, the same interval
 
 
 def test_missing_figures_show_as_not_measured():
