@@ -91,6 +91,27 @@ def test_adapted_statistics_are_exactly_those_of_the_photos_at_every_depth(works
     np.testing.assert_array_equal(adapt.statistics_of(layers)[3][1], generic[3][1])
 
 
+def test_batchnorm_passes_stream_the_photos_batch_by_batch(workspace, attached):
+    import gc
+    import weakref
+
+    model = bundle.read_bundle(attached).load_model()
+    alive_at_each_batch: list[int] = []
+
+    def batches():  # 12 batches per pass; counts how many earlier batches are still held when the next is asked for
+        earlier = []
+        for index in range(12):
+            gc.collect()
+            alive_at_each_batch.append(sum(ref() is not None for ref in earlier))
+            batch = np.full((4, 32, 32, 3), index * 20, np.uint8)
+            earlier.append(weakref.ref(batch))
+            yield batch
+
+    adapt.adapt_batchnorm(model, batches, 3)
+    assert len(alive_at_each_batch) == 12 * len(adapt.batchnorm_waves(model, adapt.backbone_batchnorms(model)[:3]))
+    assert max(alive_at_each_batch) <= 1  # at most the batch just handed over: photos never pile up in memory
+
+
 def test_parallel_batchnorms_share_a_pass_and_a_merge_waits_for_both():
     keras = compat.keras()
     pixels = keras.Input((8, 8, 3))
