@@ -147,7 +147,7 @@ def attached(workspace):
 # `make test` runs xdist workers that each take whole files in collection order: handing out the
 # files that hold the slowest tests first lets the workers finish together instead of one waiting
 # on a long file collected last.
-SLOWEST_FILES = ("test_bench.py", "test_personalise_runs.py", "test_export.py", "test_ondevice.py")
+SLOWEST_FILES = ("test_export.py", "test_bench.py", "test_personalise_runs.py", "test_ondevice.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -159,6 +159,7 @@ def test_loading_refuses_missing_or_extra_tensors(random_weights, small_model):
         lite.load_lite1_weights(model, {**random_weights, "_extra.weight": np.zeros(3, np.float32)})
 
 
+@pytest.mark.nightly  # ~20 s: builds, saves and reloads the 189-layer Lite1 model; the conversion itself is checked above
 def test_pipeline_on_twenty_photos_saves_an_attachable_model(tmp_path, random_weights):
     from ee_cli import backbones, graft
     from models import train_lite

@@ -11,6 +11,7 @@ test) — runs by default on the small models, and on every application family w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -150,7 +151,8 @@ def grafted(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(family)
     compat.seed_everything(0)
     user_model(family).save(folder / f"{family}.h5")
-    result = attach(AttachConfig(backbone=str(folder / f"{family}.h5"), out=str(folder / "bundle")))
+    with contextlib.chdir(folder):  # attach records the latest bundle in the working folder's bundles/
+        result = attach(AttachConfig(backbone=str(folder / f"{family}.h5"), out=str(folder / "bundle")))
     recalibrate_batchnorm(result.model, generated_photos(128, seed=1))
     for quant in ("none", "int8_full"):
         (folder / f"cascade-{quant}.tflite").write_bytes(cascade(result.model, result.meta["exits"], generated_photos(32, seed=2), quant))
