@@ -139,11 +139,11 @@ def test_run_and_evaluate_time_the_exported_files_in_litert(float_export, worksp
     assert rows["final"]["litert_p50_ms"] > 0 and rows["final"]["litert_threads"] == 1
 
 
-def test_a_bundle_without_thresholds_exports_the_plain_model_and_says_why(workspace, calibrated):
+def test_a_bundle_without_thresholds_exports_the_plain_model_and_says_why(workspace, calibrated, cli):
     # P's 24 held-out photos are below the floor for thresholds: null thresholds never make a cascade.
     assert all(e["threshold"] is None for e in json.loads((workspace / "P" / "ee.json").read_text())["exits"])
-    exported = run_ee("export", "--tflite", "--bundle", "P", "--quant", "none", "--out", "E0", cwd=workspace, timeout=300)
-    assert exported.returncode == 0, exported.stderr[-2000:]
+    exported = cli("export", "--tflite", "--bundle", "P", "--quant", "none", "--out", "E0")
+    assert exported.exit_code == 0, exported.output[-2000:]
     assert "Exit policy: plain model: 24 held-out photos" in " ".join(exported.stdout.split())
     cascade = json.loads((workspace / "E0" / "manifest.json").read_text())["cascade"]
     assert cascade["stops_after"] == ["final"] and cascade["thresholds"] == [] and len(cascade["signatures"]) == 1
@@ -232,10 +232,10 @@ def test_qat_needs_an_int8_mode(workspace, cli):
     assert "--qat" in one_line_error(cli("export", "--tflite", "--quant", "fp16", "--qat"))
 
 
-def test_a_broken_bound_writes_the_export_reports_it_and_exits_1(workspace, calibrated):
+def test_a_broken_bound_writes_the_export_reports_it_and_exits_1(workspace, calibrated, cli):
     # A negative bound cannot be met: the export is kept, the failure is said, the exit code is 1.
-    result = run_ee("export", "--tflite", "--quant", "none", "--out", "E", "--validate", "test", "--max-accuracy-drop", "-1", "--json", cwd=workspace, timeout=300)
-    assert result.returncode == 1 and "validation failed" in result.stderr
+    result = cli("export", "--tflite", "--quant", "none", "--out", "E", "--validate", "test", "--max-accuracy-drop", "-1", "--json")
+    assert result.exit_code == 1 and "validation failed" in result.stderr
     manifest = json.loads(result.stdout)["manifest"]
     assert not manifest["validation"]["passed"] and (workspace / "E" / "cascade.tflite").is_file()
 
