@@ -222,9 +222,9 @@ def test_quantisation_aware_heads_export_and_validate(workspace, calibrated):
     assert result.returncode == 0, result.stderr[-2000:]
     manifest = json.loads(result.stdout)["manifest"]
     assert manifest["qat"] and manifest["validation"]["passed"]
-    assert all(entry["finite"] and entry["top1_agreement"] >= 0.9 for entry in manifest["validation"]["exits"].values())
-    compared = _compare(workspace / "Q", workspace / "photos")
-    assert min(compared["agreement"].values()) >= 0.99, compared
+    # LiteRT against the QAT Keras model, every output, on the 60 validation photos: at most one flip.
+    # (The cascade's own int8 path is compared photo by photo in test_cascade_matches_the_multi_exit_model.)
+    assert all(entry["finite"] and entry["top1_agreement"] >= 59 / 60 for entry in manifest["validation"]["exits"].values()), manifest["validation"]
 
 
 def test_qat_needs_an_int8_mode(workspace, cli):
