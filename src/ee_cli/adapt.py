@@ -105,7 +105,8 @@ def batchnorm_waves(model, layers: list) -> list[list]:
     graph = graft.layer_graph(model)
     chosen = {layer.name for layer in layers}
     wave_of: dict[str, int] = {}
-    for layer in layers:  # in topological order
+    position = {name: index for index, name in enumerate(graph.order)}
+    for layer in sorted(layers, key=lambda layer: position[layer.name]):  # every upstream layer first
         upstream = (graft.ancestors(graph, [layer.name]) - {layer.name}) & chosen
         wave_of[layer.name] = 1 + max((wave_of[name] for name in upstream), default=-1)
     waves: list[list] = [[] for _ in range(1 + max(wave_of.values(), default=-1))]
