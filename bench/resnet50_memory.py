@@ -44,7 +44,7 @@ BOUND = textwrap.dedent(
     """
     import json, sys, time
     from pathlib import Path
-    from ee_cli import adapt, bundle, flops, graft, inference, photos
+    from ee_cli import adapt, bundle, graft, inference, photos
     from ee_cli.litert_trainer import peak_rss_mb
     paths = photos.scan_unlabelled(Path(sys.argv[1])).paths
     model = bundle.read_bundle(Path("R50")).load_model()
@@ -57,12 +57,9 @@ BOUND = textwrap.dedent(
         inference.outputs_of(model, [output], paths, 224)
         return time.perf_counter() - started
 
-    def macs_to(names):
-        return sum(flops.layer_macs(graph.layers[name]) for name in graft.ancestors(graph, names))
-
-    whole_macs = macs_to(["final"])
+    whole_macs = graft.cumulative_macs(graph, "final")
     waves = [[layer.inbound_nodes[0].inbound_layers.name for layer in wave] for wave in adapt.batchnorm_waves(model, layers)]
-    shares = [macs_to(wave) / whole_macs for wave in waves]
+    shares = [graft.cumulative_macs(graph, wave) / whole_macs for wave in waves]
     whole = timed("final")
     deepest = timed(waves[-1][-1]) if waves else 0.0
     print(json.dumps({"whole_pass_s": whole, "bn_waves": len(waves), "bn_wave_macs_shares": shares,

@@ -135,8 +135,10 @@ def ancestors(graph: LayerGraph, names: list[str]) -> set[str]:
     return seen
 
 
-def cumulative_macs(graph: LayerGraph, layer_name: str) -> int:
-    return sum(flops.layer_macs(graph.layers[name]) for name in ancestors(graph, [layer_name]))
+def cumulative_macs(graph: LayerGraph, layer_name: str | list[str]) -> int:
+    """MACs of every layer the named layer (or layers, each counted once) depends on, itself included."""
+    names = [layer_name] if isinstance(layer_name, str) else layer_name
+    return sum(flops.layer_macs(graph.layers[name]) for name in ancestors(graph, names))
 
 
 def feature_maps(graph: LayerGraph) -> list[str]:
