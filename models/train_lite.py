@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from datasets import cifar10
-from ee_cli import compat
+from ee_cli import compat, photos
 from models import efficientnet_lite as lite
 
 DEFAULT_OUT = cifar10.cache_dir() / "models" / "cifar_lite1.h5"
@@ -59,10 +59,10 @@ def default_weights() -> Path:
 
 
 def upscale(images: np.ndarray, size: int) -> np.ndarray:
-    """uint8 (N, size, size, 3) exactly as ee's photo loader resizes: ImageOps.fit, BILINEAR."""
-    from PIL import Image, ImageOps
+    """uint8 (N, size, size, 3) resized by ee's photo loader's own step (photos.fit_square)."""
+    from PIL import Image
 
-    return np.stack([np.asarray(ImageOps.fit(Image.fromarray(image), (size, size), Image.Resampling.BILINEAR), np.uint8) for image in images])
+    return np.stack([photos.fit_square(Image.fromarray(image), size) for image in images])
 
 
 def extract_features(features_model, images: np.ndarray, size: int, batch: int, parts: Path | None = None, label: str = "") -> np.ndarray:

@@ -128,6 +128,13 @@ def load_photo(path: Path, size: int) -> np.ndarray:
     with Image.open(path) as image:
         image = ImageOps.exif_transpose(image)
         rgb = to_rgb(image)
+    return fit_square(rgb, size)
+
+
+def fit_square(rgb, size: int) -> np.ndarray:
+    """An RGB Pillow image centre-cropped to square and resized to `size`: uint8 (size, size, 3)."""
+    from PIL import Image, ImageOps
+
     return np.asarray(ImageOps.fit(rgb, (size, size), Image.Resampling.BILINEAR), np.uint8)
 
 
