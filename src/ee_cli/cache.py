@@ -1,13 +1,16 @@
 """The feature cache: the frozen backbone runs once per photo and view; heads then train for many
 epochs on what it stored (pooled features for pool-first heads, feature maps otherwise).
 
-Arrays live on disk as .npy memory maps in the run directory (float16 features, float32 teacher
-logits), so they need not fit in memory, and a resumed run reuses them.
+Arrays live on disk as .npy files in the run directory (float16 features, float32 teacher logits),
+written and read a batch of rows at a time, so they need not fit in memory, and a resumed run reuses
+them.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +34,44 @@ class Plan:
     batch: int
 
 
+class OnDisk:
+    """A (views, photos, ...) .npy array on disk, written and read by rows with plain file reads and
+    writes: a memory map would keep every page it ever touched in the process's resident memory, which
+    then grows with the photo count."""
+
+    def __init__(self, path: Path, dtype=None, shape: tuple | None = None):
+        # numpy writes a new file's header and sizes it; the map is dropped before a page is read
+        layout = np.lib.format.open_memmap(path, "w+", dtype, shape) if shape is not None else np.load(path, mmap_mode="r")
+        self.shape, self.dtype, self.offset = layout.shape, layout.dtype, layout.offset
+        del layout
+        self.path = path
+        self.row_bytes = math.prod(self.shape[2:]) * self.dtype.itemsize
+        self.nbytes = math.prod(self.shape) * self.dtype.itemsize
+
+    def _at(self, view: int, photo: int) -> int:
+        return self.offset + (view * self.shape[1] + photo) * self.row_bytes
+
+    def write(self, view: int, start: int, values: np.ndarray) -> None:
+        """Rows start, start + 1, ... of one view."""
+        with open(self.path, "r+b") as file:
+            file.seek(self._at(view, start))
+            file.write(np.ascontiguousarray(values, self.dtype).tobytes())
+
+    def read(self, views: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        """Row (views[i], indices[i]) for each i."""
+        descriptor = os.open(self.path, os.O_RDONLY)
+        try:
+            chunks = [os.pread(descriptor, self.row_bytes, self._at(int(v), int(i))) for v, i in zip(np.broadcast_to(views, np.shape(indices)), indices)]
+        finally:
+            os.close(descriptor)
+        return np.frombuffer(b"".join(chunks), self.dtype).reshape(len(chunks), *self.shape[2:])
+
+
 @dataclass
 class FeatureCache:
     directory: Path
     views: int
-    arrays: dict[tuple[str, str], np.ndarray]  # (head or "teacher", kind) -> (views, photos, ...)
+    arrays: dict[tuple[str, str], OnDisk]  # (head or "teacher", kind) -> (views, photos, ...)
     seconds: float
 
     @property
@@ -43,7 +79,7 @@ class FeatureCache:
         return sum(array.nbytes for array in self.arrays.values())
 
     def get(self, name: str, kind: str, view, index) -> np.ndarray:
-        return np.asarray(self.arrays[(name, kind)][view, index], np.float32)
+        return self.arrays[(name, kind)].read(view, index).astype(np.float32)
 
 
 def build(directory: Path, feature_model, head_names: list[str], plan: Plan, progress=None) -> FeatureCache:
@@ -52,7 +88,7 @@ def build(directory: Path, feature_model, head_names: list[str], plan: Plan, pro
     key = {"photos": len(paths), "views": views, "seed": seed, "heads": head_names, "size": size}
     done = directory / "complete.json"
     if done.is_file() and json.loads(done.read_text())["key"] == key:
-        arrays = {(name, kind): np.load(directory / f"{name}.{kind}.npy", mmap_mode="r") for name in [*head_names, TEACHER] for kind in KINDS}
+        arrays = {(name, kind): OnDisk(directory / f"{name}.{kind}.npy") for name in [*head_names, TEACHER] for kind in KINDS}
         return FeatureCache(directory, views, arrays, json.loads(done.read_text())["seconds"])
     directory.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -62,7 +98,7 @@ def build(directory: Path, feature_model, head_names: list[str], plan: Plan, pro
         for kind in KINDS:
             dtype = np.float32 if name == TEACHER else np.float16
             shape = (views, len(paths), *output.shape[1:])
-            arrays[(name, kind)] = np.lib.format.open_memmap(directory / f"{name}.{kind}.npy", "w+", dtype, shape)
+            arrays[(name, kind)] = OnDisk(directory / f"{name}.{kind}.npy", dtype, shape)
     tf = compat.tf()
     # One graph per view kind: eager dispatch cost as much as the convolutions at 224 px.
     weak_features = tf.function(lambda images, table: feature_model(augment.weak_from_table(images, table), training=False), reduce_retracing=True, autograph=False)
@@ -77,12 +113,10 @@ def build(directory: Path, feature_model, head_names: list[str], plan: Plan, pro
                 table = augment.view_table(seed, 2 * view + (kind == "strong"), indices, size, size)
                 outputs = features_of(tf.cast(images, tf.float32), tf.constant(table))
                 for name, values in zip(names, outputs):
-                    arrays[(name, kind)][view, start : start + count] = values.numpy()
+                    arrays[(name, kind)].write(view, start, values.numpy())
         start += count
         if progress:
             progress(start / len(paths))
-    for array in arrays.values():
-        array.flush()
     seconds = time.perf_counter() - started
     done.write_text(json.dumps({"key": key, "seconds": seconds}))
     return FeatureCache(directory, views, arrays, seconds)

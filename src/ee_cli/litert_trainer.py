@@ -164,7 +164,7 @@ def open_cache(directory: Path, key: dict[str, Any]) -> cache.FeatureCache | Non
     marker = directory / "complete.json"
     if not marker.is_file() or json.loads(marker.read_text())["key"] != key:
         return None
-    found = {(name, kind): np.load(path, mmap_mode="r") for path in directory.glob("*.npy") for name, kind in [path.stem.rsplit(".", 1)]}
+    found = {(name, kind): cache.OnDisk(path) for path in directory.glob("*.npy") for name, kind in [path.stem.rsplit(".", 1)]}
     return cache.FeatureCache(directory, key["views"], found, json.loads(marker.read_text())["seconds"])
 
 
@@ -177,7 +177,7 @@ def fill_cache(interpreter, directory: Path, job, progress) -> cache.FeatureCach
         return found
     directory.mkdir(parents=True, exist_ok=True)
     runner, started = interpreter.get_signature_runner("features"), time.perf_counter()
-    arrays: dict[tuple[str, str], np.ndarray] = {}
+    arrays: dict[tuple[str, str], cache.OnDisk] = {}
     size, paths, batch = job["size"], job["paths"], photos.inference_batch(job["size"])
     for view in range(job["views"]):
         for start in range(0, len(paths), batch):
@@ -187,8 +187,6 @@ def fill_cache(interpreter, directory: Path, job, progress) -> cache.FeatureCach
             outputs = runner(pixels=pixels, weak_view=tables["weak"], strong_view=tables["strong"])
             _store(arrays, directory, outputs, job, view, indices)
             progress("Caching features in LiteRT", (view + indices[-1] / len(paths)) / job["views"], "")
-    for array in arrays.values():
-        array.flush()
     seconds = time.perf_counter() - started
     runs.write_json(directory / "complete.json", {"key": key, "seconds": seconds})
     return cache.FeatureCache(directory, job["views"], arrays, seconds)
@@ -200,8 +198,8 @@ def _store(arrays: dict, directory: Path, outputs: dict[str, np.ndarray], job, v
         if (name, kind) not in arrays:
             dtype = np.float32 if name == cache.TEACHER else np.float16  # as cache.build stores them
             shape = (job["views"], len(job["paths"]), *values.shape[1:])
-            arrays[(name, kind)] = np.lib.format.open_memmap(directory / f"{name}.{kind}.npy", "w+", dtype, shape)
-        arrays[(name, kind)][view, indices] = values
+            arrays[(name, kind)] = cache.OnDisk(directory / f"{name}.{kind}.npy", dtype, shape)
+        arrays[(name, kind)].write(view, int(indices[0]), values)
 
 
 class HeadsInLiteRT:
