@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.protocol import SCENARIOS, predict, restricted_accuracy
+from bench.protocol import Scenario, predict, restricted_accuracy
 
 EE = [sys.executable, "-m", "ee_cli"]
 
@@ -62,9 +62,9 @@ def user_photos(data_name: str, scenario: str, seed: int, unlabelled: int, test_
     """One bench user's photos written under work/photos: (user, folders, every class name)."""
     from datasets import scenarios
 
-    k, condition = next((s.k, s.condition) for s in SCENARIOS if s.name == scenario)
+    named = Scenario.named(scenario)
     data, names = load(data_name)
-    user = scenarios.make_user(data, seed, k=k, condition=condition, unlabelled=unlabelled, names=names)
+    user = scenarios.make_user(data, seed, k=named.k, condition=named.condition, unlabelled=unlabelled, names=names)
     keep = np.sort(np.concatenate([np.flatnonzero(user.test_y == c)[:test_per_class] for c in user.classes]))
     user = replace(user, test=user.test[keep], test_y=user.test_y[keep])
     return user, scenarios.write_user(user, work / "photos"), names

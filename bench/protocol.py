@@ -1,15 +1,16 @@
 """One user of the benchmark protocol (../shared/design.md), measured end to end.
 
-A user is (scenario, seed): k classes and a personal condition, unlabelled photos from CIFAR-10's
-train split, 10 labelled photos per class set aside, test photos from the test split. On the same
-photos, in one process: the generic model; the generic model restricted to the user's true classes
-(free); early-BN statistics only with inferred classes (no training); `ee personalise` at 0 and 10
-labels per class; whole-network FixMatch fine-tuning at 0 labels; and, at 0 labels, the exported
-TFLite cascade's latency in LiteRT beside the plain model's at two operating points calibrated by
-`ee evaluate` on half of the test photos and measured on the other half.
+A user is (split, scenario, seed), the seed its own: k classes and a personal condition, unlabelled
+photos from CIFAR-10's train split, 10 labelled photos per class set aside, test photos from the
+test split. On the same photos, in one process: the generic model; the generic model restricted to
+the user's true classes (free); early-BN statistics only with inferred classes (no training);
+`ee personalise` at 0 and 10 labels per class; whole-network FixMatch fine-tuning at 0 labels;
+and, at 0 labels, the exported TFLite cascade's latency in LiteRT beside the plain model's at two
+operating points calibrated by `ee evaluate` on half of the test photos and measured on the other
+half.
 
 `run_user` returns plain JSON-ready figures. Times are measured; everything else is a function
-of (scenario, seed, settings) at a fixed thread count, so a Ray worker gives the same figures.
+of (user, settings) at a fixed thread count, so a Ray worker gives the same figures.
 """
 
 from __future__ import annotations
@@ -33,8 +34,34 @@ class Scenario:
     def name(self) -> str:
         return f"k{self.k}-{self.condition}"
 
+    @classmethod
+    def named(cls, name: str) -> "Scenario":
+        """The scenario `name` names ("k3-colour_cast")."""
+        k, _, condition = name.partition("-")
+        return cls(int(k.removeprefix("k")), condition)
 
-SCENARIOS = (Scenario(2, "low_light"), Scenario(3, "colour_cast"), Scenario(5, "blur"), Scenario(2, "jpeg"), Scenario(3, "rotation"))
+
+# Dev users tune defaults and designs; test users are run only to report. Every user has a seed of
+# its own, so its classes and photos are drawn independently of every other user's; the test users'
+# seeds were never used before, and two of their conditions no dev user meets.
+DEV_SCENARIOS = (Scenario(2, "low_light"), Scenario(3, "colour_cast"), Scenario(5, "blur"), Scenario(2, "jpeg"), Scenario(3, "rotation"))
+TEST_SCENARIOS = (Scenario(3, "noise"), Scenario(2, "haze"), Scenario(3, "low_light"), Scenario(5, "colour_cast"), Scenario(2, "blur"),
+                  Scenario(4, "jpeg"), Scenario(4, "rotation"))
+SPLITS = {"dev": (DEV_SCENARIOS, 100), "test": (TEST_SCENARIOS, 200)}  # split -> (scenarios, first seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class User:
+    split: str
+    scenario: Scenario
+    seed: int
+
+
+def users(split: str, per_scenario: int) -> list[User]:
+    """`per_scenario` users of each of the split's scenarios, each with its own seed."""
+    scenarios, first_seed = SPLITS[split]
+    return [User(split, scenario, first_seed + repeat * len(scenarios) + index) for index, scenario in enumerate(scenarios)
+            for repeat in range(per_scenario)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,10 +82,13 @@ class Settings:
 class UserJob:
     generic: str  # tf_keras model file: the generic classifier
     data: str  # "cifar10", or "synthetic" (generated classes, for smoke tests)
-    scenario: Scenario
-    seed: int
+    user: User
     settings: Settings
     work: str  # this user's scratch folder
+
+    @property
+    def seed(self) -> int:
+        return self.user.seed
 
 
 def load_data(source: str) -> dict:
@@ -78,16 +108,17 @@ def run_user(job: UserJob) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     data = load_data(job.data)
     names = tuple(data["names"])
-    user = scenarios.make_user(data, job.seed, k=job.scenario.k, condition=job.scenario.condition, unlabelled=settings.unlabelled,
+    scenario, seed = job.user.scenario, job.seed
+    user = scenarios.make_user(data, seed, k=scenario.k, condition=scenario.condition, unlabelled=settings.unlabelled,
                                labelled_per_class=max(settings.labels), names=names)
-    user = _fewer_test_photos(user, settings.test_per_class, job.seed)
+    user = _fewer_test_photos(user, settings.test_per_class, seed)
     folders = scenarios.write_user(user, work / "photos")
-    row: dict[str, Any] = {"scenario": job.scenario.name, "k": job.scenario.k, "condition": job.scenario.condition, "seed": job.seed,
+    row: dict[str, Any] = {"split": job.user.split, "scenario": scenario.name, "k": scenario.k, "condition": scenario.condition, "seed": seed,
                            "classes": user.class_names, "photos": {"unlabelled": len(user.unlabelled), "labelled_per_class": max(settings.labels),
                                                                    "test": len(user.test)}}
     with _inside(work):
         attached = _attach(job, names)
-        row |= _baselines(attached, user, folders, job.seed)
+        row |= _baselines(attached, user, folders, seed)
         for labels in settings.labels:
             row[f"labels_{labels}"] = _personalised(job, user, folders, attached, labels, names)
     return row

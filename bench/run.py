@@ -1,9 +1,10 @@
 """`make bench`: the paper's three claims measured on CIFAR-10 users, in one run.
 
-    python -m bench.run [--seeds 0,1,2] [--workers N | --ray-address ADDR] [--smoke]
+    python -m bench.run [--users dev,test] [--per-scenario 1] [--workers N | --ray-address ADDR] [--smoke]
 
 Writes bench/results/<date>.json (every user's figures, the summary, the settings), the plots
-beside it, and the tables into bench/README.md between its markers. `--smoke` is the two-minute
+beside it, and the tables into bench/README.md between its markers: test users first (run only to
+report), then dev users (the ones defaults and designs are tuned on). `--smoke` is the two-minute
 version on generated photos and an untrained model: it checks the pipeline, not the claims.
 """
 
@@ -28,8 +29,9 @@ BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     parser.add_argument("--generic", type=Path, default=DEFAULT_GENERIC, help="generic CIFAR-10 model (python -m models.train_cifar)")
+    parser.add_argument("--users", default="dev,test", help="which users: dev (tune on these), test (report only), or both")
+    parser.add_argument("--per-scenario", type=int, default=1, help="users per scenario, each with its own seed and photos")
     parser.add_argument("--scenarios", default="all", help="comma-separated names like k2-low_light, or all")
-    parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--unlabelled", type=int, default=500)
     parser.add_argument("--labels", default="0,10", help="labelled photos per class, per setting")
     parser.add_argument("--test-per-class", type=int, default=300)
@@ -49,17 +51,21 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def jobs_for(args, work: Path, generic: str) -> list:
-    from bench.protocol import SCENARIOS, Settings, UserJob
+    from bench.protocol import SPLITS, Settings, UserJob, users
 
-    wanted = SCENARIOS if args.scenarios == "all" else [s for s in SCENARIOS if s.name in args.scenarios.split(",")]
+    splits = args.users.split(",")
+    if not splits or not set(splits) <= set(SPLITS):
+        _user_error(f"--users takes dev, test or dev,test, not {args.users!r}")
+    chosen = [user for split in splits for user in users(split, args.per_scenario)]
+    wanted = chosen if args.scenarios == "all" else [user for user in chosen if user.scenario.name in args.scenarios.split(",")]
     if not wanted:
-        _user_error(f"no scenario among {args.scenarios}; choose from {', '.join(s.name for s in SCENARIOS)}")
+        names = sorted({user.scenario.name for user in chosen})
+        _user_error(f"no {args.users} user has a scenario among {args.scenarios}; choose from {', '.join(names)}")
     settings = Settings(unlabelled=args.unlabelled, labels=tuple(int(x) for x in args.labels.split(",")), test_per_class=args.test_per_class,
                         epochs=args.epochs, whole_network=not args.no_whole_network, quant=tuple(args.quant.split(",")),
                         points=tuple(args.points.split(",")))
     data = "synthetic" if args.smoke else "cifar10"
-    return [UserJob(generic, data, scenario, seed, settings, str(work / f"{scenario.name}-seed{seed}"))
-            for scenario in wanted for seed in (int(x) for x in args.seeds.split(","))]
+    return [UserJob(generic, data, user, settings, str(work / f"{user.split}-{user.scenario.name}-seed{user.seed}")) for user in wanted]
 
 
 def smoke_defaults(args) -> None:
@@ -111,47 +117,59 @@ def _run_with_progress(jobs, args) -> list[dict]:
 
         def done(index, row):
             final = row.get("labels_0", {}).get("accuracy", {}).get("final")
-            progress.console.print(f"{row['scenario']} seed {row['seed']}: generic {100 * row['generic']:.1f}%, restricted {100 * row['restricted']:.1f}%, "
-                                   f"ee final {100 * final:.1f}%" if final is not None else f"{row['scenario']} seed {row['seed']} done")
+            progress.console.print(f"{row['split']} {row['scenario']} seed {row['seed']}: generic {100 * row['generic']:.1f}%, restricted {100 * row['restricted']:.1f}%, "
+                                   f"ee final {100 * final:.1f}%" if final is not None else f"{row['split']} {row['scenario']} seed {row['seed']} done")
             progress.advance(task)
 
         return run_users(jobs, args.workers, args.ray_address, args.threads, done)
+
+
+SPLIT_TITLES = {"test": "Test users: run only to report (seeds never used to tune; two of their conditions no dev user has)",
+                "dev": "Dev users: defaults and designs are tuned on these"}
 
 
 def write_results(args, jobs, rows, seconds) -> dict:
     from bench import report
 
     settings = jobs[0].settings
-    found = report.figures(rows, settings.labels, settings.quant, settings.points)
+    groups = {split: [row for row in rows if row["split"] == split] for split in SPLIT_TITLES if any(row["split"] == split for row in rows)}
+    summary = {split: report.figures(group, settings.labels, settings.quant, settings.points) for split, group in groups.items()}
     stem = args.out or HERE / "results" / f"{date.today().isoformat()}{'-smoke' if args.smoke else ''}.json"
     stem.parent.mkdir(parents=True, exist_ok=True)
-    plot = report.plot(rows, stem.with_suffix(".png"), settings.quant)
-    headline = report.headline_table(found, settings.labels, settings.quant)
-    scenarios = report.scenario_table(rows, settings.labels, settings.quant)
+    plot = report.plot(next(iter(groups.values())), stem.with_suffix(".png"), settings.quant)
+    tables = "\n\n".join(_split_tables(split, group, summary[split], settings) for split, group in groups.items())
     results = {
         "date": date.today().isoformat(), "smoke": args.smoke, "seconds": seconds, "generic_model": jobs[0].generic, "data": jobs[0].data,
-        "settings": asdict(settings), "seeds": args.seeds, "workers": args.workers, "ray_address": args.ray_address, "threads": args.threads,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "summary": found, "users": rows, "plot": str(plot),
+        "settings": asdict(settings), "users_chosen": args.users, "per_scenario": args.per_scenario, "workers": args.workers,
+        "ray_address": args.ray_address, "threads": args.threads, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "summary": summary, "users": rows, "plot": str(plot),
     }
     temporary = stem.with_suffix(".json.partial")
     temporary.write_text(json.dumps(results, indent=1) + "\n")
     temporary.replace(stem)
     readme = args.readme or (None if args.smoke else HERE / "README.md")
     if readme and not args.no_readme:
-        _update_readme(readme, results, headline, scenarios, stem, plot)
-    print(headline + "\n\n" + scenarios + f"\n\nresults: {stem}\nplot: {plot}\n{len(rows)} users in {seconds / 60:.1f} min")
+        _update_readme(readme, results, tables, stem, plot)
+    print(tables + f"\n\nresults: {stem}\nplot: {plot}\n{len(rows)} users in {seconds / 60:.1f} min")
     return results
 
 
-def _update_readme(readme: Path, results: dict, headline: str, scenarios: str, stem: Path, plot: Path) -> None:
+def _split_tables(split: str, rows: list[dict], found: dict, settings) -> str:
+    from bench import report
+
+    return "\n".join([f"**{SPLIT_TITLES[split]}.** {len(rows)} users.", "", report.headline_table(found, settings.labels, settings.quant), "",
+                      "Per scenario, mean ± std over its users (accuracy in %):", "", report.scenario_table(rows, settings.labels, settings.quant)])
+
+
+def _update_readme(readme: Path, results: dict, tables: str, stem: Path, plot: Path) -> None:
     settings = results["settings"]
     body = "\n".join([
         BEGIN,
         f"Measured {results['date']} on this machine ({results['machine']['cpus']} CPUs), {len(results['users'])} users in {results['seconds'] / 60:.1f} min "
         f"(`{_shown(stem)}`): {settings['unlabelled']} unlabelled photos per user, {settings['test_per_class']} test photos per class, "
-        f"{settings['epochs']} epochs, seeds {results['seeds']}, {results['threads']} TensorFlow thread(s) per user, LiteRT latency on "
-        f"{settings['latency_threads']} thread.",
-        "", headline, "", "Per scenario, mean ± std over seeds (accuracy in %):", "", scenarios, "", f"![accuracy and latency]({_shown(plot, readme.parent)})", END,
+        f"{settings['epochs']} epochs, users {results['users_chosen']} ({results['per_scenario']} per scenario), {results['threads']} TensorFlow "
+        f"thread(s) per user, LiteRT latency on {settings['latency_threads']} thread.",
+        "", tables, "", f"![accuracy and latency]({_shown(plot, readme.parent)})", END,
     ])
     text = readme.read_text() if readme.exists() else f"# Benchmark\n\n{BEGIN}\n{END}\n"
     head, _, rest = text.partition(BEGIN)

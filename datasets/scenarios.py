@@ -13,7 +13,8 @@ import numpy as np
 
 from datasets import cifar10
 
-CONDITIONS = ("colour_cast", "low_light", "blur", "jpeg", "rotation")
+CONDITIONS = ("colour_cast", "low_light", "blur", "jpeg", "rotation")  # drawn with the seed when none is given
+TEST_ONLY_CONDITIONS = ("noise", "haze")  # no dev user meets these: the benchmark's test users only
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,11 @@ def condition_function(condition: str, seed: int):
         return lambda x: np.stack([_jpeg(i, 10) for i in x]) if len(x) else x
     if condition == "rotation":
         return lambda x: np.rot90(x, k=1, axes=(1, 2)).copy()
-    raise ValueError(f"unknown condition {condition!r}; choose one of {CONDITIONS}")
+    if condition == "noise":  # a small sensor in poor light: grain on every pixel, drawn with the seed
+        return lambda x: (x.astype(np.float32) + rng.normal(0, 18, x.shape)).clip(0, 255).astype(np.uint8)
+    if condition == "haze":  # a bright veil: contrast cut to 55 %, lifted toward white
+        return lambda x: (x.astype(np.float32) * 0.55 + 105).clip(0, 255).astype(np.uint8)
+    raise ValueError(f"unknown condition {condition!r}; choose one of {CONDITIONS + TEST_ONLY_CONDITIONS}")
 
 
 def _jpeg(image: np.ndarray, quality: int) -> np.ndarray:
@@ -113,7 +118,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Write one user's photo folders from CIFAR-10.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--k", type=int, default=3, help="number of classes")
-    parser.add_argument("--condition", choices=CONDITIONS, default=None, help="default: drawn with the seed")
+    parser.add_argument("--condition", choices=CONDITIONS + TEST_ONLY_CONDITIONS, default=None, help="default: drawn with the seed")
     parser.add_argument("--unlabelled", type=int, default=1500)
     parser.add_argument("--held-out", type=int, default=0, help="extra unlabelled photos written to heldout/")
     parser.add_argument("--labels", type=int, default=0, help="labelled photos per class")

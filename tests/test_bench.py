@@ -15,8 +15,8 @@ import pytest
 from bench import report
 
 REPO = Path(__file__).resolve().parent.parent
-SMOKE_USERS = ["--scenarios", "k3-colour_cast", "--seeds", "0"]  # one user: the pipeline end to end
-FANOUT_USERS = ["--scenarios", "k2-low_light,k3-colour_cast", "--seeds", "0"]  # two users, serial and at once
+SMOKE_USERS = ["--users", "dev", "--scenarios", "k3-colour_cast"]  # one user: the pipeline end to end
+FANOUT_USERS = ["--users", "dev", "--scenarios", "k2-low_light,k3-colour_cast"]  # two users, serial and at once
 TIMINGS = {"seconds", "cascade_ms", "plain_ms", "speedup"}
 
 
@@ -93,7 +93,7 @@ def test_smoke_bench_measures_every_baseline_and_writes_tables(serial):
         timed = user["labels_0"]["operating_points"]["match-generic"]["litert"]["none"]
         assert timed["photos"] == user["photos"]["test"] // 2 and timed["cascade_ms"] > 0 and timed["plain_ms"] > 0
         assert sum(timed["histogram"].values()) == timed["photos"]
-    assert results["summary"]["training_ratio"]["users"] == 1
+    assert list(results["summary"]) == ["dev"] and results["summary"]["dev"]["training_ratio"]["users"] == 1
     assert Path(results["plot"]).stat().st_size > 0
     text = (tmp / "README.md").read_text()
     assert text.startswith("# Bench\n\nbefore\n") and text.endswith("after\n") and "old table" not in text
@@ -137,3 +137,14 @@ def test_ablation_ensemble_averages_exits_in_log_space_and_the_gate_ranks_agreei
     final_probabilities = np.eye(2)[final]
     _, scores = exits_ablation.confidences_for("gate", [probabilities, final_probabilities], [probabilities, final_probabilities])
     assert scores.shape == (1, 400) and scores[0][top > 0.8].min() > scores[0][top < 0.7].max()
+
+
+def test_every_user_draws_its_own_photos_and_test_users_meet_conditions_no_dev_user_has():
+    from bench import protocol
+
+    dev, test = protocol.users("dev", 2), protocol.users("test", 2)
+    seeds = [user.seed for user in dev + test]
+    assert len(set(seeds)) == len(seeds) == 2 * (len(protocol.DEV_SCENARIOS) + len(protocol.TEST_SCENARIOS))
+    assert min(seeds) >= 100  # seeds 0-2 were the first bench's users, looked at while tuning
+    assert len({u.scenario.condition for u in test} - {u.scenario.condition for u in dev}) >= 2
+    assert all(protocol.Scenario.named(user.scenario.name) == user.scenario for user in dev + test)

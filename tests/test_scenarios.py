@@ -44,7 +44,7 @@ def test_same_seed_same_user_other_seed_other_user():
     assert len(others | {first.classes}) > 1
 
 
-@pytest.mark.parametrize("condition", scenarios.CONDITIONS)
+@pytest.mark.parametrize("condition", scenarios.CONDITIONS + scenarios.TEST_ONLY_CONDITIONS)
 def test_every_condition_changes_the_photos_and_keeps_their_shape(condition):
     images = fake_cifar()["x_test"][:4]
     changed = scenarios.condition_function(condition, 0)(images)
