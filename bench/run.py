@@ -37,7 +37,8 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--test-per-class", type=int, default=300)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--quant", default="none,int8_full", help="export modes timed in LiteRT")
-    parser.add_argument("--points", default="match-generic,keep", help="operating points calibrated, exported and timed in LiteRT")
+    parser.add_argument("--points", default="label-free,match-generic,keep",
+                        help="operating points exported and timed in LiteRT: label-free (as `ee personalise` chose them), or calibrated by `ee evaluate` on labels")
     parser.add_argument("--no-whole-network", action="store_true", help="skip whole-network FixMatch fine-tuning")
     parser.add_argument("--workers", type=int, default=1, help="users at once, as Ray tasks on a local Ray (1: serial, in this process)")
     parser.add_argument("--ray-address", default=None, help="an existing Ray cluster to fan users out to")
@@ -71,7 +72,7 @@ def jobs_for(args, work: Path, generic: str) -> list:
 def smoke_defaults(args) -> None:
     """Tiny everything; the generic model is an untrained, narrow cifar_resnet9 written to the work folder."""
     args.unlabelled, args.test_per_class, args.epochs, args.quant = min(args.unlabelled, 40), min(args.test_per_class, 30), min(args.epochs, 1), "none"
-    args.points = args.points.split(",")[0]  # one point exercises the calibrate-export-time path
+    args.points = ",".join(args.points.split(",")[:2])  # the label-free path and one calibrated point
     if args.labels == "0,10":
         args.labels = "0,2"
 

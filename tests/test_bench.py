@@ -21,18 +21,19 @@ TIMINGS = {"seconds", "cascade_ms", "plain_ms", "speedup"}
 
 
 def _row(scenario, generic, restricted, final0, final10, whole_seconds, train_seconds, speedup):
-    point = {"accuracy": final0, "mean_mflops": 50.0, "plain_mflops": 100.0, "litert": {"none": {"speedup": speedup}}}
+    point = {"accuracy": final0, "mean_mflops": 50.0, "plain_mflops": 100.0, "restricted_accuracy_report": restricted, "litert": {"none": {"speedup": speedup}}}
     return {
         "scenario": scenario, "seed": 0, "generic": generic, "restricted": restricted, "bn_only": {"accuracy": restricted},
         "labels_0": {"accuracy": {"final": final0}, "seconds": {"train": train_seconds, "command": 2 * train_seconds},
-                     "whole_network": {"accuracy": final0, "seconds": whole_seconds}, "operating_points": {"match-generic": point, "keep": point}},
+                     "whole_network": {"accuracy": final0, "seconds": whole_seconds}, "operating_points": {"label-free": point, "match-generic": point, "keep": point}},
         "labels_10": {"accuracy": {"final": final10}},
     }
 
 
 def test_summary_figures_are_gains_and_ratios_per_user():
     rows = [_row("a", 0.5, 0.7, 0.8, 0.9, 100.0, 10.0, 3.0), _row("a", 0.6, 0.9, 0.8, 0.85, 60.0, 20.0, 2.0)]
-    found = report.figures(rows, (0, 10), ("none",), ("match-generic", "keep"))
+    found = report.figures(rows, (0, 10), ("none",), ("label-free", "match-generic", "keep"))
+    assert found["cascade_gain_over_restricted_label-free"]["worst"] == pytest.approx(-10.0)  # the cascade against restricted, same photos
     assert found["gain_over_generic_L0"]["mean"] == pytest.approx(25.0) and found["gain_over_generic_L0"]["worst"] == pytest.approx(20.0)
     assert found["gain_over_restricted_L0"]["worst"] == pytest.approx(-10.0) and found["gain_over_restricted_L0"]["best"] == pytest.approx(10.0)
     assert found["gain_over_generic_L10"]["best"] == pytest.approx(40.0)
@@ -44,7 +45,7 @@ def test_summary_figures_are_gains_and_ratios_per_user():
     assert "5.48× [3.00, 10.00] (median 6.50; 3.00 … 10.00) | meets or beats" in table
     assert "falls short in the worst case" in table  # one user is below the free baseline: said, not hidden
     # The free baseline's gain comes first: it is the figure that matters.
-    assert table.index("free baseline") < table.index("accuracy gain over the generic model, 0")
+    assert table.index("free baseline") < table.index("chose label-free (the default") < table.index("accuracy gain over the generic model, 0")
 
 
 def test_ratios_average_geometrically_and_a_verdict_needs_the_interval_to_clear_the_target():
@@ -90,9 +91,12 @@ def test_smoke_bench_measures_every_baseline_and_writes_tables(serial):
                       user["labels_2"]["accuracy"]["final"], user["labels_0"]["whole_network"]["accuracy"]):
             assert 0.0 <= value <= 1.0
         assert user["labels_0"]["whole_network"]["seconds"] > 0 and user["labels_0"]["seconds"]["train"] > 0
-        timed = user["labels_0"]["operating_points"]["match-generic"]["litert"]["none"]
-        assert timed["photos"] == user["photos"]["test"] // 2 and timed["cascade_ms"] > 0 and timed["plain_ms"] > 0
-        assert sum(timed["histogram"].values()) == timed["photos"]
+        points = user["labels_0"]["operating_points"]
+        assert list(points) == ["match-generic", "label-free"]  # labelled calibration, and the exits as personalised (0 labels)
+        for point in points.values():
+            timed = point["litert"]["none"]
+            assert timed["photos"] == user["photos"]["test"] // 2 and timed["cascade_ms"] > 0 and timed["plain_ms"] > 0
+            assert sum(timed["histogram"].values()) == timed["photos"]
     assert list(results["summary"]) == ["dev"] and results["summary"]["dev"]["training_ratio"]["users"] == 1
     assert Path(results["plot"]).stat().st_size > 0
     text = (tmp / "README.md").read_text()

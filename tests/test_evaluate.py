@@ -50,6 +50,14 @@ def test_evaluate_profiles_exits_and_writes_a_calibrated_bundle(workspace, perso
     assert evidence.confidences.shape == (3, 30) and evidence.correct.shape == (4, 30)
     assert (workspace / "C" / "model.h5").read_bytes() == (personalised / "model.h5").read_bytes()
     assert json.loads((personalised / "ee.json").read_text())["exits"][0]["threshold"] is None  # input untouched
+    assert metrics["as_stored"]["set_by"] == "personalise"
+    # C's own thresholds, read back from the bundle, on the same report photos: the point C was written from
+    again = cli("evaluate", "--data", "test", "--bundle", "C", "--out", "C2", "--latency-runs", "2")
+    assert again.exit_code == 0, again.output
+    stored = json.loads((sorted((workspace / "runs").glob("evaluate-*"))[-1] / "metrics.json").read_text())["as_stored"]
+    assert stored["set_by"] == "evaluate" and stored["operating_point"] == "match-generic" and "as stored" in again.stdout
+    for key in ("thresholds", "accuracy", "mean_mflops", "shares"):
+        assert stored[key] == pytest.approx(metrics["operating_points"]["match-generic"][key]), key
 
 
 def test_unlabelled_photos_give_agreement_clearly_labelled(workspace, personalised, cli):

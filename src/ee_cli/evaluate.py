@@ -82,7 +82,7 @@ def evaluate(config: EvaluateConfig, progress=None) -> EvaluateResult:
     progress("Measuring latency", 1.0, "")
     per_exit = [row | lite_latency.get(row["exit"], {}) for row in _per_exit(profile, latency, points[config.use]["thresholds"])]
     run_dir = runs.new_run_dir("evaluate")
-    metrics = {"bundle": str(source.path)} | _metrics(found, profile, points, per_exit, latency, config.use)
+    metrics = {"bundle": str(source.path)} | _metrics(found, profile, points, per_exit, latency, config.use) | {"as_stored": _as_stored(profile, config.criterion)}
     _write_run(run_dir, config, metrics, profile, latency, found)
     new_meta = _calibrated_meta(source.meta, source.path, config, points[config.use], evidence[config.use])
     bundle.write_bundle(out, None, new_meta, config.exist_ok, model_file=source.path / source.meta["model_file"], evidence=evidence[config.use])
@@ -211,6 +211,19 @@ def _operating_points(config, profile: Profile, model) -> tuple[dict[str, dict],
         wanted["label-free"] = ("final", keep)
     points = {name: _point(profile, name, reference, constraint, evidence[name]) for name, (reference, constraint) in wanted.items()}
     return points, evidence
+
+
+def _as_stored(profile: Profile, criterion: str) -> dict[str, Any] | None:
+    """The input bundle's own thresholds (e.g. `ee personalise`'s label-free ones) on the report split;
+    None where it has none, or chose them on another confidence criterion."""
+    stored = bundle.exit_policy(profile.meta)
+    if stored is None or stored.criterion != criterion:
+        return None
+    thresholds = np.array([policy.NEVER if t is None else t for t in stored.thresholds])
+    taken = policy.exit_taken(profile.confidences[:, profile.report], thresholds)
+    result = policy.outcome(taken, profile.correct[:, profile.report], profile.costs.leaving(thresholds < policy.NEVER))
+    return {"set_by": stored.set_by, "operating_point": stored.operating_point, "thresholds": [float(t) for t in thresholds], "accuracy": result.accuracy,
+            "mean_mflops": flops.mflops(result.mean_cost), "cut": _cut(profile.meta, result.mean_cost), "shares": result.shares.tolist()}
 
 
 def _point(profile: Profile, name: str, reference_name: str, constraint: dict, evidence: policy.Evidence) -> dict[str, Any]:

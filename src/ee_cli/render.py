@@ -114,6 +114,10 @@ def evaluate_report(metrics: dict[str, Any]):
         marker = " ←" if name == metrics["used"] else ""
         points.add_row(f"{name}{marker}", f"{point['reference']} {100 * point['reference_accuracy']:.1f}%", f"{100 * point['accuracy']:.1f}%",
                        f"{point['drop_points']:+.2f} ({low:+.2f}, {high:+.2f})", f"{point['mean_mflops']:,.1f}", f"{point['cut']:.2f}×")
+    stored = metrics.get("as_stored")
+    if stored:
+        points.add_row(f"as stored ({stored['set_by']}: {stored['operating_point']})", "—", f"{100 * stored['accuracy']:.1f}%", "",
+                       f"{stored['mean_mflops']:,.1f}", f"{stored['cut']:.2f}×")
     oracle = metrics["oracle"]
     points.add_row("oracle", "—", f"{100 * oracle['accuracy']:.1f}%", "", f"{oracle['mean_mflops']:,.1f}", f"{oracle['cut']:.2f}×", style="dim")
     lines = [f"{name} model: {100 * b['accuracy']:.1f}%" for name, b in metrics["baselines"].items()]
