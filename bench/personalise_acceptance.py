@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.protocol import predict, restricted_accuracy
-from bench.whole_network import finetune_whole_network
+from bench.whole_network import Photos, Recipe, finetune_whole_network
 from datasets import cifar10, scenarios
 from ee_cli import adapt, bundle
 from ee_cli.attach import attach
@@ -111,7 +111,8 @@ def run_user(generic: Path, data: dict, seed: int, labels: int, epochs: int, wor
         row["ablation_all_classes"] = {output: float(np.mean(predict(model_all, output, user.test).argmax(1) == user.test_y)) for output in ["exit_0", "exit_1", "exit_2", "final"]}
     if whole_network:
         labelled_y = np.array([personal.index(c) for c in user.labelled_y], np.int32)
-        model, seconds = finetune_whole_network(str(generic), user.unlabelled, user.labelled, labelled_y, personal, epochs, seed=seed)
+        every = Photos(user.unlabelled, np.arange(len(user.unlabelled)), user.labelled, labelled_y)  # every photo, fresh views: the first protocol
+        model, seconds = finetune_whole_network(str(generic), every, personal, Recipe(epochs, seed=seed))
         logits = predict(model, model.layers[-1].name, user.test)
         row["whole_network"] = {"seconds": seconds, "accuracy": float(np.mean(np.asarray(personal)[logits[:, personal].argmax(1)] == user.test_y)),
                                 "exits_only_seconds_same_photos_epochs": row["personalise_train_seconds"]}

@@ -16,6 +16,7 @@ of (user, settings) at a fixed thread count, so a Ray worker gives the same figu
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from contextlib import contextmanager
@@ -73,6 +74,7 @@ class Settings:
     epochs: int = 30
     exits: tuple[float, ...] = (0.2, 0.4, 0.8)
     whole_network: bool = True
+    whole_network_lr: float = 1e-4  # of bench.whole_network.LEARNING_RATES, picked on dev users
     quant: tuple[str, ...] = ("none", "int8_full")  # export modes timed in LiteRT
     points: tuple[str, ...] = (LABEL_FREE, "match-generic", "keep")  # operating points timed in LiteRT
     latency_threads: int = 1
@@ -205,8 +207,23 @@ def _personalised(job: UserJob, user, folders: dict, attached: Path, labels: int
     if labels == 0:
         figures["operating_points"] = _operating_points(job, result.bundle_path, folders["test"])
     if labels == 0 and job.settings.whole_network:
-        figures["whole_network"] = _whole_network(job, user, personal)
+        trained_on = np.array([int(Path(p).stem) for p in json.loads((result.run_dir / "split.json").read_text())["train"]])  # write_user's names
+        views = result.metrics["cache"]["views"]
+        figures["whole_network"] = _whole_network(job, user, personal, trained_on, views)
+        # the forward-pass bound: one plain batched pass of the backbone per photo per view (weak and strong)
+        figures["seconds"]["forward_pass_bound"] = 2 * views * _forward_pass_seconds(job.generic, user.unlabelled[trained_on])
     return figures
+
+
+def _forward_pass_seconds(model_path: str, images: np.ndarray) -> float:
+    from ee_cli import compat
+
+    model = compat.keras().models.load_model(model_path, compile=False)
+    pixels = images.astype(np.float32)
+    model.predict(pixels[:64], batch_size=64, verbose=0)  # traced and warm before the clock starts
+    started = time.perf_counter()
+    model.predict(pixels, batch_size=64, verbose=0)
+    return time.perf_counter() - started
 
 
 def _operating_points(job: UserJob, personal: Path, test: Path) -> dict[str, Any]:
@@ -251,9 +268,12 @@ def _export(job: UserJob, source: Path, name: str, mode: str) -> Path:
         return failed.result.out
 
 
-def _whole_network(job: UserJob, user, personal: list[int]) -> dict[str, Any]:
-    from bench.whole_network import finetune_whole_network
+def _whole_network(job: UserJob, user, personal: list[int], trained_on: np.ndarray, views: int) -> dict[str, Any]:
+    """Like for like: the photos `ee personalise` trained its heads on, and the views its cache holds."""
+    from bench.whole_network import Photos, Recipe, finetune_whole_network
 
-    model, seconds = finetune_whole_network(job.generic, user.unlabelled, user.labelled[:0], np.zeros(0, np.int32), personal, job.settings.epochs, seed=job.seed)
+    same = Photos(user.unlabelled[trained_on], trained_on, user.labelled[:0], np.zeros(0, np.int32))
+    recipe = Recipe(job.settings.epochs, learning_rate=job.settings.whole_network_lr, seed=job.seed, views=views)
+    model, seconds = finetune_whole_network(job.generic, same, personal, recipe)
     logits = predict(model, model.layers[-1].name, user.test)
     return {"accuracy": restricted_accuracy(logits, personal, user.test_y), "seconds": seconds}

@@ -24,7 +24,7 @@ def _row(scenario, generic, restricted, final0, final10, whole_seconds, train_se
     point = {"accuracy": final0, "mean_mflops": 50.0, "plain_mflops": 100.0, "restricted_accuracy_report": restricted, "litert": {"none": {"speedup": speedup}}}
     return {
         "scenario": scenario, "seed": 0, "generic": generic, "restricted": restricted, "bn_only": {"accuracy": restricted},
-        "labels_0": {"accuracy": {"final": final0}, "seconds": {"train": train_seconds, "command": 2 * train_seconds},
+        "labels_0": {"accuracy": {"final": final0}, "seconds": {"train": train_seconds, "command": 2 * train_seconds, "forward_pass_bound": 5.0},
                      "whole_network": {"accuracy": final0, "seconds": whole_seconds}, "operating_points": {"label-free": point, "match-generic": point, "keep": point}},
         "labels_10": {"accuracy": {"final": final10}},
     }
@@ -37,6 +37,7 @@ def test_summary_figures_are_gains_and_ratios_per_user():
     assert found["gain_over_generic_L0"]["mean"] == pytest.approx(25.0) and found["gain_over_generic_L0"]["worst"] == pytest.approx(20.0)
     assert found["gain_over_restricted_L0"]["worst"] == pytest.approx(-10.0) and found["gain_over_restricted_L0"]["best"] == pytest.approx(10.0)
     assert found["gain_over_generic_L10"]["best"] == pytest.approx(40.0)
+    assert found["train_over_bound"]["worst"] == pytest.approx(2.0) and found["whole_network_over_bound"]["best"] == pytest.approx(20.0)
     assert found["training_ratio"]["mean"] == pytest.approx(6.5) and found["training_ratio_command"]["mean"] == pytest.approx(3.25)
     assert found["latency_ratio_match-generic_none"]["std"] == pytest.approx(0.5 ** 0.5)  # sample std over the two users
     assert found["training_ratio"]["geomean"] == pytest.approx(30 ** 0.5) and found["mflops_ratio_keep"]["geomean"] == pytest.approx(2.0)
@@ -91,6 +92,7 @@ def test_smoke_bench_measures_every_baseline_and_writes_tables(serial):
                       user["labels_2"]["accuracy"]["final"], user["labels_0"]["whole_network"]["accuracy"]):
             assert 0.0 <= value <= 1.0
         assert user["labels_0"]["whole_network"]["seconds"] > 0 and user["labels_0"]["seconds"]["train"] > 0
+        assert user["labels_0"]["seconds"]["forward_pass_bound"] > 0
         points = user["labels_0"]["operating_points"]
         assert list(points) == ["match-generic", "label-free"]  # labelled calibration, and the exits as personalised (0 labels)
         for point in points.values():
@@ -152,3 +154,23 @@ def test_every_user_draws_its_own_photos_and_test_users_meet_conditions_no_dev_u
     assert min(seeds) >= 100  # seeds 0-2 were the first bench's users, looked at while tuning
     assert len({u.scenario.condition for u in test} - {u.scenario.condition for u in dev}) >= 2
     assert all(protocol.Scenario.named(user.scenario.name) == user.scenario for user in dev + test)
+
+
+def test_whole_network_sees_the_photos_and_views_ee_cached(tmp_path, monkeypatch):
+    from conftest import narrow_resnet9
+
+    from bench import whole_network
+    from ee_cli import augment
+
+    seen: list = []
+    real_weak = augment.weak
+    monkeypatch.setattr(augment, "weak", lambda images, seed, view, ids: (seen.append((view, tuple(ids))), real_weak(images, seed, view, ids))[1])
+    ids = np.array([3, 5, 8, 13])  # the photos personalise trained on, by their index in the folder
+    images = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
+    photos = whole_network.Photos(images, ids, images[:0], np.zeros(0, np.int32))
+    whole_network.finetune_whole_network(narrow_resnet9(tmp_path), photos, [0, 1], whole_network.Recipe(epochs=3, batch=4, views=1))
+    assert [view for view, _ in seen] == [0, 0, 0]  # ee's one cached pair, every epoch
+    assert all(sorted(taken) == list(ids) for _, taken in seen)
+    seen.clear()
+    whole_network.finetune_whole_network(narrow_resnet9(tmp_path), photos, [0, 1], whole_network.Recipe(epochs=3, batch=4))
+    assert [view for view, _ in seen] == [0, 2, 4]  # fresh views each epoch: the first protocol

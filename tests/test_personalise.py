@@ -33,6 +33,9 @@ def test_personalise_writes_a_personalised_bundle(workspace, attached, cli):
     assert metrics["cache"]["bytes"] > 0 and metrics["holdout"]["photos"] == 10
     assert set(metrics["last_epoch"]) >= {"exit_0/distill", "exit_0/fixmatch", "exit_0/mask_rate", "final/pseudo"}
     assert json.loads((run / "config.json").read_text())["epochs"] == 2
+    split = json.loads((run / "split.json").read_text())  # which photos trained, which chose thresholds
+    assert len(split["holdout"]) == 10 and sorted(Path(p).name for p in split["train"] + split["holdout"]) == sorted(
+        p.name for p in photos.scan_unlabelled(workspace / "photos").paths)
     scalars = _tensorboard_scalars(run / "tensorboard")
     assert scalars["exit_0/distill"] == [1, 2] and scalars["final/mask_rate"] == [1, 2]
     assert scalars["exit_2/holdout_agreement"] == [1, 2] and "final/holdout_agreement" not in scalars

@@ -123,6 +123,7 @@ def personalise(config: PersonaliseConfig, progress: Progress | None = None) -> 
     metrics = _metrics(config, meta["classes"], outcome)
     new_meta = _personalised_meta(meta, source.path, config, outcome)
     runs.write_json(run_dir / "metrics.json", metrics)
+    runs.write_json(run_dir / "split.json", _split(job))
     bundle.write_bundle(out, personal_model, new_meta, config.exist_ok, evidence=evidence if outcome.chosen.predicted else None)
     runs.write_json(run_dir / "state.json", {"status": "done", "bundle": str(out)})
     return PersonaliseResult(out, run_dir, new_meta, metrics, source.path, source_implicit)
@@ -130,6 +131,14 @@ def personalise(config: PersonaliseConfig, progress: Progress | None = None) -> 
 
 def _size(meta) -> int:
     return int(meta["input"]["shape"][0])
+
+
+def _split(job: Job) -> dict[str, list[str]]:
+    """Which photos trained the heads and which were held out to choose the exits' thresholds."""
+    roles = job.roles
+    train = np.concatenate([roles.train_unlabelled, roles.train_labelled])
+    holdout = np.concatenate([roles.holdout_unlabelled, roles.holdout_labelled])
+    return {"train": [str(job.paths[i]) for i in train], "holdout": [str(job.paths[i]) for i in holdout]}
 
 
 def adapt_step(config: PersonaliseConfig, source, found: Found, progress: Progress | None = None) -> Adapted:
