@@ -1,0 +1,129 @@
+"""How deep should `ee personalise` adapt BatchNorm statistics? A study on dev users only.
+
+For each dev user (bench.protocol.users("dev", N)) and one generic model: adapt the first n of the
+backbone's BN layers exactly (one adaptation; shallower depths are its prefixes), and at each
+candidate depth record the label-free signals a default could choose by — the class mix estimated
+from the unlabelled photos, the predictions' confidence, their agreement with the unadapted model
+— beside what the choice is judged by: the test photos' accuracy with the inferred classes (the
+"BN only" baseline) and whether the inferred classes are exact.
+
+    PYTHONPATH=. python -m bench.bn_depth_study --generic ~/.cache/ee/models/cifar_resnet9.h5 [--per-scenario 1]
+        [--unlabelled 500] [--test-per-class 300] [--out bench/results/bn-depth-dev-<model>-<date>.jsonl]
+
+One JSON line per (user, depth).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+from bench.protocol import load_data, users
+
+HERE = Path(__file__).resolve().parent
+CONFIDENT = 0.9  # an unadapted prediction this sure is one adaptation should rarely overturn
+
+
+def candidate_depths(layers: int) -> list[int]:
+    """0, then eighths of the BN layers up to the current default (half of them)."""
+    half = math.ceil(layers / 2)
+    return sorted({0, *(max(1, round(half * step / 4)) for step in (1, 2, 3, 4))})
+
+
+def signals(logits: np.ndarray, unadapted: np.ndarray, class_share: float) -> dict[str, float]:
+    """Label-free figures of one depth's generic logits on the unlabelled photos."""
+    from ee_cli import adapt
+
+    probabilities = _softmax(logits)
+    shares = adapt.class_shares(logits)
+    inferred = adapt.infer_classes(shares, class_share)
+    restricted = _softmax(logits[:, inferred])
+    before = _softmax(unadapted)
+    sure = before.max(1) >= CONFIDENT
+    agree = probabilities.argmax(1) == before.argmax(1)
+    return {
+        "max_share": float(shares.max()),
+        "mix_entropy": float(-(shares * np.log(np.clip(shares, 1e-12, 1))).sum()),
+        "classes_inferred": len(inferred),
+        "mean_confidence": float(probabilities.max(1).mean()),
+        "mean_restricted_confidence": float(restricted.max(1).mean()),
+        "agreement_with_unadapted": float(agree.mean()),
+        "confident_agreement_with_unadapted": float(agree[sure].mean()) if sure.any() else None,
+        "confident_unadapted_share": float(sure.mean()),
+    }
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(1, keepdims=True))
+    return z / z.sum(1, keepdims=True)
+
+
+def study_user(generic: str, user_spec, args, work: Path) -> list[dict]:
+    from bench.protocol import Settings, UserJob, _attach, _fewer_test_photos, _inside
+    from datasets import scenarios
+    from ee_cli import adapt, bundle, inference, photos
+    from ee_cli.config import PersonaliseConfig
+    from ee_cli.personal_model import generic_output
+
+    data = load_data("cifar10")
+    names = tuple(data["names"])
+    made = scenarios.make_user(data, user_spec.seed, k=user_spec.scenario.k, condition=user_spec.scenario.condition, unlabelled=args.unlabelled, names=names)
+    made = _fewer_test_photos(made, args.test_per_class, user_spec.seed)
+    folders = scenarios.write_user(made, work / "photos")
+    with _inside(work):
+        attached = _attach(UserJob(generic, "cifar10", user_spec, Settings(), str(work)), names)
+    source = bundle.read_bundle(work / attached)
+    model, size = source.load_model(), int(source.meta["input"]["shape"][0])
+    layers = adapt.backbone_batchnorms(model)
+    depths = candidate_depths(len(layers))
+    original = adapt.statistics_of(layers)
+    unlabelled = sorted(folders["unlabelled"].glob("*.png"))
+    test = sorted(folders["test"].rglob("*.png"))
+    truth = np.array([names.index(path.parent.name) for path in test])
+    started = time.perf_counter()
+    adapted = adapt.adapt_batchnorm(model, lambda: photos.dataset(unlabelled, size, photos.inference_batch(size)), max(depths))
+    adapt_seconds = time.perf_counter() - started
+    class_share = PersonaliseConfig(data="").class_share
+    rows, unadapted = [], None
+    for depth in depths:
+        adapt.set_statistics(layers, adapted, original, depth)
+        logits, test_logits = (inference.outputs_of(model, [generic_output(model)], paths, size)[0] for paths in (unlabelled, test))
+        unadapted = logits if depth == 0 else unadapted
+        inferred = adapt.infer_classes(adapt.class_shares(logits), class_share)
+        rows.append({
+            "seed": user_spec.seed, "scenario": user_spec.scenario.name, "classes": list(made.classes), "depth": depth, "of": len(layers),
+            "inferred": inferred, "classes_exact": inferred == list(made.classes),
+            "bn_only_accuracy": float(np.mean(np.asarray(inferred)[test_logits[:, inferred].argmax(1)] == truth)),
+            "restricted_accuracy": float(np.mean(np.asarray(made.classes)[test_logits[:, list(made.classes)].argmax(1)] == truth)),
+            "adapt_seconds": round(adapt_seconds, 1),
+        } | signals(logits, unadapted, class_share))
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.bn_depth_study", description=__doc__.splitlines()[0])
+    parser.add_argument("--generic", type=Path, required=True)
+    parser.add_argument("--per-scenario", type=int, default=1)
+    parser.add_argument("--unlabelled", type=int, default=500)
+    parser.add_argument("--test-per-class", type=int, default=300)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    out = args.out or HERE / "results" / f"bn-depth-dev-{args.generic.stem}-{date.today().isoformat()}.jsonl"
+    with tempfile.TemporaryDirectory(prefix="ee-bn-") as scratch, out.open("a") as sink:
+        for user_spec in users("dev", args.per_scenario):
+            for row in study_user(str(args.generic), user_spec, args, Path(scratch) / str(user_spec.seed)):
+                sink.write(json.dumps(row) + "\n")
+                sink.flush()
+                print(json.dumps({k: row[k] for k in ("seed", "scenario", "depth", "bn_only_accuracy", "classes_exact", "max_share",
+                                                      "mean_restricted_confidence", "confident_agreement_with_unadapted")}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
