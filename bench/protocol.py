@@ -154,10 +154,12 @@ def _attach(job: UserJob, names) -> Path:
 
 
 def predict(model, output: str, images: np.ndarray, batch: int = 250) -> np.ndarray:
-    from ee_cli import compat
+    """The output for uint8 photos, each brought to the model's input size as ee's photo loader would."""
+    from ee_cli import compat, photos
 
-    probe = compat.keras().Model(model.inputs, model.get_layer(output).output)
-    return np.concatenate([probe(images[i : i + batch].astype(np.float32), training=False).numpy() for i in range(0, len(images), batch)])
+    probe, size = compat.keras().Model(model.inputs, model.get_layer(output).output), int(model.input_shape[1])
+    return np.concatenate([probe(photos.resized(images[i : i + batch], size).astype(np.float32), training=False).numpy()
+                           for i in range(0, len(images), batch)])
 
 
 def restricted_accuracy(logits: np.ndarray, classes, truth: np.ndarray) -> float:
@@ -216,10 +218,10 @@ def _personalised(job: UserJob, user, folders: dict, attached: Path, labels: int
 
 
 def _forward_pass_seconds(model_path: str, images: np.ndarray) -> float:
-    from ee_cli import compat
+    from ee_cli import compat, photos
 
     model = compat.keras().models.load_model(model_path, compile=False)
-    pixels = images.astype(np.float32)
+    pixels = photos.resized(images, int(model.input_shape[1])).astype(np.float32)
     model.predict(pixels[:64], batch_size=64, verbose=0)  # traced and warm before the clock starts
     started = time.perf_counter()
     model.predict(pixels, batch_size=64, verbose=0)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ee_cli import augment, compat, ssl
+from ee_cli.photos import resized
 
 LEARNING_RATES = (3e-5, 1e-4, 3e-4)  # the three tried on dev users (bench/whole_network_lr.py)
 
@@ -32,7 +33,7 @@ class Recipe:
 
 @dataclass(frozen=True)
 class Photos:
-    unlabelled: np.ndarray  # uint8 (N, H, W, 3)
+    unlabelled: np.ndarray  # uint8 (N, H, W, 3), brought to the model's input size batch by batch
     ids: np.ndarray  # each unlabelled photo's index in the user's folder: what its views are drawn from
     labelled: np.ndarray
     labels: np.ndarray  # index into `personal`
@@ -62,7 +63,7 @@ def finetune_whole_network(model_path: str, photos: Photos, personal: list[int],
         return loss
 
     started = time.perf_counter()
-    unlabelled, labelled, seed = photos.unlabelled, photos.labelled, recipe.seed
+    unlabelled, labelled, seed, size = photos.unlabelled, photos.labelled, recipe.seed, int(generic.input_shape[1])
     steps = max(1, len(unlabelled) // recipe.batch)
     for epoch in range(recipe.epochs):
         rng = np.random.default_rng([seed, epoch])
@@ -70,11 +71,11 @@ def finetune_whole_network(model_path: str, photos: Photos, personal: list[int],
         view = 2 * epoch if recipe.views is None else 2 * (epoch % recipe.views)
         for number in range(steps):
             take = order[number * recipe.batch : (number + 1) * recipe.batch]
-            images, ids = unlabelled[take].astype(np.float32), photos.ids[take]
+            images, ids = resized(unlabelled[take], size).astype(np.float32), photos.ids[take]
             weak, strong = augment.weak(images, seed, view, ids), augment.strong(images, seed, view + 1, ids)
             if len(labelled):
                 pick = rng.integers(len(labelled), size=min(recipe.batch, len(labelled)))
-                step(weak, strong, labelled[pick].astype(np.float32), photos.labels[pick].astype(np.int32), True)
+                step(weak, strong, resized(labelled[pick], size).astype(np.float32), photos.labels[pick].astype(np.int32), True)
             else:
                 step(weak, strong, weak[:1], np.zeros(1, np.int32), False)
     return generic, time.perf_counter() - started

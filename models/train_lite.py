@@ -59,13 +59,6 @@ def default_weights() -> Path:
     return path
 
 
-def upscale(images: np.ndarray, size: int) -> np.ndarray:
-    """uint8 (N, size, size, 3) resized by ee's photo loader's own step (photos.fit_square)."""
-    from PIL import Image
-
-    return np.stack([photos.fit_square(Image.fromarray(image), size) for image in images])
-
-
 def extract_features(features_model, images: np.ndarray, size: int, batch: int, parts: Path | None = None, label: str = "",
                      dtype=np.float32) -> np.ndarray:
     """The model's outputs for uint8 photos, upscaled batch by batch (bounded memory). With `parts`,
@@ -79,7 +72,7 @@ def extract_features(features_model, images: np.ndarray, size: int, batch: int, 
             found[start:stop] = np.load(part)
             continue
         for first in range(start, stop, batch):
-            pixels = upscale(images[first: min(first + batch, stop)], size).astype(np.float32)
+            pixels = photos.resized(images[first: min(first + batch, stop)], size).astype(np.float32)
             found[first: first + len(pixels)] = features_model.predict_on_batch(pixels)
         if part is not None:
             part.parent.mkdir(parents=True, exist_ok=True)
@@ -139,15 +132,15 @@ def train_head(features: np.ndarray, labels: np.ndarray, fit_rows: np.ndarray, v
     return folded_kernel.astype(np.float32), folded_bias.astype(np.float32), choice
 
 
-def check_conversion(model, state_dict: dict, photos: np.ndarray, size: int, normalization: str) -> dict:
-    pixels = upscale(photos, size).astype(np.float32)
+def check_conversion(model, state_dict: dict, images: np.ndarray, size: int, normalization: str) -> dict:
+    pixels = photos.resized(images, size).astype(np.float32)
     ours = model.predict_on_batch(pixels)
     reference = lite.numpy_reference_logits(state_dict, pixels, normalization)
     diff = float(np.abs(ours - reference).max())
     scale = float(np.abs(reference).max())
     if not diff <= CONVERSION_TOLERANCE * max(scale, 1e-6):
         raise RuntimeError(f"conversion check failed: tf_keras vs numpy logits differ by {diff:.3g} (largest |logit| {scale:.3g})")
-    return {"max_abs_diff": diff, "max_abs_logit": scale, "photos": int(len(photos))}
+    return {"max_abs_diff": diff, "max_abs_logit": scale, "photos": int(len(images))}
 
 
 @dataclass(frozen=True)
@@ -282,7 +275,7 @@ def cached_maps(maps_model, data: dict, rows: Rows, out: Path, recipe: Recipe, p
 
 
 def _feature_ms_per_photo(features_model, images: np.ndarray, size: int) -> float:
-    pixels = upscale(images, size).astype(np.float32)
+    pixels = photos.resized(images, size).astype(np.float32)
     features_model.predict_on_batch(pixels)  # warm-up (tracing)
     started = time.perf_counter()
     features_model.predict_on_batch(pixels)
@@ -297,7 +290,7 @@ def save(model, out: Path, recipe: Recipe, sample: np.ndarray) -> float:
     partial.replace(out)
     out.with_name(f"{out.stem}.classes.txt").write_text("\n".join(recipe.class_names) + "\n")
     reloaded = compat.keras().models.load_model(out, compile=False)
-    pixels = upscale(sample, recipe.image_size).astype(np.float32)
+    pixels = photos.resized(sample, recipe.image_size).astype(np.float32)
     return float(np.abs(reloaded.predict_on_batch(pixels) - model.predict_on_batch(pixels)).max())
 
 

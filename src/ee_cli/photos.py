@@ -138,6 +138,15 @@ def fit_square(rgb, size: int) -> np.ndarray:
     return np.asarray(ImageOps.fit(rgb, (size, size), Image.Resampling.BILINEAR), np.uint8)
 
 
+def resized(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (N, h, w, 3) photos as the loader would give them at `size` (fit_square each); as they are when already that size."""
+    from PIL import Image
+
+    if images.shape[1:3] == (size, size):
+        return images
+    return np.stack([fit_square(Image.fromarray(image), size) for image in images]) if len(images) else np.zeros((0, size, size, 3), np.uint8)
+
+
 def to_rgb(image):
     from PIL import Image
 
