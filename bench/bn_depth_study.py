@@ -8,7 +8,7 @@ from the unlabelled photos, the predictions' confidence, their agreement with th
 "BN only" baseline) and whether the inferred classes are exact.
 
     PYTHONPATH=. python -m bench.bn_depth_study --generic ~/.cache/ee/models/cifar_resnet9.h5 [--per-scenario 1]
-        [--unlabelled 500] [--test-per-class 300] [--out bench/results/bn-depth-dev-<model>-<date>.jsonl]
+        [--unlabelled 500] [--test-per-class 300] [--max-users N] [--out bench/results/bn-depth-dev-<model>-<date>.jsonl]
 
 One JSON line per (user, depth).
 """
@@ -111,13 +111,14 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.bn_depth_study", description=__doc__.splitlines()[0])
     parser.add_argument("--generic", type=Path, required=True)
     parser.add_argument("--per-scenario", type=int, default=1)
+    parser.add_argument("--max-users", type=int, default=None, help="only the first N dev users (a 240 px model costs minutes a user)")
     parser.add_argument("--unlabelled", type=int, default=500)
     parser.add_argument("--test-per-class", type=int, default=300)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     out = args.out or HERE / "results" / f"bn-depth-dev-{args.generic.stem}-{date.today().isoformat()}.jsonl"
     with tempfile.TemporaryDirectory(prefix="ee-bn-") as scratch, out.open("a") as sink:
-        for user_spec in users("dev", args.per_scenario):
+        for user_spec in users("dev", args.per_scenario)[: args.max_users]:
             for row in study_user(str(args.generic), user_spec, args, Path(scratch) / str(user_spec.seed)):
                 sink.write(json.dumps(row) + "\n")
                 sink.flush()
