@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.protocol import load_data, users
+from bench.protocol import users
 
 HERE = Path(__file__).resolve().parent
 CONFIDENT = 0.9  # an unadapted prediction this sure is one adaptation should rarely overturn
@@ -66,19 +66,15 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def study_user(generic: str, user_spec, args, work: Path) -> list[dict]:
-    from bench.protocol import Settings, UserJob, _attach, _fewer_test_photos, _inside
-    from datasets import scenarios
+    from bench.protocol import Settings, UserJob, attach_generic, inside, user_photos
     from ee_cli import adapt, bundle, inference, photos
     from ee_cli.config import PersonaliseConfig
     from ee_cli.personal_model import generic_output
 
-    data = load_data("cifar10")
-    names = tuple(data["names"])
-    made = scenarios.make_user(data, user_spec.seed, k=user_spec.scenario.k, condition=user_spec.scenario.condition, unlabelled=args.unlabelled, names=names)
-    made = _fewer_test_photos(made, args.test_per_class, user_spec.seed)
-    folders = scenarios.write_user(made, work / "photos")
-    with _inside(work):
-        attached = _attach(UserJob(generic, "cifar10", user_spec, Settings(), str(work)), names)
+    job = UserJob(generic, "cifar10", user_spec, Settings(unlabelled=args.unlabelled, labels=(0,), test_per_class=args.test_per_class), str(work))
+    made, folders, names = user_photos(job)
+    with inside(work):
+        attached = attach_generic(job, names)
     source = bundle.read_bundle(work / attached)
     model, size = source.load_model(), int(source.meta["input"]["shape"][0])
     layers = adapt.backbone_batchnorms(model)

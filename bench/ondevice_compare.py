@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.protocol import _inside, predict
+from bench.protocol import inside, predict
 from datasets import cifar10, scenarios
 
 RESULTS = Path(__file__).parent / "results"
@@ -30,7 +30,7 @@ def user_figures(generic: Path, seed: int, data: dict, unlabelled: int) -> dict:
 
     user = scenarios.make_user(data, seed, k=3, unlabelled=unlabelled)
     found = {"seed": seed, "classes": [user.names[c] for c in user.classes], "condition": user.condition}
-    with tempfile.TemporaryDirectory(prefix=f"ondevice-user-{seed}-") as folder, _inside(Path(folder)):
+    with tempfile.TemporaryDirectory(prefix=f"ondevice-user-{seed}-") as folder, inside(Path(folder)):
         folders = scenarios.write_user(user, Path("photos"))
         attach(AttachConfig(backbone=str(generic), classes=",".join(user.names), out="attached", seed=seed))
         for engine in ENGINES:

@@ -104,23 +104,31 @@ def load_data(source: str) -> dict:
     raise ValueError(f"unknown data source {source!r}")
 
 
-def run_user(job: UserJob) -> dict[str, Any]:
+def user_photos(job: UserJob):
+    """The user's photos, drawn from their seed and written as a person has them under work/photos:
+    (user, folders, every class name of the data set)."""
     from datasets import scenarios
 
     settings, work = job.settings, Path(job.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     data = load_data(job.data)
     names = tuple(data["names"])
-    scenario, seed = job.user.scenario, job.seed
-    user = scenarios.make_user(data, seed, k=scenario.k, condition=scenario.condition, unlabelled=settings.unlabelled,
+    scenario = job.user.scenario
+    user = scenarios.make_user(data, job.seed, k=scenario.k, condition=scenario.condition, unlabelled=settings.unlabelled,
                                labelled_per_class=max(settings.labels), names=names)
-    user = _fewer_test_photos(user, settings.test_per_class, seed)
-    folders = scenarios.write_user(user, work / "photos")
+    user = _fewer_test_photos(user, settings.test_per_class, job.seed)
+    return user, scenarios.write_user(user, work / "photos"), names
+
+
+def run_user(job: UserJob) -> dict[str, Any]:
+    settings, work = job.settings, Path(job.work).resolve()
+    user, folders, names = user_photos(job)
+    scenario, seed = job.user.scenario, job.seed
     row: dict[str, Any] = {"split": job.user.split, "scenario": scenario.name, "k": scenario.k, "condition": scenario.condition, "seed": seed,
                            "classes": user.class_names, "photos": {"unlabelled": len(user.unlabelled), "labelled_per_class": max(settings.labels),
                                                                    "test": len(user.test)}}
-    with _inside(work):
-        attached = _attach(job, names)
+    with inside(work):
+        attached = attach_generic(job, names)
         row |= _baselines(attached, user, folders, seed)
         for labels in settings.labels:
             row[f"labels_{labels}"] = _personalised(job, user, folders, attached, labels, names)
@@ -134,7 +142,7 @@ def _fewer_test_photos(user, per_class: int, seed: int):
 
 
 @contextmanager
-def _inside(folder: Path):
+def inside(folder: Path):
     """bundles/ and runs/ are relative to the working folder; give each user its own."""
     before = Path.cwd()
     os.chdir(folder)
@@ -144,7 +152,7 @@ def _inside(folder: Path):
         os.chdir(before)
 
 
-def _attach(job: UserJob, names) -> Path:
+def attach_generic(job: UserJob, names) -> Path:
     from ee_cli.attach import attach
     from ee_cli.config import AttachConfig
 
