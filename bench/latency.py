@@ -11,7 +11,9 @@ from typing import Any
 import numpy as np
 
 from ee_cli import litert, photos
-from ee_cli.run import run_in_turns
+from ee_cli.run import run_in_turns, stage_profile
+
+PROFILE_RUNS = 20  # timed calls per path for the per-exit latency profile
 
 
 def report_photos(evaluate_run: Path) -> tuple[list[Path], np.ndarray]:
@@ -32,6 +34,9 @@ def measure(export_dir: Path, evaluate_run: Path, threads: int, warmup: int = 20
     cascade_pred = [probabilities.argmax() for probabilities in cascade.probabilities]
     names = np.array(classes)
     cascade_ms, plain_ms = 1000 * float(np.mean(cascade_s)), 1000 * float(np.mean(plain_s))
+    histogram = {name: int(np.sum(np.array(exits) == i)) for i, name in enumerate(manifest["cascade"]["stops_after"])}
+    # each exit's latency share of the plain model beside its MFLOPs share (`ee run`'s own profile)
+    profile = stage_profile(engine, plain, images[0], manifest, {"histogram": histogram, "photos": len(images)}, PROFILE_RUNS)
     return {
         "photos": len(images),
         "cascade_ms": cascade_ms,
@@ -39,6 +44,7 @@ def measure(export_dir: Path, evaluate_run: Path, threads: int, warmup: int = 20
         "speedup": plain_ms / cascade_ms,
         "cascade_accuracy": float(np.mean(names[cascade_pred] == labels)),
         "plain_accuracy": float(np.mean(names[plain_pred] == labels)),
-        "histogram": {name: int(np.sum(np.array(exits) == i)) for i, name in enumerate(manifest["cascade"]["stops_after"])},
+        "histogram": histogram,
+        "profile": {key: profile[key] for key in ("latency_share", "mflops_share", "cascade_to_final_vs_plain")},
         "cascade_bytes": manifest["files"]["cascade.tflite"],
     }

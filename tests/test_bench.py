@@ -99,6 +99,7 @@ def test_smoke_bench_measures_every_baseline_and_writes_tables(serial):
             timed = point["litert"]["none"]
             assert timed["photos"] == user["photos"]["test"] // 2 and timed["cascade_ms"] > 0 and timed["plain_ms"] > 0
             assert sum(timed["histogram"].values()) == timed["photos"]
+            assert set(timed["profile"]["latency_share"]) == set(timed["histogram"]) == set(timed["profile"]["mflops_share"])
     assert list(results["summary"]) == ["dev"] and results["summary"]["dev"]["training_ratio"]["users"] == 1
     assert Path(results["plot"]).stat().st_size > 0
     text = (tmp / "README.md").read_text()

@@ -44,7 +44,7 @@ def run_cascade(config: RunConfig) -> dict[str, Any]:
         "accuracy": None,
     }
     report["speedup"] = report["full_ms"]["mean"] / report["cascade_ms"]["mean"]
-    report["profile"] = _profile(engine, full, images[0], manifest, report, config.profile_runs)
+    report["profile"] = stage_profile(engine, full, images[0], manifest, report, config.profile_runs)
     if labels is not None:
         outside = {name: int(np.sum(labels == name)) for name in sorted(set(labels) - set(classes))}
         report["photos_of_classes_outside_the_export"] = outside  # counted as wrong
@@ -76,7 +76,7 @@ def run_in_turns(engine, plain, images: np.ndarray, block: int = 25, warmup: int
     return cascade, plain_seconds, plain_predictions
 
 
-def _profile(engine, full, image: np.ndarray, manifest: dict, report: dict, runs: int) -> dict[str, Any]:
+def stage_profile(engine, full, image: np.ndarray, manifest: dict, report: dict, runs: int) -> dict[str, Any]:
     """Per-stage latency (signature calls alone); the engine's latency to each exit (a photo made to
     leave there) as a share of the plain model's on the same photo, timed in turns with it, beside
     its MFLOPs share; and the cascade latency predicted from that profile and the exit histogram,
