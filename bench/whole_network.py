@@ -39,6 +39,11 @@ class Photos:
     labels: np.ndarray  # index into `personal`
 
 
+def weak_view(epoch: int, views: int | None) -> int:
+    """The view index (augment.view_table's) of an epoch's weak views; the strong ones are the next."""
+    return 2 * epoch if views is None else 2 * (epoch % views)
+
+
 def finetune_whole_network(model_path: str, photos: Photos, personal: list[int], recipe: Recipe):
     """Return (model restricted to the personal classes, wall seconds)."""
     tf = compat.tf()
@@ -68,7 +73,7 @@ def finetune_whole_network(model_path: str, photos: Photos, personal: list[int],
     for epoch in range(recipe.epochs):
         rng = np.random.default_rng([seed, epoch])
         order = rng.permutation(len(unlabelled))
-        view = 2 * epoch if recipe.views is None else 2 * (epoch % recipe.views)
+        view = weak_view(epoch, recipe.views)
         for number in range(steps):
             take = order[number * recipe.batch : (number + 1) * recipe.batch]
             images, ids = resized(unlabelled[take], size).astype(np.float32), photos.ids[take]
