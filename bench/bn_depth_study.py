@@ -10,7 +10,9 @@ from the unlabelled photos, the predictions' confidence, their agreement with th
     PYTHONPATH=. python -m bench.bn_depth_study --generic ~/.cache/ee/models/cifar_resnet9.h5 [--per-scenario 1]
         [--unlabelled 500] [--test-per-class 300] [--max-users N] [--out bench/results/bn-depth-dev-<model>-<date>.jsonl]
 
-One JSON line per (user, depth).
+One JSON line per (user, depth). `--compare FILE` prints, for a few label-free rules, the depth
+each would choose per user and the BN-only accuracy and exact class sets that gives, beside the
+oracle that picks by the test labels.
 """
 
 from __future__ import annotations
@@ -103,15 +105,47 @@ def study_user(generic: str, user_spec, args, work: Path) -> list[dict]:
     return rows
 
 
+RULES = {
+    "half (the current default)": lambda rows: rows[-1],
+    "none": lambda rows: rows[0],
+    "most confident, restricted to the inferred classes": lambda rows: max(rows, key=lambda r: r["mean_restricted_confidence"]),
+    "deepest keeping 90 % of confident predictions": lambda rows: [r for r in rows if (r["confident_agreement_with_unadapted"] or 1) >= 0.9][-1],
+    "deepest keeping 95 % of confident predictions": lambda rows: [r for r in rows if (r["confident_agreement_with_unadapted"] or 1) >= 0.95][-1],
+}
+
+
+def compare_rules(lines: list[dict]) -> dict[str, dict[str, float]]:
+    """Each rule's chosen depth per user, judged by the BN-only accuracy and exact class sets it gives."""
+    users: dict[int, list[dict]] = {}
+    for line in lines:
+        users.setdefault(line["seed"], []).append(line)
+    found = {}
+    for name, rule in RULES.items():
+        chosen = [rule(sorted(rows, key=lambda r: r["depth"])) for rows in users.values()]
+        found[name] = {"bn_only_accuracy": float(np.mean([r["bn_only_accuracy"] for r in chosen])),
+                       "classes_exact": int(sum(r["classes_exact"] for r in chosen)), "users": len(chosen), "depths": [r["depth"] for r in chosen]}
+    best = [max(rows, key=lambda r: r["bn_only_accuracy"]) for rows in users.values()]
+    found["oracle (labels)"] = {"bn_only_accuracy": float(np.mean([r["bn_only_accuracy"] for r in best])),
+                                "classes_exact": int(sum(r["classes_exact"] for r in best)), "users": len(best), "depths": [r["depth"] for r in best]}
+    return found
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.bn_depth_study", description=__doc__.splitlines()[0])
-    parser.add_argument("--generic", type=Path, required=True)
+    parser.add_argument("--generic", type=Path, default=None)
     parser.add_argument("--per-scenario", type=int, default=1)
     parser.add_argument("--max-users", type=int, default=None, help="only the first N dev users (a 240 px model costs minutes a user)")
     parser.add_argument("--unlabelled", type=int, default=500)
     parser.add_argument("--test-per-class", type=int, default=300)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--compare", type=Path, default=None, help="a study's JSONL: print each depth rule's outcome instead of running")
     args = parser.parse_args(argv)
+    if args.compare:
+        lines = [json.loads(line) for line in args.compare.read_text().splitlines() if line.strip()]
+        print(json.dumps(compare_rules(lines), indent=1))
+        return
+    if args.generic is None:
+        parser.error("--generic is needed to run the study")
     out = args.out or HERE / "results" / f"bn-depth-dev-{args.generic.stem}-{date.today().isoformat()}.jsonl"
     with tempfile.TemporaryDirectory(prefix="ee-bn-") as scratch, out.open("a") as sink:
         for user_spec in users("dev", args.per_scenario)[: args.max_users]:
