@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.protocol import users
+from bench.exits_ablation import softmax
+from bench.protocol import restricted_accuracy, users
 
 HERE = Path(__file__).resolve().parent
 CONFIDENT = 0.9  # an unadapted prediction this sure is one adaptation should rarely overturn
@@ -43,11 +44,11 @@ def signals(logits: np.ndarray, unadapted: np.ndarray, class_share: float) -> di
     """Label-free figures of one depth's generic logits on the unlabelled photos."""
     from ee_cli import adapt
 
-    probabilities = _softmax(logits)
+    probabilities = softmax(logits)
     shares = adapt.class_shares(logits)
     inferred = adapt.infer_classes(shares, class_share)
-    restricted = _softmax(logits[:, inferred])
-    before = _softmax(unadapted)
+    restricted = softmax(logits[:, inferred])
+    before = softmax(unadapted)
     sure = before.max(1) >= CONFIDENT
     agree = probabilities.argmax(1) == before.argmax(1)
     return {
@@ -60,11 +61,6 @@ def signals(logits: np.ndarray, unadapted: np.ndarray, class_share: float) -> di
         "confident_agreement_with_unadapted": float(agree[sure].mean()) if sure.any() else None,
         "confident_unadapted_share": float(sure.mean()),
     }
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.exp(logits - logits.max(1, keepdims=True))
-    return z / z.sum(1, keepdims=True)
 
 
 def study_user(generic: str, user_spec, args, work: Path) -> list[dict]:
@@ -98,8 +94,8 @@ def study_user(generic: str, user_spec, args, work: Path) -> list[dict]:
         rows.append({
             "seed": user_spec.seed, "scenario": user_spec.scenario.name, "classes": list(made.classes), "depth": depth, "of": len(layers),
             "inferred": inferred, "classes_exact": inferred == list(made.classes),
-            "bn_only_accuracy": float(np.mean(np.asarray(inferred)[test_logits[:, inferred].argmax(1)] == truth)),
-            "restricted_accuracy": float(np.mean(np.asarray(made.classes)[test_logits[:, list(made.classes)].argmax(1)] == truth)),
+            "bn_only_accuracy": restricted_accuracy(test_logits, inferred, truth),
+            "restricted_accuracy": restricted_accuracy(test_logits, made.classes, truth),
             "adapt_seconds": round(adapt_seconds, 1),
         } | signals(logits, unadapted, class_share))
     return rows

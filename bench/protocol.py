@@ -239,7 +239,6 @@ def _forward_pass_seconds(model_path: str, images: np.ndarray) -> float:
 def _operating_points(job: UserJob, personal: Path, test: Path) -> dict[str, Any]:
     """`ee evaluate` calibrates each labelled point on half the test photos; each point, and the
     label-free one `ee personalise` chose, is exported and timed on the other half."""
-    from bench import latency
     from ee_cli.config import EvaluateConfig
     from ee_cli.evaluate import evaluate
 
@@ -247,23 +246,28 @@ def _operating_points(job: UserJob, personal: Path, test: Path) -> dict[str, Any
     for point in [p for p in job.settings.points if p != LABEL_FREE]:
         evaluated = evaluate(EvaluateConfig(data=str(test), bundle=str(personal), use=point, out=f"calibrated-{point}", seed=job.seed, quiet=True))
         found[point] = _point_figures(evaluated.metrics, evaluated.metrics["operating_points"][point])
-        for mode in job.settings.quant:
-            found[point]["litert"][mode] = latency.measure(_export(job, evaluated.bundle_path, f"{point}-{mode}", mode), evaluated.run_dir, job.settings.latency_threads)
+        found[point]["litert"] = _timed(job, evaluated.bundle_path, point, evaluated.run_dir)
     if LABEL_FREE in job.settings.points:
         if evaluated is None:  # the report split comes from an `ee evaluate` run; its own thresholds are not used
             evaluated = evaluate(EvaluateConfig(data=str(test), bundle=str(personal), out="evaluated", seed=job.seed, quiet=True))
         stored = evaluated.metrics["as_stored"]
         found[LABEL_FREE] = _point_figures(evaluated.metrics, stored | {"reference_accuracy": evaluated.metrics["final_accuracy"]})
-        for mode in job.settings.quant:
-            found[LABEL_FREE]["litert"][mode] = latency.measure(_export(job, personal, f"{LABEL_FREE}-{mode}", mode), evaluated.run_dir, job.settings.latency_threads)
+        found[LABEL_FREE]["litert"] = _timed(job, personal, LABEL_FREE, evaluated.run_dir)
     return found
+
+
+def _timed(job: UserJob, source: Path, point: str, evaluate_run: Path) -> dict[str, Any]:
+    """`source` exported in each timed mode, each run in LiteRT on the evaluate run's report photos."""
+    from bench import latency
+
+    return {mode: latency.measure(_export(job, source, f"{point}-{mode}", mode), evaluate_run, job.settings.latency_threads) for mode in job.settings.quant}
 
 
 def _point_figures(metrics: dict, chosen: dict) -> dict[str, Any]:
     return {"accuracy": chosen["accuracy"], "reference_accuracy": chosen["reference_accuracy"], "mean_mflops": chosen["mean_mflops"],
             "plain_mflops": metrics["plain_mflops"], "shares": chosen["shares"], "thresholds": chosen["thresholds"],
             "generic_accuracy_report": metrics["baselines"]["generic"]["accuracy"],
-            "restricted_accuracy_report": metrics["baselines"]["restricted"]["accuracy"], "litert": {}}
+            "restricted_accuracy_report": metrics["baselines"]["restricted"]["accuracy"]}
 
 
 def _export(job: UserJob, source: Path, name: str, mode: str) -> Path:

@@ -142,7 +142,7 @@ def headline_table(found: dict, labels: tuple[int, ...], modes: tuple[str, ...])
     return "\n".join(lines)
 
 
-def scenario_table(rows: list[dict], labels: tuple[int, ...], modes: tuple[str, ...]) -> str:
+def scenario_table(rows: list[dict], labels: tuple[int, ...], modes: tuple[str, ...], points: tuple[str, ...]) -> str:
     header = ["scenario", "users", *[f"gain over restricted, {label} labels" for label in labels], "generic", "restricted", "BN only",
               *[f"ee final, {label} labels" for label in labels], "whole network", "train ratio",
               *[f"latency ratio label-free, {mode}" for mode in modes], *[f"latency ratio @generic, {mode}" for mode in modes],
@@ -150,7 +150,7 @@ def scenario_table(rows: list[dict], labels: tuple[int, ...], modes: tuple[str, 
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for scenario in sorted({r["scenario"] for r in rows}, key=[r["scenario"] for r in rows].index):
         group = [r for r in rows if r["scenario"] == scenario]
-        found = figures(group, labels, modes, ("label-free", "match-generic", "keep"))
+        found = figures(group, labels, modes, points)
 
         def short(name, unit="", digits=1, signed=False):
             value = found.get(name)

@@ -159,7 +159,7 @@ def _split_tables(split: str, rows: list[dict], found: dict, settings) -> str:
     from bench import report
 
     return "\n".join([f"**{SPLIT_TITLES[split]}.** {len(rows)} users.", "", report.headline_table(found, settings.labels, settings.quant), "",
-                      "Per scenario, mean ± std over its users (accuracy in %):", "", report.scenario_table(rows, settings.labels, settings.quant)])
+                      "Per scenario, mean ± std over its users (accuracy in %):", "", report.scenario_table(rows, settings.labels, settings.quant, settings.points)])
 
 
 def _update_readme(readme: Path, results: dict, tables: str, stem: Path, plot: Path) -> None:

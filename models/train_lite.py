@@ -185,7 +185,8 @@ def run(state_dict: dict, data: dict, out: Path, recipe: Recipe) -> dict:
     phases.done("conversion_check")
     rows = Rows.drawn(data, recipe)
     maps = cached_maps(tune_lite.maps_model(model), data, rows, out, recipe, phases)
-    pooled = {split: tune_lite.run_tail(tune_lite.tail_model(model, lite.FEATURE_LAYER), maps[split]) for split in ("train", "test")}
+    to_pooled = tune_lite.tail_model(model, lite.FEATURE_LAYER)
+    pooled = {split: tune_lite.run_tail(to_pooled, maps[split]) for split in ("train", "test")}
     phases.done("pooled_features")
     position = {row: i for i, row in enumerate(rows.train)}
     fit, val = np.array([position[r] for r in rows.fit]), np.array([position[r] for r in rows.val])
