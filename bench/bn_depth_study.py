@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import tempfile
 import time
 from datetime import date
@@ -32,12 +31,6 @@ from bench.protocol import restricted_accuracy, users
 
 HERE = Path(__file__).resolve().parent
 CONFIDENT = 0.9  # an unadapted prediction this sure is one adaptation should rarely overturn
-
-
-def candidate_depths(layers: int) -> list[int]:
-    """0, then eighths of the BN layers up to the current default (half of them)."""
-    half = math.ceil(layers / 2)
-    return sorted({0, *(max(1, round(half * step / 4)) for step in (1, 2, 3, 4))})
 
 
 def signals(logits: np.ndarray, unadapted: np.ndarray, class_share: float) -> dict[str, float]:
@@ -76,7 +69,7 @@ def study_user(generic: str, user_spec, args, work: Path) -> list[dict]:
     source = bundle.read_bundle(work / attached)
     model, size = source.load_model(), int(source.meta["input"]["shape"][0])
     layers = adapt.backbone_batchnorms(model)
-    depths = candidate_depths(len(layers))
+    depths = [0, *adapt.auto_depths(len(layers))]
     original = adapt.statistics_of(layers)
     unlabelled = sorted(folders["unlabelled"].glob("*.png"))
     test = sorted(folders["test"].rglob("*.png"))
@@ -96,13 +89,29 @@ def study_user(generic: str, user_spec, args, work: Path) -> list[dict]:
             "inferred": inferred, "classes_exact": inferred == list(made.classes),
             "bn_only_accuracy": restricted_accuracy(test_logits, inferred, truth),
             "restricted_accuracy": restricted_accuracy(test_logits, made.classes, truth),
-            "adapt_seconds": round(adapt_seconds, 1),
+            "adapt_seconds": round(adapt_seconds, 1), "unlabelled": len(unlabelled),
         } | signals(logits, unadapted, class_share))
     return rows
 
 
+def auto_rule(rows: list[dict], unlabelled: int) -> dict:
+    """`--adapt-bn auto` (adapt.auto_depth) replayed from a study's recorded signals."""
+    from ee_cli import adapt
+
+    unadapted = rows[0]
+    judged = unadapted["confident_unadapted_share"] * rows[0].get("unlabelled", unlabelled) >= adapt.MIN_CONFIDENT
+    kept = unadapted
+    for row in rows[1:]:
+        if judged and row["confident_agreement_with_unadapted"] < adapt.KEEP_CONFIDENT:
+            break
+        if row["max_share"] >= adapt.COLLAPSED_SHARE > unadapted["max_share"]:
+            break
+        kept = row
+    return kept
+
+
 RULES = {
-    "half (the current default)": lambda rows: rows[-1],
+    "half (the deepest auto may go)": lambda rows: rows[-1],
     "none": lambda rows: rows[0],
     "most confident, restricted to the inferred classes": lambda rows: max(rows, key=lambda r: r["mean_restricted_confidence"]),
     "deepest keeping 90 % of confident predictions": lambda rows: [r for r in rows if (r["confident_agreement_with_unadapted"] or 1) >= 0.9][-1],
@@ -110,13 +119,14 @@ RULES = {
 }
 
 
-def compare_rules(lines: list[dict]) -> dict[str, dict[str, float]]:
-    """Each rule's chosen depth per user, judged by the BN-only accuracy and exact class sets it gives."""
+def compare_rules(lines: list[dict], unlabelled: int) -> dict[str, dict[str, float]]:
+    """Each rule's chosen depth per user, judged by the BN-only accuracy and exact class sets it gives
+    (`unlabelled`: the photos per user, for studies that did not record it)."""
     users: dict[int, list[dict]] = {}
     for line in lines:
         users.setdefault(line["seed"], []).append(line)
     found = {}
-    for name, rule in RULES.items():
+    for name, rule in {**RULES, "auto (adapt.auto_depth)": lambda rows: auto_rule(rows, unlabelled)}.items():
         chosen = [rule(sorted(rows, key=lambda r: r["depth"])) for rows in users.values()]
         found[name] = {"bn_only_accuracy": float(np.mean([r["bn_only_accuracy"] for r in chosen])),
                        "classes_exact": int(sum(r["classes_exact"] for r in chosen)), "users": len(chosen), "depths": [r["depth"] for r in chosen]}
@@ -138,7 +148,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.compare:
         lines = [json.loads(line) for line in args.compare.read_text().splitlines() if line.strip()]
-        print(json.dumps(compare_rules(lines), indent=1))
+        print(json.dumps(compare_rules(lines, args.unlabelled), indent=1))
         return
     if args.generic is None:
         parser.error("--generic is needed to run the study")

@@ -85,15 +85,15 @@ def run_user(generic: Path, data: dict, seed: int, labels: int, epochs: int, wor
     }
     if labels == 0:
         row["bn_sweep"] = bn_sweep(attached, user)
-        available = len(adapt.backbone_batchnorms(bundle.read_bundle(attached).load_model()))
-        auto = next(r for r in row["bn_sweep"] if r["adapted"] == adapt.resolve_adapt_count("auto", available))
-        row["bn_only_inferred"] = auto["accuracy_inferred"]
     started = time.perf_counter()
     result = personalise(PersonaliseConfig(
         data=str(folders["unlabelled"]), labelled=str(folders["labelled"]) if labels else None, bundle=str(attached),
         out=str(work / f"personal{seed}-L{labels}"), epochs=epochs, seed=seed, quiet=True,
     ))
     row["personalise_seconds"] = time.perf_counter() - started
+    if labels == 0:  # the BN-only baseline at the depth personalise's --adapt-bn auto chose for these photos
+        chosen = len(result.metrics["adapted_bn"]["layers"])
+        row["bn_only_inferred"] = next(r for r in row["bn_sweep"] if r["adapted"] == chosen)["accuracy_inferred"]
     row["personalise_train_seconds"] = result.metrics["train_seconds"]
     row["cache"] = result.metrics["cache"]
     personal = [cifar10.CLASSES.index(name) for name in result.meta["personal_classes"]]

@@ -92,6 +92,12 @@ def test_adapted_statistics_are_exactly_those_of_the_photos_at_every_depth(works
         np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(ours[1], theirs[1], rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(adapt.statistics_of(layers)[3][1], generic[3][1])
+    # Deepening from 3 to every layer computes only the layers beyond 3, and gives the same statistics.
+    deepened = adapt.adapt_batchnorm(shallow, lambda: [images], len(layers), start=3)
+    assert len(deepened) == len(layers) - 3
+    for ours, theirs in zip(adapted[3:], deepened):
+        np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(ours[1], theirs[1], rtol=1e-4, atol=1e-5)
 
 
 def test_batchnorm_passes_stream_the_photos_batch_by_batch(workspace, attached):
@@ -205,24 +211,51 @@ def test_class_inference_finds_the_demo_users_three_classes(workspace, cli):
     assert sorted(json.loads((workspace / "P" / "ee.json").read_text())["personal_classes"]) == sorted(summary["classes"])
 
 
-def test_a_collapsed_class_mix_backs_the_batchnorm_depth_off_and_says_so():
-    one_class, spread = np.array([0.95, 0.03, 0.02]), np.array([0.5, 0.3, 0.2])
+def _confident_logits(classes: np.ndarray, sure: bool = True) -> np.ndarray:
+    """Logits with `classes` on top: at 97 % if sure, else at 79 % (under adapt.CONFIDENT)."""
+    logits = np.zeros((len(classes), 3))
+    logits[np.arange(len(classes)), classes] = 5.0 if sure else 2.0
+    return logits
+
+
+def test_auto_adapts_as_deep_as_the_confident_predictions_hold_and_says_where_it_stopped():
+    unadapted = np.arange(100) % 3
     asked: list[int] = []
 
-    def mix_at(count):  # collapses from 4 adapted layers on
-        asked.append(count)
-        return one_class if count >= 4 else spread
+    def overturning_from(depth_that_breaks: int, flipped: int):
+        def logits_at(depth: int) -> np.ndarray:
+            asked.append(depth)
+            classes = unadapted.copy()
+            if depth >= depth_that_breaks:
+                classes[:flipped] = (classes[:flipped] + 1) % 3
+            return _confident_logits(classes)
+        return logits_at
 
-    count, shares, note = adapt.backed_off(mix_at, 8)
-    # After the collapse, the unadapted mix first (0: is it the photos themselves?), then halving.
-    assert (count, asked) == (2, [8, 0, 4, 2]) and shares is spread
-    assert "collapsed onto one class (95%) with 8 BatchNorm layers adapted: backed off to 2" in note
-    assert adapt.backed_off(mix_at, 2)[2] is None and asked[-1] == 2  # no collapse: no note, one attempt
-    # Photos that really are of one class collapse even unadapted: the asked depth stands.
-    def always_one_class(count):
-        asked.append(count)
-        return one_class
+    depth, shares, note = adapt.auto_depth(overturning_from(3, 30), [1, 2, 3, 4])
+    assert (depth, asked) == (2, [0, 1, 2, 3])  # stops at the first depth that breaks: no deeper pass
+    assert note == "adapting 3 BatchNorm layers overturned 30% of the generic model's confident predictions: kept 2"
+    assert shares == pytest.approx(adapt.class_shares(_confident_logits(unadapted)))
+    assert adapt.auto_depth(overturning_from(3, 19), [1, 2, 3, 4])[::2] == (4, None)  # 81 % kept: deep enough
+    assert adapt.auto_depth(overturning_from(1, 30), [1, 2, 3, 4])[0] == 0
 
-    asked.clear()
-    count, _, note = adapt.backed_off(always_one_class, 8)
-    assert (count, asked) == (8, [8, 0]) and "even without adaptation" in note  # two attempts, not five
+
+def test_auto_stops_before_a_collapsed_class_mix_unless_the_photos_are_of_one_class():
+    # 40 photos the generic model is sure are class 0, 60 it barely prefers 1 or 2 for.
+    unadapted = np.concatenate([_confident_logits(np.zeros(40, int)), _confident_logits(1 + np.arange(60) % 2, sure=False)])
+    everything_class_0 = _confident_logits(np.zeros(100, int))
+    depth, _, note = adapt.auto_depth(lambda d: unadapted if d < 2 else everything_class_0, [1, 2, 3])
+    assert depth == 1 and "collapsed the class mix onto one class" in note and note.endswith("kept 1")
+    # Photos that really are of one class collapse even unadapted: that is no reason to stop.
+    assert adapt.auto_depth(lambda d: everything_class_0, [1, 2, 3])[::2] == (3, None)
+
+
+def test_kept_confident_counts_only_the_sure_predictions_and_needs_32_of_them():
+    unsure_half = np.concatenate([_confident_logits(np.zeros(50, int)), _confident_logits(np.ones(50, int), sure=False)])
+    flipped_unsure = np.concatenate([_confident_logits(np.zeros(50, int)), _confident_logits(np.full(50, 2), sure=False)])
+    assert adapt.kept_confident(flipped_unsure, unsure_half) == 1.0  # the unsure half may change freely
+    assert adapt.kept_confident(_confident_logits(np.full(100, 2)), unsure_half) == 0.0
+    few_sure = np.concatenate([_confident_logits(np.zeros(31, int)), _confident_logits(np.ones(69, int), sure=False)])
+    assert adapt.kept_confident(_confident_logits(np.full(100, 2)), few_sure) is None  # 31 sure photos: nothing to keep
+    # ... so adapting goes as deep as it may, however much it changes.
+    assert adapt.auto_depth(lambda d: few_sure if d == 0 else _confident_logits(np.arange(100) % 3), [1, 2])[::2] == (2, None)
+    assert adapt.auto_depths(8) == [1, 2, 3, 4] and adapt.auto_depths(64) == [8, 16, 24, 32] and adapt.auto_depths(1) == [1]

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ee_cli import adapt, augment, cache, compat, litert, ondevice, photos, runs
+from ee_cli import augment, cache, compat, litert, ondevice, photos, runs
 from ee_cli.errors import UserError
 from ee_cli.personalise import CachedBatches, epoch_plan
 
@@ -43,7 +43,7 @@ def personalise_heads(job, config, run_dir: Path, progress) -> tuple[cache.Featu
     if not artefact.is_file():  # a resumed run keeps the artefact it started with
         progress("Converting personalise.tflite", 0.0, "builtin ops only")
         shapes = plan_shapes(roles, config.batch, int(personal_model.input_shape[1]), len(personal))
-        data = ondevice.build(personal_model, heads, list(personal), _adapted_names(personal_model, config), shapes, ondevice.Losses.of(config))
+        data = ondevice.build(personal_model, heads, list(personal), list(job.adapted_layers), shapes, ondevice.Losses.of(config))
         _write_atomically(artefact, data)
     runs.write_json(run_dir / JOB_FILE, _job(paths, roles, config, [h.name for h in trainable], int(personal_model.input_shape[1])))
     run_child(run_dir, progress)
@@ -63,11 +63,6 @@ def plan_shapes(roles, batch: int, size: int, classes: int):
         raise UserError(f"{unlabelled} photo(s) left to train on after the hold-out: add photos or lower --holdout")
     step = min(batch, unlabelled)
     return ondevice.Shapes(step, max(1, min(step, len(roles.train_labelled))), size, classes)
-
-
-def _adapted_names(personal_model, config) -> list[str]:
-    layers = adapt.backbone_batchnorms(personal_model)
-    return [layer.name for layer in layers[: adapt.resolve_adapt_count(config.adapt_bn, len(layers))]]
 
 
 def _job(paths, roles, config, head_names: list[str], size: int) -> dict[str, Any]:

@@ -65,8 +65,8 @@ class Adapted:
     shares: np.ndarray  # estimated class mix over the bundle's classes
     personal: list[int]
     classes_seconds: float  # the pass that estimates the class mix
-    note: str | None = None  # said when the BatchNorm depth was backed off
-    tried: tuple[int, ...] = ()  # the depths whose class mix was estimated, in order (more than one after a back-off)
+    note: str | None = None  # said when `auto` stopped short of its deepest depth
+    tried: tuple[int, ...] = ()  # the depths whose generic predictions were computed, in order
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,7 @@ class Job:
     paths: list[Path]
     roles: Roles
     personal: np.ndarray  # the personal classes, as indices into the bundle's classes
+    adapted_layers: tuple[str, ...] = ()  # the BatchNorm layers adapt_step set to the person's statistics
 
     @property
     def size(self) -> int:
@@ -114,7 +115,8 @@ def personalise(config: PersonaliseConfig, progress: Progress | None = None) -> 
     adapted = adapt_step(config, source, found, progress)
     compat.seed_everything(config.seed)
     personal_model, heads = build_personal_model(adapted.model, meta.get("output_classes") or meta["classes"], meta["classes"], adapted.personal)
-    job = Job(personal_model, heads, found.paths, _roles(len(found.unlabelled), found.labelled, adapted.personal, config), np.array(adapted.personal))
+    job = Job(personal_model, heads, found.paths, _roles(len(found.unlabelled), found.labelled, adapted.personal, config), np.array(adapted.personal),
+              tuple(adapted.layers))
     trained = _train(config, job, run_dir, progress)
     started = time.perf_counter()
     scores, evidence = _holdout_evidence(job)
@@ -151,27 +153,32 @@ def adapt_step(config: PersonaliseConfig, source, found: Found, progress: Progre
     layers = adapt.backbone_batchnorms(model)
     count = adapt.resolve_adapt_count(config.adapt_bn, len(layers))
     generic_statistics = adapt.statistics_of(layers)
-    progress("Adapting BatchNorm statistics", 0.0, f"{count} of {len(layers)} layers")
-    started = time.perf_counter()
-    adapted = adapt.adapt_batchnorm(model, lambda: photos.dataset(found.unlabelled.paths, size, photos.inference_batch(size)), count)
-    seconds = {"batchnorm": time.perf_counter() - started, "classes": 0.0}
+    progress("Adapting BatchNorm statistics", 0.0, f"{'up to ' if config.adapt_bn == 'auto' else ''}{count} of {len(layers)} layers")
+    adapted: adapt.Statistics = []
+    seconds = {"batchnorm": 0.0, "classes": 0.0}
     tried: list[int] = []
 
-    def mix_at(depth: int) -> np.ndarray:  # statistics are nested: a shallower depth needs no new pass
+    def logits_at(depth: int) -> np.ndarray:  # statistics are nested: only layers beyond the deepest yet need passes
+        if depth > len(adapted):
+            started = time.perf_counter()
+            adapt.set_statistics(layers, adapted, generic_statistics, len(adapted))
+            adapted.extend(adapt.adapt_batchnorm(model, lambda: photos.dataset(found.unlabelled.paths, size, photos.inference_batch(size)), depth, len(adapted)))
+            seconds["batchnorm"] += time.perf_counter() - started
         adapt.set_statistics(layers, adapted, generic_statistics, depth)
         tried.append(depth)
         started = time.perf_counter()
         logits = inference.outputs_of(model, [generic_output(model)], found.unlabelled.paths, size)[0]
         seconds["classes"] += time.perf_counter() - started
-        return adapt.class_shares(logits)
+        progress("Adapting BatchNorm statistics", min(1.0, depth / max(count, 1)), f"{depth} of {len(layers)} layers")
+        return logits
 
     if config.adapt_bn == "auto":  # the user's own N is taken as given
-        count, shares, note = adapt.backed_off(mix_at, count)
+        count, shares, note = adapt.auto_depth(logits_at, adapt.auto_depths(len(layers)))
     else:
-        shares, note = mix_at(count), None
+        shares, note = adapt.class_shares(logits_at(count)), None
     adapt.set_statistics(layers, adapted, generic_statistics, count)
     personal = _personal_classes(config, meta["classes"], shares, found.labelled)
-    progress("Adapting BatchNorm statistics", 1.0, f"personal classes: {', '.join(meta['classes'][i] for i in personal)}")
+    progress("Adapting BatchNorm statistics", 1.0, f"{count} layers; personal classes: {', '.join(meta['classes'][i] for i in personal)}")
     return Adapted(model, [layer.name for layer in layers[:count]], len(layers), seconds["batchnorm"], shares, personal, seconds["classes"], note, tuple(tried))
 
 
