@@ -112,7 +112,7 @@ def run_user(generic: Path, data: dict, seed: int, labels: int, epochs: int, wor
     if whole_network:
         labelled_y = np.array([personal.index(c) for c in user.labelled_y], np.int32)
         every = Photos(user.unlabelled, np.arange(len(user.unlabelled)), user.labelled, labelled_y)  # every photo, fresh views: the first protocol
-        model, seconds = finetune_whole_network(str(generic), every, personal, Recipe(epochs, seed=seed))
+        model, seconds, _ = finetune_whole_network(str(generic), every, personal, Recipe(epochs, seed=seed))
         logits = predict(model, model.layers[-1].name, user.test)
         row["whole_network"] = {"seconds": seconds, "accuracy": float(np.mean(np.asarray(personal)[logits[:, personal].argmax(1)] == user.test_y)),
                                 "exits_only_seconds_same_photos_epochs": row["personalise_train_seconds"]}

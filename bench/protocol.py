@@ -75,10 +75,39 @@ class Settings:
     exits: tuple[float, ...] = (0.2, 0.4, 0.8)
     whole_network: bool = True
     whole_network_lr: float = 1e-4  # of bench.whole_network.LEARNING_RATES, picked on dev users
+    whole_network_epochs: int | None = None  # fewer than `epochs`: timed on these, its seconds scaled up (no accuracy)
     quant: tuple[str, ...] = ("none", "int8_full")  # export modes timed in LiteRT
     points: tuple[str, ...] = (LABEL_FREE, "match-generic", "keep")  # operating points timed in LiteRT
     latency_threads: int = 1
     export_photos: int = 200  # calibration and validation photos per export
+
+
+@dataclasses.dataclass(frozen=True)
+class GenericModel:
+    """A generic classifier the benchmark personalises, with the settings its users get."""
+
+    name: str
+    title: str
+    path: str
+    overrides: dict  # Settings fields this model's users get instead of the command line's
+
+
+GENERIC_MODELS = {
+    "resnet9": GenericModel("resnet9", "ResNet-9 at 32 px (trained here, BN statistics its own)", str(Path.home() / ".cache/ee/models/cifar_resnet9.h5"), {}),
+    # 240 px costs ~60x the MACs a photo: fewer photos, 0 labels, and the whole network timed on two epochs.
+    "lite1": GenericModel("lite1", "EfficientNet-Lite1 at 240 px (ImageNet-pretrained, last stage tuned on CIFAR-10)",
+                          str(Path.home() / ".cache/ee/models/cifar_lite1.h5"),
+                          {"unlabelled": 300, "test_per_class": 100, "labels": (0,), "whole_network_epochs": 2}),
+}
+
+
+def settings_for(model: GenericModel, base: Settings) -> Settings:
+    """`base` with the model's overrides, never asking for more than `base` does (a smoke run stays small)."""
+    fields = {name: min(value, getattr(base, name)) if isinstance(value, int) and getattr(base, name) is not None else value
+              for name, value in model.overrides.items()}
+    if "labels" in fields:
+        fields["labels"] = tuple(label for label in base.labels if label in fields["labels"]) or base.labels[:1]
+    return dataclasses.replace(base, **fields)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +117,7 @@ class UserJob:
     user: User
     settings: Settings
     work: str  # this user's scratch folder
+    model: str = "resnet9"  # the GENERIC_MODELS name the generic classifier goes by in the tables
 
     @property
     def seed(self) -> int:
@@ -124,7 +154,7 @@ def run_user(job: UserJob) -> dict[str, Any]:
     settings, work = job.settings, Path(job.work).resolve()
     user, folders, names = user_photos(job)
     scenario, seed = job.user.scenario, job.seed
-    row: dict[str, Any] = {"split": job.user.split, "scenario": scenario.name, "k": scenario.k, "condition": scenario.condition, "seed": seed,
+    row: dict[str, Any] = {"model": job.model, "split": job.user.split, "scenario": scenario.name, "k": scenario.k, "condition": scenario.condition, "seed": seed,
                            "classes": user.class_names, "photos": {"unlabelled": len(user.unlabelled), "labelled_per_class": max(settings.labels),
                                                                    "test": len(user.test)}}
     with inside(work):
@@ -287,7 +317,10 @@ def _whole_network(job: UserJob, user, personal: list[int], trained_on: np.ndarr
     from bench.whole_network import Photos, Recipe, finetune_whole_network
 
     same = Photos(user.unlabelled[trained_on], trained_on, user.labelled[:0], np.zeros(0, np.int32))
-    recipe = Recipe(job.settings.epochs, learning_rate=job.settings.whole_network_lr, seed=job.seed, views=views)
-    model, seconds = finetune_whole_network(job.generic, same, personal, recipe)
+    epochs = job.settings.epochs
+    timed = min(job.settings.whole_network_epochs or epochs, epochs)
+    model, seconds, per_epoch = finetune_whole_network(job.generic, same, personal, Recipe(timed, learning_rate=job.settings.whole_network_lr, seed=job.seed, views=views))
+    if timed < epochs:  # the first epoch (tracing included), then every later one as the last timed; no accuracy, it would mislead
+        return {"accuracy": None, "seconds": per_epoch[0] + (epochs - 1) * per_epoch[-1], "timed_epochs": timed, "timed_seconds": seconds}
     logits = predict(model, model.layers[-1].name, user.test)
     return {"accuracy": restricted_accuracy(logits, personal, user.test_y), "seconds": seconds}

@@ -1,10 +1,10 @@
 """`make bench`: the paper's three claims measured on CIFAR-10 users, in one run.
 
-    python -m bench.run [--users dev,test] [--per-scenario 1] [--workers N | --ray-address ADDR] [--smoke]
+    python -m bench.run [--models resnet9,lite1] [--users dev,test] [--per-scenario 1] [--workers N | --ray-address ADDR] [--smoke]
 
 Writes bench/results/<date>.json (every user's figures, the summary, the settings), the plots
-beside it, and the tables into bench/README.md between its markers: test users first (run only to
-report), then dev users (the ones defaults and designs are tuned on). `--smoke` is the two-minute
+beside it, and the tables into bench/README.md between its markers: per generic model, test users
+first (run only to report), then dev users (the ones defaults and designs are tuned on). `--smoke` is the two-minute
 version on generated photos and an untrained model: it checks the pipeline, not the claims.
 """
 
@@ -22,13 +22,15 @@ from datetime import date
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_GENERIC = Path.home() / ".cache" / "ee" / "models" / "cifar_resnet9.h5"
+MAKE = {"resnet9": "python -m models.train_cifar", "lite1": "python -m models.train_lite"}
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
 def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
-    parser.add_argument("--generic", type=Path, default=DEFAULT_GENERIC, help="generic CIFAR-10 model (python -m models.train_cifar)")
+    parser.add_argument("--models", default="resnet9,lite1", help="generic models whose users run: resnet9 (32 px), lite1 (240 px), or both")
+    parser.add_argument("--generic", type=Path, default=None, help="the resnet9 model file (default ~/.cache/ee/models/cifar_resnet9.h5)")
+    parser.add_argument("--lite1", type=Path, default=None, help="the lite1 model file (default ~/.cache/ee/models/cifar_lite1.h5)")
     parser.add_argument("--users", default="dev,test", help="which users: dev (tune on these), test (report only), or both")
     parser.add_argument("--per-scenario", type=int, default=1, help="users per scenario, each with its own seed and photos")
     parser.add_argument("--scenarios", default="all", help="comma-separated names like k2-low_light, or all")
@@ -51,8 +53,9 @@ def parse(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def jobs_for(args, work: Path, generic: str) -> list:
-    from bench.protocol import SPLITS, Settings, UserJob, users
+def jobs_for(args, work: Path, generic: dict[str, str]) -> list:
+    """Per generic model (`generic`: name -> model file), its chosen users, with that model's settings."""
+    from bench.protocol import GENERIC_MODELS, SPLITS, Settings, UserJob, settings_for, users
 
     splits = args.users.split(",")
     if not splits or not set(splits) <= set(SPLITS):
@@ -66,13 +69,15 @@ def jobs_for(args, work: Path, generic: str) -> list:
                         epochs=args.epochs, whole_network=not args.no_whole_network, quant=tuple(args.quant.split(",")),
                         points=tuple(args.points.split(",")))
     data = "synthetic" if args.smoke else "cifar10"
-    return [UserJob(generic, data, user, settings, str(work / f"{user.split}-{user.scenario.name}-seed{user.seed}")) for user in wanted]
+    return [UserJob(path, data, user, settings_for(GENERIC_MODELS[name], settings), str(work / f"{name}-{user.split}-{user.scenario.name}-seed{user.seed}"), name)
+            for name, path in generic.items() for user in wanted]
 
 
 def smoke_defaults(args) -> None:
     """Tiny everything; the generic model is an untrained, narrow cifar_resnet9 written to the work folder."""
     args.unlabelled, args.test_per_class, args.epochs, args.quant = min(args.unlabelled, 40), min(args.test_per_class, 30), min(args.epochs, 1), "none"
     args.points = ",".join(args.points.split(",")[:2])  # the label-free path and one calibrated point
+    args.models = args.models.split(",")[0]  # one generic model: the untrained one stands in for it
     if args.labels == "0,10":
         args.labels = "0,2"
 
@@ -86,6 +91,24 @@ def untrained_generic(path: Path) -> Path:
     return path
 
 
+def generic_models(args, work: Path) -> dict[str, str]:
+    """Each chosen generic model's file; --smoke writes an untrained stand-in."""
+    from bench.protocol import GENERIC_MODELS
+
+    names = args.models.split(",")
+    unknown = [name for name in names if name not in GENERIC_MODELS]
+    if unknown or not names:
+        _user_error(f"--models {args.models}: choose from {', '.join(GENERIC_MODELS)}")
+    if args.smoke:
+        return {names[0]: str(untrained_generic(work / "generic.h5"))}
+    given = {"resnet9": args.generic, "lite1": args.lite1}
+    found = {name: str(given.get(name) or GENERIC_MODELS[name].path) for name in names}
+    for name, path in found.items():
+        if not Path(path).is_file():
+            _user_error(f"no {name} generic model at {path}: make it with `PYTHONPATH=. {MAKE[name]}` (or leave it out with --models)")
+    return found
+
+
 def main(argv=None) -> dict:
     args = parse(argv)
     args.threads = args.threads or (1 if args.workers > 1 or args.ray_address else 2)
@@ -95,12 +118,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="ee-bench-") as scratch:
         work = (args.work or Path(scratch)).resolve()
         work.mkdir(parents=True, exist_ok=True)
-        if args.smoke:
-            generic = str(untrained_generic(work / "generic.h5"))
-        elif not args.generic.is_file():
-            _user_error(f"no generic model at {args.generic}: train it with `python -m models.train_cifar` (about 45 minutes here)")
-        else:
-            generic = str(args.generic)
+        generic = generic_models(args, work)
         jobs = jobs_for(args, work, generic)
         started = time.perf_counter()
         rows = _run_with_progress(jobs, args)
@@ -132,16 +150,22 @@ SPLIT_TITLES = {"test": "Test users: run only to report (seeds never used to tun
 def write_results(args, jobs, rows, seconds) -> dict:
     from bench import report
 
-    settings = jobs[0].settings
-    groups = {split: [row for row in rows if row["split"] == split] for split in SPLIT_TITLES if any(row["split"] == split for row in rows)}
-    summary = {split: report.figures(group, settings.labels, settings.quant, settings.points) for split, group in groups.items()}
+    from bench.protocol import GENERIC_MODELS
+
+    settings = {job.model: job.settings for job in jobs}
+    groups = {(model, split): [row for row in rows if (row["model"], row["split"]) == (model, split)]
+              for model in settings for split in SPLIT_TITLES if any((row["model"], row["split"]) == (model, split) for row in rows)}
+    summary: dict[str, dict] = {}
+    for (model, split), group in groups.items():
+        summary.setdefault(model, {})[split] = report.figures(group, settings[model].labels, settings[model].quant, settings[model].points)
     stem = args.out or HERE / "results" / f"{date.today().isoformat()}{'-smoke' if args.smoke else ''}.json"
     stem.parent.mkdir(parents=True, exist_ok=True)
-    plot = report.plot(next(iter(groups.values())), stem.with_suffix(".png"), settings.quant)
-    tables = "\n\n".join(_split_tables(split, group, summary[split], settings) for split, group in groups.items())
+    plot = report.plot(next(iter(groups.values())), stem.with_suffix(".png"), jobs[0].settings.quant)
+    tables = "\n\n".join(f"### {GENERIC_MODELS[model].title}\n\n" * (split == next(s for m, s in groups if m == model))
+                          + _split_tables(split, group, summary[model][split], settings[model]) for (model, split), group in groups.items())
     results = {
-        "date": date.today().isoformat(), "smoke": args.smoke, "seconds": seconds, "generic_model": jobs[0].generic, "data": jobs[0].data,
-        "settings": asdict(settings), "users_chosen": args.users, "per_scenario": args.per_scenario, "workers": args.workers,
+        "date": date.today().isoformat(), "smoke": args.smoke, "seconds": seconds, "generic_models": {job.model: job.generic for job in jobs},
+        "data": jobs[0].data, "settings": {model: asdict(found) for model, found in settings.items()}, "users_chosen": args.users, "per_scenario": args.per_scenario, "workers": args.workers,
         "ray_address": args.ray_address, "threads": args.threads, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "summary": summary, "users": rows, "plot": str(plot),
     }
@@ -163,13 +187,17 @@ def _split_tables(split: str, rows: list[dict], found: dict, settings) -> str:
 
 
 def _update_readme(readme: Path, results: dict, tables: str, stem: Path, plot: Path) -> None:
-    settings = results["settings"]
+    per_model = "; ".join(
+        f"{model}: {found['unlabelled']} unlabelled photos per user, {found['test_per_class']} test photos per class, labels/class "
+        f"{', '.join(map(str, found['labels']))}, {found['epochs']} epochs"
+        + (f" (whole network timed on {found['whole_network_epochs']} and scaled)" if found.get("whole_network_epochs") else "")
+        for model, found in results["settings"].items())
+    threads = next(iter(results["settings"].values()))["latency_threads"]
     body = "\n".join([
         BEGIN,
         f"Measured {results['date']} on this machine ({results['machine']['cpus']} CPUs), {len(results['users'])} users in {results['seconds'] / 60:.1f} min "
-        f"(`{_shown(stem)}`): {settings['unlabelled']} unlabelled photos per user, {settings['test_per_class']} test photos per class, "
-        f"{settings['epochs']} epochs, users {results['users_chosen']} ({results['per_scenario']} per scenario), {results['threads']} TensorFlow "
-        f"thread(s) per user, LiteRT latency on {settings['latency_threads']} thread.",
+        f"(`{_shown(stem)}`), users {results['users_chosen']} ({results['per_scenario']} per scenario), {results['threads']} TensorFlow "
+        f"thread(s) per user, LiteRT latency on {threads} thread. {per_model}.",
         "", tables, "", f"![accuracy and latency]({_shown(plot, readme.parent)})", END,
     ])
     text = readme.read_text() if readme.exists() else f"# Benchmark\n\n{BEGIN}\n{END}\n"

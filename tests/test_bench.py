@@ -100,7 +100,8 @@ def test_smoke_bench_measures_every_baseline_and_writes_tables(serial):
             assert timed["photos"] == user["photos"]["test"] // 2 and timed["cascade_ms"] > 0 and timed["plain_ms"] > 0
             assert sum(timed["histogram"].values()) == timed["photos"]
             assert set(timed["profile"]["latency_share"]) == set(timed["histogram"]) == set(timed["profile"]["mflops_share"])
-    assert list(results["summary"]) == ["dev"] and results["summary"]["dev"]["training_ratio"]["users"] == 1
+    assert results["summary"].keys() == {"resnet9"} and list(results["summary"]["resnet9"]) == ["dev"]
+    assert results["summary"]["resnet9"]["dev"]["training_ratio"]["users"] == 1
     assert Path(results["plot"]).stat().st_size > 0
     text = (tmp / "README.md").read_text()
     assert text.startswith("# Bench\n\nbefore\n") and text.endswith("after\n") and "old table" not in text
@@ -169,8 +170,20 @@ def test_whole_network_sees_the_photos_and_views_ee_cached(tmp_path, monkeypatch
     ids = np.array([3, 5, 8, 13])  # the photos personalise trained on, by their index in the folder
     images = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
     photos = whole_network.Photos(images, ids, images[:0], np.zeros(0, np.int32))
-    whole_network.finetune_whole_network(narrow_resnet9(tmp_path), photos, [0, 1], whole_network.Recipe(epochs=2, batch=4, views=1))
+    _, seconds, per_epoch = whole_network.finetune_whole_network(narrow_resnet9(tmp_path), photos, [0, 1], whole_network.Recipe(epochs=2, batch=4, views=1))
+    assert len(per_epoch) == 2 and sum(per_epoch) == pytest.approx(seconds)
     assert [view for view, _ in seen] == [0, 0]  # ee's one cached pair, every epoch
     assert all(sorted(taken) == list(ids) for _, taken in seen)
     assert [whole_network.weak_view(epoch, None) for epoch in range(3)] == [0, 2, 4]  # fresh views each epoch: the first protocol
     assert [whole_network.weak_view(epoch, 2) for epoch in range(3)] == [0, 2, 0]
+
+
+def test_each_generic_model_gets_its_own_settings_never_more_than_asked():
+    from bench.protocol import GENERIC_MODELS, Settings, settings_for
+
+    full = settings_for(GENERIC_MODELS["lite1"], Settings())
+    assert (full.unlabelled, full.test_per_class, full.labels, full.whole_network_epochs) == (300, 100, (0,), 2)
+    assert full.epochs == Settings().epochs and full.quant == Settings().quant  # what it does not override stays
+    small = settings_for(GENERIC_MODELS["lite1"], Settings(unlabelled=40, test_per_class=30, labels=(2,), epochs=1))
+    assert (small.unlabelled, small.test_per_class, small.labels) == (40, 30, (2,))  # a smoke run stays a smoke run
+    assert settings_for(GENERIC_MODELS["resnet9"], Settings()) == Settings()
