@@ -159,9 +159,11 @@ def run_user(job: UserJob) -> dict[str, Any]:
                                                                    "test": len(user.test)}}
     with inside(work):
         attached = attach_generic(job, names)
-        row |= _baselines(attached, user, folders, seed)
+        row |= _baselines(attached, user)
         for labels in settings.labels:
             row[f"labels_{labels}"] = _personalised(job, user, folders, attached, labels, names)
+    if "labels_0" in row:
+        row["bn_only"] = row["labels_0"].pop("bn_only")
     return row
 
 
@@ -205,23 +207,21 @@ def restricted_accuracy(logits: np.ndarray, classes, truth: np.ndarray) -> float
     return float(np.mean(classes[logits[:, classes].argmax(1)] == truth))
 
 
-def _baselines(attached: Path, user, folders: dict, seed: int) -> dict[str, Any]:
-    """The generic model, restricted to the true classes, and BN statistics only + inferred classes
-    (`ee personalise`'s own first step, with its defaults, on the same photo folder)."""
-    from ee_cli import bundle, photos
-    from ee_cli.config import PersonaliseConfig
-    from ee_cli.personalise import Found, adapt_step
+def _baselines(attached: Path, user) -> dict[str, Any]:
+    """The generic model, and the same restricted to the user's true classes (the free baseline)."""
+    from ee_cli import bundle
 
-    source = bundle.read_bundle(attached)
-    logits = predict(source.load_model(), "final", user.test)
-    adapted = adapt_step(PersonaliseConfig(data=str(folders["unlabelled"]), seed=seed), source, Found(photos.scan_unlabelled(folders["unlabelled"]), None))
-    inferred = adapted.personal
-    return {
-        "generic": float(np.mean(logits.argmax(1) == user.test_y)),
-        "restricted": restricted_accuracy(logits, user.classes, user.test_y),
-        "bn_only": {"accuracy": restricted_accuracy(predict(adapted.model, "final", user.test), inferred, user.test_y), "adapted_layers": len(adapted.layers),
-                    "inferred_classes": [user.names[c] for c in inferred], "classes_exact": inferred == list(user.classes)},
-    }
+    logits = predict(bundle.read_bundle(attached).load_model(), "final", user.test)
+    return {"generic": float(np.mean(logits.argmax(1) == user.test_y)), "restricted": restricted_accuracy(logits, user.classes, user.test_y)}
+
+
+def _bn_only(model, result, personal: list[int], user) -> dict[str, Any]:
+    """BN statistics only + inferred classes: `ee personalise`'s own first step at 0 labels, read off
+    its bundle (the generic output of the adapted backbone, restricted to the classes it inferred)."""
+    adapted = result.metrics["adapted_bn"]
+    return {"accuracy": restricted_accuracy(predict(model, "generic", user.test), personal, user.test_y), "adapted_layers": len(adapted["layers"]),
+            "of": adapted["of"], "depths_tried": adapted["tried"], "note": adapted["note"],
+            "inferred_classes": [user.names[c] for c in personal], "classes_exact": sorted(personal) == sorted(user.classes)}
 
 
 def _personalised(job: UserJob, user, folders: dict, attached: Path, labels: int, names) -> dict[str, Any]:
@@ -245,6 +245,7 @@ def _personalised(job: UserJob, user, folders: dict, attached: Path, labels: int
         "seconds": {"command": seconds, "train": result.metrics["train_seconds"], "cache_build": (result.metrics["cache"] or {}).get("build_seconds")},
     }
     if labels == 0:
+        figures["bn_only"] = _bn_only(model, result, personal, user)
         figures["operating_points"] = _operating_points(job, result.bundle_path, folders["test"])
     if labels == 0 and job.settings.whole_network:
         trained_on = np.array([int(Path(p).stem) for p in json.loads((result.run_dir / "split.json").read_text())["train"]])  # write_user's names

@@ -93,6 +93,8 @@ def test_smoke_bench_measures_every_baseline_and_writes_tables(serial):
             assert 0.0 <= value <= 1.0
         assert user["labels_0"]["whole_network"]["seconds"] > 0 and user["labels_0"]["seconds"]["train"] > 0
         assert user["labels_0"]["seconds"]["forward_pass_bound"] > 0
+        # BN only is personalise's own first step, read off its 0-label bundle: the depth --adapt-bn auto chose, per user
+        assert user["bn_only"]["adapted_layers"] in user["bn_only"]["depths_tried"] and "bn_only" not in user["labels_0"]
         points = user["labels_0"]["operating_points"]
         assert list(points) == ["match-generic", "label-free"]  # labelled calibration, and the exits as personalised (0 labels)
         for point in points.values():

@@ -180,11 +180,12 @@ def test_measured_policy_times_stages_and_heads_and_never_deploys_a_slower_casca
     assert list(report["histogram"]) == manifest["cascade"]["stops_after"]
 
 
-NIGHTLY = pytest.mark.nightly  # each mode costs a full export (~30 s): one stays in `make test`
+NIGHTLY = pytest.mark.nightly  # each mode costs a full export (~30 s); int8_full with --input-type int8 is the QAT test's, in `make test`
 
 
 @pytest.mark.parametrize(("quant", "extra", "pixels"), [pytest.param("fp16", [], "float32", marks=NIGHTLY), pytest.param("dynamic", [], "float32", marks=NIGHTLY),
-                                                        pytest.param("int8", [], "float32", marks=NIGHTLY), ("int8_full", ["--input-type", "int8"], "int8")])
+                                                        pytest.param("int8", [], "float32", marks=NIGHTLY),
+                                                        pytest.param("int8_full", ["--input-type", "int8"], "int8", marks=NIGHTLY)])
 def test_every_mode_exports_and_validates(workspace, calibrated, quant, extra, pixels):
     result = run_ee("export", "--tflite", "--quant", quant, *extra, "--policy", "recorded", "--validate", "test", "--max-accuracy-drop", "3.4",
                     "--out", "X", "--json", cwd=workspace, timeout=300)
@@ -216,12 +217,17 @@ def test_user_mistakes_are_one_line(workspace, cli, args, expected):
         assert expected in one_line_error(cli("export", *args, "--exist-ok"))
 
 
-def test_quantisation_aware_heads_export_and_validate(workspace, calibrated):
-    result = run_ee("export", "--tflite", "--quant", "int8_full", "--qat", "--qat-steps", "5", "--out", "Q", "--validate", "test",
-                    "--max-accuracy-drop", "100", "--json", cwd=workspace, timeout=300)
+def test_quantisation_aware_heads_export_with_int8_pixels_and_validate(workspace, calibrated):
+    # One int8_full export for two promises (each costs ~30 s here): --qat, and --input-type int8.
+    result = run_ee("export", "--tflite", "--quant", "int8_full", "--input-type", "int8", "--qat", "--qat-steps", "5", "--policy", "recorded",
+                    "--out", "Q", "--validate", "test", "--max-accuracy-drop", "100", "--json", cwd=workspace, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     manifest = json.loads(result.stdout)["manifest"]
-    assert manifest["qat"] and manifest["validation"]["passed"]
+    assert manifest["qat"] and manifest["validation"]["passed"] and manifest["quant"] == "int8_full"
+    assert manifest["input"]["dtype"] == "int8" and manifest["cascade"]["stage_io"][0]["input"]["dtype"] == "int8"
+    assert {"multi_exit.tflite", "final.tflite", "cascade.tflite"} <= set(manifest["files"])
+    refused = run_ee("export", "--tflite", "--quant", "int8_full", "--out", "Q", cwd=workspace, timeout=300)  # an existing --out
+    assert refused.returncode == 2 and "already exists" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
     # LiteRT against the QAT Keras model, every output, on the 60 validation photos: at most one flip.
     # (The cascade's own int8 path is compared photo by photo in test_cascade_matches_the_multi_exit_model.)
     assert all(entry["finite"] and entry["top1_agreement"] >= 59 / 60 for entry in manifest["validation"]["exits"].values()), manifest["validation"]
