@@ -144,6 +144,7 @@ def headline_table(found: dict, labels: tuple[int, ...], modes: tuple[str, ...])
 
 def scenario_table(rows: list[dict], labels: tuple[int, ...], modes: tuple[str, ...], points: tuple[str, ...]) -> str:
     header = ["scenario", "users", *[f"gain over restricted, {label} labels" for label in labels], "generic", "restricted", "BN only",
+              "BN layers adapted (auto, per user)",
               *[f"ee final, {label} labels" for label in labels], "whole network", "train ratio",
               *[f"latency ratio label-free, {mode}" for mode in modes], *[f"latency ratio @generic, {mode}" for mode in modes],
               *[f"latency ratio @keep, {mode}" for mode in modes]]
@@ -161,12 +162,18 @@ def scenario_table(rows: list[dict], labels: tuple[int, ...], modes: tuple[str, 
             return f"{value['mean']:{'+' if signed else ''}.{digits}f}{unit} ± {value['std']:.{digits}f}"
 
         cells = [scenario, str(len(group)), *[short(f"gain_over_restricted_L{label}", signed=True) for label in labels],
-                 short("generic"), short("restricted"), short("bn_only"), *[short(f"ee_final_L{label}") for label in labels],
+                 short("generic"), short("restricted"), short("bn_only"), _depths(group), *[short(f"ee_final_L{label}") for label in labels],
                  short("whole_network"), short("training_ratio", "×", 2), *[short(f"latency_ratio_label-free_{mode}", "×", 2) for mode in modes],
                  *[short(f"latency_ratio_match-generic_{mode}", "×", 2) for mode in modes],
                  *[short(f"latency_ratio_keep_{mode}", "×", 2) for mode in modes]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _depths(rows: list[dict]) -> str:
+    """Each user's BatchNorm depth as `ee personalise --adapt-bn auto` chose it, of the layers it had."""
+    chosen = [f"{r['bn_only']['adapted_layers']}/{r['bn_only']['of']}" for r in rows if "of" in r.get("bn_only", {})]
+    return ", ".join(chosen) or "—"
 
 
 def plot(rows: list[dict], path: Path, modes: tuple[str, ...]) -> Path:
