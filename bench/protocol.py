@@ -226,12 +226,9 @@ def _bn_only(model, result, personal: list[int], user) -> dict[str, Any]:
 
 def _personalised(job: UserJob, user, folders: dict, attached: Path, labels: int, names) -> dict[str, Any]:
     from ee_cli import bundle
-    from ee_cli.config import PersonaliseConfig
-    from ee_cli.personalise import personalise
 
     started = time.perf_counter()
-    result = personalise(PersonaliseConfig(data=str(folders["unlabelled"]), labelled=str(folders["labelled"]) if labels else None,
-                                           bundle=str(attached), out=f"personal-L{labels}", epochs=job.settings.epochs, seed=job.seed, quiet=True))
+    result = personalise_user(job, folders, attached, labels)
     seconds = time.perf_counter() - started
     personal = [names.index(name) for name in result.meta["personal_classes"]]
     model = bundle.read_bundle(result.bundle_path).load_model()
@@ -248,12 +245,25 @@ def _personalised(job: UserJob, user, folders: dict, attached: Path, labels: int
         figures["bn_only"] = _bn_only(model, result, personal, user)
         figures["operating_points"] = _operating_points(job, result.bundle_path, folders["test"])
     if labels == 0 and job.settings.whole_network:
-        trained_on = np.array([int(Path(p).stem) for p in json.loads((result.run_dir / "split.json").read_text())["train"]])  # write_user's names
-        views = result.metrics["cache"]["views"]
-        figures["whole_network"] = _whole_network(job, user, personal, trained_on, views)
+        trained_on, views = trained_photos(result), result.metrics["cache"]["views"]
+        figures["whole_network"] = whole_network(job, user, personal, trained_on, views)
         # the forward-pass bound: one plain batched pass of the backbone per photo per view (weak and strong)
         figures["seconds"]["forward_pass_bound"] = 2 * views * _forward_pass_seconds(job.generic, user.unlabelled[trained_on])
     return figures
+
+
+def personalise_user(job: UserJob, folders: dict, attached: Path, labels: int):
+    """`ee personalise` with its defaults on the user's photo folder (and labelled folder, if `labels`)."""
+    from ee_cli.config import PersonaliseConfig
+    from ee_cli.personalise import personalise
+
+    return personalise(PersonaliseConfig(data=str(folders["unlabelled"]), labelled=str(folders["labelled"]) if labels else None,
+                                         bundle=str(attached), out=f"personal-L{labels}", epochs=job.settings.epochs, seed=job.seed, quiet=True))
+
+
+def trained_photos(result) -> np.ndarray:
+    """The unlabelled photos personalise trained its heads on (not held out), by index: write_user names them so."""
+    return np.array([int(Path(p).stem) for p in json.loads((result.run_dir / "split.json").read_text())["train"]])
 
 
 def _forward_pass_seconds(model_path: str, images: np.ndarray) -> float:
@@ -313,7 +323,7 @@ def _export(job: UserJob, source: Path, name: str, mode: str) -> Path:
         return failed.result.out
 
 
-def _whole_network(job: UserJob, user, personal: list[int], trained_on: np.ndarray, views: int) -> dict[str, Any]:
+def whole_network(job: UserJob, user, personal: list[int], trained_on: np.ndarray, views: int) -> dict[str, Any]:
     """Like for like: the photos `ee personalise` trained its heads on, and the views its cache holds."""
     from bench.whole_network import Photos, Recipe, finetune_whole_network
 

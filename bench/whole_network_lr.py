@@ -1,6 +1,7 @@
 """The whole-network baseline's learning rate, picked on dev users only: FixMatch fine-tuning of
 every layer at each of bench.whole_network.LEARNING_RATES, like for like with `ee personalise` (the
-benchmark's own path, bench.protocol.run_user, at 0 labels), on every dev user. The highest mean
+benchmark's own path at 0 labels: the photos and views its heads trained on, personalised once per
+user), on every dev user. The highest mean
 test accuracy wins; bench.protocol.Settings.whole_network_lr records it.
 
     PYTHONPATH=. python -m bench.whole_network_lr [--per-scenario 1] [--generic PATH]
@@ -23,25 +24,29 @@ HERE = Path(__file__).resolve().parent
 
 
 def main(argv=None) -> dict[float, float]:
-    from bench.protocol import Settings, UserJob, run_user, users
-    from bench.run import DEFAULT_GENERIC
+    from bench.protocol import GENERIC_MODELS, Settings, UserJob, attach_generic, inside, personalise_user, trained_photos, user_photos, users, whole_network
     from bench.whole_network import LEARNING_RATES
 
     parser = argparse.ArgumentParser(prog="python -m bench.whole_network_lr", description=__doc__.splitlines()[0])
-    parser.add_argument("--generic", type=Path, default=DEFAULT_GENERIC)
+    parser.add_argument("--generic", type=Path, default=Path(GENERIC_MODELS["resnet9"].path))
     parser.add_argument("--per-scenario", type=int, default=1)
     parser.add_argument("--out", type=Path, default=HERE / "results" / f"whole-network-lr-dev-{date.today().isoformat()}.jsonl")
     args = parser.parse_args(argv)
     accuracy: dict[float, list[float]] = {rate: [] for rate in LEARNING_RATES}
+    settings = dataclasses.replace(Settings(), labels=(0,), points=(), quant=())
     with tempfile.TemporaryDirectory(prefix="ee-lr-") as scratch, args.out.open("a") as out:
-        for user in users("dev", args.per_scenario):
-            for rate in LEARNING_RATES:
-                settings = dataclasses.replace(Settings(), labels=(0,), points=(), quant=(), whole_network_lr=rate)
-                row = run_user(UserJob(str(args.generic), "cifar10", user, settings, str(Path(scratch) / f"{user.seed}-{rate}")))
-                whole = row["labels_0"]["whole_network"]
+        for user_spec in users("dev", args.per_scenario):
+            job = UserJob(str(args.generic), "cifar10", user_spec, settings, str(Path(scratch) / str(user_spec.seed)))
+            user, folders, names = user_photos(job)
+            with inside(Path(job.work)):
+                result = personalise_user(job, folders, attach_generic(job, names), 0)
+            personal = [names.index(name) for name in result.meta["personal_classes"]]
+            for rate in LEARNING_RATES:  # one personalisation per user: every rate trains on its photos and views
+                rated = dataclasses.replace(job, settings=dataclasses.replace(settings, whole_network_lr=rate))
+                whole = whole_network(rated, user, personal, trained_photos(result), result.metrics["cache"]["views"])
                 accuracy[rate].append(whole["accuracy"])
-                line = {"seed": user.seed, "scenario": user.scenario.name, "learning_rate": rate, "accuracy": whole["accuracy"], "seconds": whole["seconds"],
-                        "restricted": row["restricted"], "ee_final": row["labels_0"]["accuracy"]["final"]}
+                line = {"seed": user_spec.seed, "scenario": user_spec.scenario.name, "learning_rate": rate, "accuracy": whole["accuracy"],
+                        "seconds": whole["seconds"], "personal_classes": result.meta["personal_classes"]}
                 out.write(json.dumps(line) + "\n")
                 out.flush()
                 print(json.dumps(line), flush=True)
