@@ -7,9 +7,9 @@ Per photo count, each in its own fresh process: `ee personalise` with its defaul
 the process's VmHWM), then the bound: one plain batched pass of the same photos through the whole
 network, timed through the same decoding pipeline. The bound is what the method needs at the
 least: a whole pass per photo per view (weak and strong), one per held-out photo, one per BatchNorm
-depth tried for its class mix (a collapsed mix backs off to fewer layers), and the exact BatchNorm
-passes: one per wave of layers, each as deep as its wave (its share of the whole pass's compute).
-Random-init weights: their class mix may collapse, so the back-off's extra passes count in the bound.
+depth `--adapt-bn auto` tried (its predictions at each step decide whether to go deeper), and the
+exact BatchNorm passes: one per wave of layers up to the deepest depth tried, each as deep as its
+wave (its share of the whole pass's compute).
 Writes bench/results/resnet50-scaling-<date>.json.
 """
 

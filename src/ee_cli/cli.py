@@ -165,7 +165,7 @@ def personalise(
     data: Annotated[Optional[str], typer.Option(help="Folder of the person's photos (any nesting; JPEG, PNG, ...; unreadable files are skipped and counted).", rich_help_panel="Photos")] = None,
     labelled: Annotated[Optional[str], typer.Option(help="Optional folder of labelled photos, one sub-folder per class.", rich_help_panel="Photos")] = None,
     bundle: Annotated[Optional[str], typer.Option("--bundle", "--from", help="Bundle to personalise: an attached one, or a personalised one as more photos arrive (default: the latest written here).", rich_help_panel="Photos")] = None,
-    adapt_bn: Annotated[Optional[str], typer.Option(help="Re-estimate the first N BatchNorm layers' statistics on the photos: N, auto (the first half) or 0 (default auto).", rich_help_panel="Personalisation")] = None,
+    adapt_bn: Annotated[Optional[str], typer.Option(help="Re-estimate the first N BatchNorm layers' statistics on the photos: N, auto (as deep as the generic model's confident predictions hold, at most half) or 0 (default auto).", rich_help_panel="Personalisation")] = None,
     personal_classes: Annotated[Optional[str], typer.Option(help="auto (labelled classes, else those with >= --class-share of the class mix estimated from the photos), all, or a,b,c (default auto).", rich_help_panel="Personalisation")] = None,
     class_share: Annotated[Optional[float], typer.Option(help="Share of the class mix (estimated by EM from the adapted model's probabilities) a class needs to count as personal (default 0.10).", rich_help_panel="Personalisation")] = None,
     views: Annotated[Optional[int], typer.Option(help="Weak/strong view pairs cached per photo (default 1).", rich_help_panel="Training")] = None,
