@@ -77,7 +77,7 @@ class Settings:
     whole_network_lr: float = 1e-4  # of bench.whole_network.LEARNING_RATES, picked on dev users
     whole_network_epochs: int | None = None  # fewer than `epochs`: timed on these, its seconds scaled up (no accuracy)
     quant: tuple[str, ...] = ("none", "int8_full")  # export modes timed in LiteRT
-    points: tuple[str, ...] = (LABEL_FREE, "match-generic", "keep")  # operating points timed in LiteRT
+    points: tuple[str, ...] = (LABEL_FREE, "match-restricted", "keep")  # operating points timed in LiteRT (also: match-generic)
     latency_threads: int = 1
     export_photos: int = 200  # calibration and validation photos per export
 

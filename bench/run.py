@@ -39,7 +39,7 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--test-per-class", type=int, default=300)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--quant", default="none,int8_full", help="export modes timed in LiteRT")
-    parser.add_argument("--points", default="label-free,match-generic,keep",
+    parser.add_argument("--points", default="label-free,match-restricted,keep",
                         help="operating points exported and timed in LiteRT: label-free (as `ee personalise` chose them), or calibrated by `ee evaluate` on labels")
     parser.add_argument("--no-whole-network", action="store_true", help="skip whole-network FixMatch fine-tuning")
     parser.add_argument("--workers", type=int, default=1, help="users at once, as Ray tasks on a local Ray (1: serial, in this process)")
@@ -182,7 +182,7 @@ def write_results(args, jobs, rows, seconds) -> dict:
 def _split_tables(split: str, rows: list[dict], found: dict, settings) -> str:
     from bench import report
 
-    return "\n".join([f"**{SPLIT_TITLES[split]}.** {len(rows)} users.", "", report.headline_table(found, settings.labels, settings.quant), "",
+    return "\n".join([f"**{SPLIT_TITLES[split]}.** {len(rows)} users.", "", report.headline_table(found, settings.labels, settings.quant, settings.points), "",
                       "Per scenario, mean ± std over its users (accuracy in %):", "", report.scenario_table(rows, settings.labels, settings.quant, settings.points)])
 
 

@@ -41,7 +41,7 @@ def test_summary_figures_are_gains_and_ratios_per_user():
     assert found["training_ratio"]["mean"] == pytest.approx(6.5) and found["training_ratio_command"]["mean"] == pytest.approx(3.25)
     assert found["latency_ratio_match-generic_none"]["std"] == pytest.approx(0.5 ** 0.5)  # sample std over the two users
     assert found["training_ratio"]["geomean"] == pytest.approx(30 ** 0.5) and found["mflops_ratio_keep"]["geomean"] == pytest.approx(2.0)
-    table = report.headline_table(found, (0, 10), ("none",))
+    table = report.headline_table(found, (0, 10), ("none",), ("label-free", "match-generic", "keep"))
     assert "+25.0 pts ± 7.1 [+20.0, +30.0] (+20.0 … +30.0) | meets or beats" in table
     assert "5.48× [3.00, 10.00] (median 6.50; 3.00 … 10.00) | meets or beats" in table
     assert "falls short in the worst case" in table  # one user is below the free baseline: said, not hidden
@@ -64,7 +64,7 @@ def test_missing_figures_show_as_not_measured():
     del rows[0]["labels_0"]["whole_network"]
     found = report.figures(rows, (0,), ("none",), ("match-generic",))
     assert found["training_ratio"] is None
-    assert "| — | not measured |" in report.headline_table(found, (0,), ("none",))
+    assert "| — | not measured |" in report.headline_table(found, (0,), ("none",), ("match-generic",))
 
 
 def _bench(tmp: Path, name: str, *extra: str, users: list[str] = SMOKE_USERS, timeout: float = 900) -> dict:
@@ -96,7 +96,7 @@ def test_smoke_bench_measures_every_baseline_and_writes_tables(serial):
         # BN only is personalise's own first step, read off its 0-label bundle: the depth --adapt-bn auto chose, per user
         assert user["bn_only"]["adapted_layers"] in user["bn_only"]["depths_tried"] and "bn_only" not in user["labels_0"]
         points = user["labels_0"]["operating_points"]
-        assert list(points) == ["match-generic", "label-free"]  # labelled calibration, and the exits as personalised (0 labels)
+        assert list(points) == ["match-restricted", "label-free"]  # labelled calibration, and the exits as personalised (0 labels)
         for point in points.values():
             timed = point["litert"]["none"]
             assert timed["photos"] == user["photos"]["test"] // 2 and timed["cascade_ms"] > 0 and timed["plain_ms"] > 0
