@@ -258,4 +258,4 @@ def test_kept_confident_counts_only_the_sure_predictions_and_needs_32_of_them():
     assert adapt.kept_confident(_confident_logits(np.full(100, 2)), few_sure) is None  # 31 sure photos: nothing to keep
     # ... so adapting goes as deep as it may, however much it changes.
     assert adapt.auto_depth(lambda d: few_sure if d == 0 else _confident_logits(np.arange(100) % 3), [1, 2])[::2] == (2, None)
-    assert adapt.auto_depths(8) == [1, 2, 3, 4] and adapt.auto_depths(64) == [8, 16, 24, 32] and adapt.auto_depths(1) == [1]
+    assert adapt.auto_depths(8) == [1, 2, 3, 4] and adapt.auto_depths(64) == [8, 16, 24, 32] and adapt.auto_depths(1) == [1] and adapt.auto_depths(0) == []

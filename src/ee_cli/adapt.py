@@ -44,7 +44,7 @@ def resolve_adapt_count(spec: str, available: int) -> int:
 def auto_depths(available: int) -> list[int]:
     """The depths `auto` tries, shallowest first: quarters of the first half of the BN layers."""
     half = resolve_adapt_count("auto", available)
-    return sorted({max(1, round(half * step / 4)) for step in (1, 2, 3, 4)} - {0})
+    return sorted({max(1, round(half * step / 4)) for step in (1, 2, 3, 4)}) if half else []
 
 
 COLLAPSED_SHARE = 0.9  # one class holding this much of the estimated mix: the adaptation swallowed the others
