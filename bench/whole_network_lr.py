@@ -38,12 +38,13 @@ def main(argv=None) -> dict[float, float]:
         for user_spec in users("dev", args.per_scenario):
             job = UserJob(str(args.generic), "cifar10", user_spec, settings, str(Path(scratch) / str(user_spec.seed)))
             user, folders, names = user_photos(job)
-            with inside(Path(job.work)):
+            with inside(Path(job.work)):  # run folders are relative to it
                 result = personalise_user(job, folders, attach_generic(job, names), 0)
+                trained_on, views = trained_photos(result), result.metrics["cache"]["views"]
             personal = [names.index(name) for name in result.meta["personal_classes"]]
             for rate in LEARNING_RATES:  # one personalisation per user: every rate trains on its photos and views
                 rated = dataclasses.replace(job, settings=dataclasses.replace(settings, whole_network_lr=rate))
-                whole = whole_network(rated, user, personal, trained_photos(result), result.metrics["cache"]["views"])
+                whole = whole_network(rated, user, personal, trained_on, views)
                 accuracy[rate].append(whole["accuracy"])
                 line = {"seed": user_spec.seed, "scenario": user_spec.scenario.name, "learning_rate": rate, "accuracy": whole["accuracy"],
                         "seconds": whole["seconds"], "personal_classes": result.meta["personal_classes"]}
