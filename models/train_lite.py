@@ -342,6 +342,7 @@ def main() -> None:
     parser.add_argument("--weights", type=Path, default=None, help=f"the .pth (default: from {WEIGHTS_PACKAGE})")
     parser.add_argument("--normalization", choices=tuple(lite.NORMALIZATIONS), default="lite")
     parser.add_argument("--batchnorm-photos", type=int, default=0, help="set every BatchNorm layer's statistics to this many CIFAR-10 training photos' first (0: keep ImageNet's)")
+    parser.add_argument("--tune-learning-rate", type=float, default=Recipe.tune_learning_rate, help="Adam's learning rate for the last stage")
     parser.add_argument("--tune-epochs", type=int, default=8, help="at most this many epochs fine-tuning block7a and the top convolution (0: linear probe only)")
     parser.add_argument("--smoke", action="store_true", help="the whole pipeline on 20 training and 20 test photos")
     args = parser.parse_args()
@@ -353,7 +354,7 @@ def main() -> None:
     recipe = Recipe(
         per_class=2 if args.smoke else args.per_class, test_count=20 if args.smoke else args.test_count,
         seed=args.seed, batch=args.batch, max_epochs=5 if args.smoke else 30, tune_epochs=1 if args.smoke else args.tune_epochs,
-        batchnorm_photos=args.batchnorm_photos, normalization=args.normalization, weights_id=f"{weights.name} sha256:{_sha256(weights)[:16]}",
+        tune_learning_rate=args.tune_learning_rate, batchnorm_photos=args.batchnorm_photos, normalization=args.normalization, weights_id=f"{weights.name} sha256:{_sha256(weights)[:16]}",
     )
     report = run(state_dict, cifar10.load(), out, recipe)
     report["seconds"] = {"read_weights": round(read_seconds, 2), **report["seconds"]}
