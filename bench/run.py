@@ -149,7 +149,6 @@ SPLIT_TITLES = {"test": "Test users: run only to report (seeds never used to tun
 
 def write_results(args, jobs, rows, seconds) -> dict:
     from bench import report
-
     from bench.protocol import GENERIC_MODELS
 
     settings = {job.model: job.settings for job in jobs}
@@ -161,8 +160,13 @@ def write_results(args, jobs, rows, seconds) -> dict:
     stem = args.out or HERE / "results" / f"{date.today().isoformat()}{'-smoke' if args.smoke else ''}.json"
     stem.parent.mkdir(parents=True, exist_ok=True)
     plot = report.plot(next(iter(groups.values())), stem.with_suffix(".png"), jobs[0].settings.quant)
-    tables = "\n\n".join(f"### {GENERIC_MODELS[model].title}\n\n" * (split == next(s for m, s in groups if m == model))
-                          + _split_tables(split, group, summary[model][split], settings[model]) for (model, split), group in groups.items())
+    parts: list[str] = []
+    for (model, split), group in groups.items():  # each model's title once, above its first split's tables
+        title = f"### {GENERIC_MODELS[model].title}"
+        if title not in parts:
+            parts.append(title)
+        parts.append(_split_tables(split, group, summary[model][split], settings[model]))
+    tables = "\n\n".join(parts)
     results = {
         "date": date.today().isoformat(), "smoke": args.smoke, "seconds": seconds, "generic_models": {job.model: job.generic for job in jobs},
         "data": jobs[0].data, "settings": {model: asdict(found) for model, found in settings.items()}, "users_chosen": args.users, "per_scenario": args.per_scenario, "workers": args.workers,

@@ -108,6 +108,7 @@ def test_smoke_bench_measures_every_baseline_and_writes_tables(serial):
     text = (tmp / "README.md").read_text()
     assert text.startswith("# Bench\n\nbefore\n") and text.endswith("after\n") and "old table" not in text
     assert "| accuracy gain over the generic model, 0 labels/class | +15.9 pts |" in text and "| k3-colour_cast | 1 |" in text
+    assert text.count("### ResNet-9 at 32 px") == 1  # each generic model's tables under its own title
     depth = results["users"][0]["bn_only"]
     assert f"| {depth['adapted_layers']}/{depth['of']} |" in text  # the BN depth auto chose, per user
 
