@@ -74,7 +74,7 @@ class Settings:
     epochs: int = 30
     exits: tuple[float, ...] = (0.2, 0.4, 0.8)
     whole_network: bool = True
-    whole_network_lr: float = 1e-4  # of bench.whole_network.LEARNING_RATES, picked on dev users
+    whole_network_lr: float = 3e-5  # of bench.whole_network.LEARNING_RATES, picked on dev users (bench/results/whole-network-lr-dev-2026-12-01.jsonl)
     whole_network_epochs: int | None = None  # fewer than `epochs`: timed on these, its seconds scaled up (no accuracy)
     quant: tuple[str, ...] = ("none", "int8_full")  # export modes timed in LiteRT
     points: tuple[str, ...] = (LABEL_FREE, "match-restricted", "keep")  # operating points timed in LiteRT (also: match-generic)
