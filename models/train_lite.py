@@ -154,7 +154,7 @@ class Recipe:
     batch: int = 16
     max_epochs: int = 30
     tune_epochs: int = 8  # at most; 0: the linear probe alone
-    tune_learning_rate: float = 1e-4
+    tune_learning_rate: float = 3e-4  # best validation accuracy of 1e-4 (0.8736) and 3e-4 (0.8752); test 84.04 / 84.94 %
     tune_batch: int = 64
     batchnorm_photos: int = 0  # BN statistics set to this many training photos' (0: ImageNet's kept; 256 gave 69.62 % against 82.99 %)
     normalization: str = "lite"
