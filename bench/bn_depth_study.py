@@ -30,9 +30,6 @@ from bench.exits_ablation import softmax
 from bench.protocol import restricted_accuracy, users
 
 HERE = Path(__file__).resolve().parent
-CONFIDENT = 0.9  # an unadapted prediction this sure is one adaptation should rarely overturn
-
-
 def signals(logits: np.ndarray, unadapted: np.ndarray, class_share: float) -> dict[str, float]:
     """Label-free figures of one depth's generic logits on the unlabelled photos."""
     from ee_cli import adapt
@@ -42,7 +39,7 @@ def signals(logits: np.ndarray, unadapted: np.ndarray, class_share: float) -> di
     inferred = adapt.infer_classes(shares, class_share)
     restricted = softmax(logits[:, inferred])
     before = softmax(unadapted)
-    sure = before.max(1) >= CONFIDENT
+    sure = before.max(1) >= adapt.CONFIDENT
     agree = probabilities.argmax(1) == before.argmax(1)
     return {
         "max_share": float(shares.max()),

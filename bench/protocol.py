@@ -86,18 +86,18 @@ class Settings:
 class GenericModel:
     """A generic classifier the benchmark personalises, with the settings its users get."""
 
-    name: str
     title: str
     path: str
+    made_by: str  # the command that writes `path`
     overrides: dict  # Settings fields this model's users get instead of the command line's
 
 
 GENERIC_MODELS = {
-    "resnet9": GenericModel("resnet9", "ResNet-9 at 32 px (trained here, BN statistics its own)", str(Path.home() / ".cache/ee/models/cifar_resnet9.h5"), {}),
+    "resnet9": GenericModel("ResNet-9 at 32 px (trained here, BN statistics its own)", str(Path.home() / ".cache/ee/models/cifar_resnet9.h5"),
+                            "python -m models.train_cifar", {}),
     # 240 px costs ~60x the MACs a photo: fewer photos, 0 labels, and the whole network timed on two epochs.
-    "lite1": GenericModel("lite1", "EfficientNet-Lite1 at 240 px (ImageNet-pretrained, last stage tuned on CIFAR-10)",
-                          str(Path.home() / ".cache/ee/models/cifar_lite1.h5"),
-                          {"unlabelled": 300, "test_per_class": 100, "labels": (0,), "whole_network_epochs": 2}),
+    "lite1": GenericModel("EfficientNet-Lite1 at 240 px (ImageNet-pretrained, last stage tuned on CIFAR-10)", str(Path.home() / ".cache/ee/models/cifar_lite1.h5"),
+                          "python -m models.train_lite", {"unlabelled": 300, "test_per_class": 100, "labels": (0,), "whole_network_epochs": 2}),
 }
 
 

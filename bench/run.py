@@ -22,7 +22,6 @@ from datetime import date
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-MAKE = {"resnet9": "python -m models.train_cifar", "lite1": "python -m models.train_lite"}
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
@@ -105,7 +104,7 @@ def generic_models(args, work: Path) -> dict[str, str]:
     found = {name: str(given.get(name) or GENERIC_MODELS[name].path) for name in names}
     for name, path in found.items():
         if not Path(path).is_file():
-            _user_error(f"no {name} generic model at {path}: make it with `PYTHONPATH=. {MAKE[name]}` (or leave it out with --models)")
+            _user_error(f"no {name} generic model at {path}: make it with `PYTHONPATH=. {GENERIC_MODELS[name].made_by}` (or leave it out with --models)")
     return found
 
 

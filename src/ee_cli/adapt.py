@@ -80,17 +80,17 @@ def auto_depth(logits_at: Callable[[int], np.ndarray], depths: list[int]) -> tup
     it from 76.4 % to 23.8 %. Photos of one class collapse the mix unadapted too: not a reason to stop.
     Returns the depth, the class mix there and a one-line note when it stopped short."""
     unadapted = logits_at(0)
-    unadapted_collapsed = collapsed(class_shares(unadapted))
-    kept, kept_logits = 0, unadapted
+    kept, kept_shares = 0, class_shares(unadapted)
+    unadapted_collapsed = collapsed(kept_shares)
     for depth in depths:
         logits = logits_at(depth)
         shares, keeps = class_shares(logits), kept_confident(logits, unadapted)
         if keeps is not None and keeps < KEEP_CONFIDENT:
-            return kept, class_shares(kept_logits), _stopped_note(depth, f"overturned {1 - keeps:.0%} of the generic model's confident predictions", kept)
+            return kept, kept_shares, _stopped_note(depth, f"overturned {1 - keeps:.0%} of the generic model's confident predictions", kept)
         if collapsed(shares) and not unadapted_collapsed:
-            return kept, class_shares(kept_logits), _stopped_note(depth, f"collapsed the class mix onto one class ({np.max(shares):.0%})", kept)
-        kept, kept_logits = depth, logits
-    return kept, class_shares(kept_logits), None
+            return kept, kept_shares, _stopped_note(depth, f"collapsed the class mix onto one class ({np.max(shares):.0%})", kept)
+        kept, kept_shares = depth, shares
+    return kept, kept_shares, None
 
 
 def _stopped_note(depth: int, why: str, kept: int) -> str:
