@@ -8,6 +8,7 @@ BIN := $(VENV)/bin
 
 GENERIC := $(HOME)/.cache/ee/models/cifar_resnet9.h5
 LITE1 := $(HOME)/.cache/ee/models/cifar_lite1.h5
+BENCH_WORKERS ?= 2  # users at once, as Ray tasks with one TensorFlow thread each
 BENCH_ARGS ?=
 
 $(VENV)/.installed: setup.cfg pyproject.toml
@@ -32,7 +33,7 @@ $(LITE1): | install
 	PYTHONPATH=. $(BIN)/python -m models.train_lite
 
 bench: install $(GENERIC) $(LITE1)
-	PYTHONPATH=. $(BIN)/python -m bench.run --generic $(GENERIC) --lite1 $(LITE1) $(BENCH_ARGS)
+	PYTHONPATH=. $(BIN)/python -m bench.run --generic $(GENERIC) --lite1 $(LITE1) --workers $(BENCH_WORKERS) $(BENCH_ARGS)
 
 clean:
 	rm -rf build bundles runs .pytest_cache

@@ -95,9 +95,11 @@ class GenericModel:
 GENERIC_MODELS = {
     "resnet9": GenericModel("ResNet-9 at 32 px (trained here, BN statistics its own)", str(Path.home() / ".cache/ee/models/cifar_resnet9.h5"),
                             "python -m models.train_cifar", {}),
-    # 240 px costs ~60x the MACs a photo: fewer photos, 0 labels, and the whole network timed on two epochs.
+    # 240 px costs ~60x the MACs a photo: fewer photos, 0 labels, the whole network timed on two epochs, and
+    # 100 photos to calibrate and validate each export (int8 calibration was half of a 2.6-minute export).
     "lite1": GenericModel("EfficientNet-Lite1 at 240 px (ImageNet-pretrained, last stage tuned on CIFAR-10)", str(Path.home() / ".cache/ee/models/cifar_lite1.h5"),
-                          "python -m models.train_lite", {"unlabelled": 300, "test_per_class": 100, "labels": (0,), "whole_network_epochs": 2}),
+                          "python -m models.train_lite", {"unlabelled": 300, "test_per_class": 100, "labels": (0,), "whole_network_epochs": 2,
+                           "export_photos": 100}),
 }
 
 
@@ -195,11 +197,17 @@ def attach_generic(job: UserJob, names) -> Path:
 
 def predict(model, output: str, images: np.ndarray, batch: int = 250) -> np.ndarray:
     """The output for uint8 photos, each brought to the model's input size as ee's photo loader would."""
+    return predict_outputs(model, [output], images, batch)[output]
+
+
+def predict_outputs(model, outputs: list[str], images: np.ndarray, batch: int = 250) -> dict[str, np.ndarray]:
+    """Several outputs from one pass over the photos (at 240 px a pass per output cost minutes a user)."""
     from ee_cli import compat, photos
 
-    probe, size = compat.keras().Model(model.inputs, model.get_layer(output).output), int(model.input_shape[1])
-    return np.concatenate([probe(photos.resized(images[i : i + batch], size).astype(np.float32), training=False).numpy()
-                           for i in range(0, len(images), batch)])
+    probe, size = compat.keras().Model(model.inputs, [model.get_layer(name).output for name in outputs]), int(model.input_shape[1])
+    batches = [probe(photos.resized(images[i : i + batch], size).astype(np.float32), training=False) for i in range(0, len(images), batch)]
+    batches = [found if isinstance(found, (list, tuple)) else [found] for found in batches]
+    return {name: np.concatenate([found[index].numpy() for found in batches]) for index, name in enumerate(outputs)}
 
 
 def restricted_accuracy(logits: np.ndarray, classes, truth: np.ndarray) -> float:
@@ -215,11 +223,11 @@ def _baselines(attached: Path, user) -> dict[str, Any]:
     return {"generic": float(np.mean(logits.argmax(1) == user.test_y)), "restricted": restricted_accuracy(logits, user.classes, user.test_y)}
 
 
-def _bn_only(model, result, personal: list[int], user) -> dict[str, Any]:
+def _bn_only(generic_logits: np.ndarray, result, personal: list[int], user) -> dict[str, Any]:
     """BN statistics only + inferred classes: `ee personalise`'s own first step at 0 labels, read off
     its bundle (the generic output of the adapted backbone, restricted to the classes it inferred)."""
     adapted = result.metrics["adapted_bn"]
-    return {"accuracy": restricted_accuracy(predict(model, "generic", user.test), personal, user.test_y), "adapted_layers": len(adapted["layers"]),
+    return {"accuracy": restricted_accuracy(generic_logits, personal, user.test_y), "adapted_layers": len(adapted["layers"]),
             "of": adapted["of"], "depths_tried": adapted["tried"], "note": adapted["note"],
             "inferred_classes": [user.names[c] for c in personal], "classes_exact": sorted(personal) == sorted(user.classes)}
 
@@ -232,8 +240,8 @@ def _personalised(job: UserJob, user, folders: dict, attached: Path, labels: int
     seconds = time.perf_counter() - started
     personal = [names.index(name) for name in result.meta["personal_classes"]]
     model = bundle.read_bundle(result.bundle_path).load_model()
-    outputs = bundle.head_outputs(result.meta)
-    accuracy = {name: float(np.mean(np.asarray(personal)[predict(model, name, user.test).argmax(1)] == user.test_y)) for name in outputs}
+    logits = predict_outputs(model, [*bundle.head_outputs(result.meta), "generic"], user.test)
+    accuracy = {name: float(np.mean(np.asarray(personal)[found.argmax(1)] == user.test_y)) for name, found in logits.items() if name != "generic"}
     figures: dict[str, Any] = {
         "accuracy": accuracy,
         "personal_classes": list(result.meta["personal_classes"]),
@@ -242,7 +250,7 @@ def _personalised(job: UserJob, user, folders: dict, attached: Path, labels: int
         "seconds": {"command": seconds, "train": result.metrics["train_seconds"], "cache_build": (result.metrics["cache"] or {}).get("build_seconds")},
     }
     if labels == 0:
-        figures["bn_only"] = _bn_only(model, result, personal, user)
+        figures["bn_only"] = _bn_only(logits["generic"], result, personal, user)
         figures["operating_points"] = _operating_points(job, result.bundle_path, folders["test"])
     if labels == 0 and job.settings.whole_network:
         trained_on, views = trained_photos(result), result.metrics["cache"]["views"]
