@@ -247,7 +247,8 @@ def _personalised(job: UserJob, user, folders: dict, attached: Path, labels: int
         "personal_classes": list(result.meta["personal_classes"]),
         "exits_enabled": [e["name"] for e in result.meta["exits"] if e["enabled"]],
         # train = the feature cache's build plus head training: what whole-network fine-tuning replaces
-        "seconds": {"command": seconds, "train": result.metrics["train_seconds"], "cache_build": (result.metrics["cache"] or {}).get("build_seconds")},
+        "seconds": {"command": seconds, "train": result.metrics["train_seconds"], "cache_build": (result.metrics["cache"] or {}).get("build_seconds"),
+                    "phases": result.metrics["phases_seconds"]},
     }
     if labels == 0:
         figures["bn_only"] = _bn_only(logits["generic"], result, personal, user)

@@ -69,6 +69,8 @@ def figures(rows: list[dict], labels: tuple[int, ...], modes: tuple[str, ...], p
              "whole_network": lambda r: r["labels_0"]["whole_network"]["seconds"]}
     for name, seconds in timed.items():  # each against one plain batched pass per photo per view
         found[f"{name}_over_bound"] = stats(_values(rows, lambda r: seconds(r) / r["labels_0"]["seconds"]["forward_pass_bound"]), ratio=True)
+    for phase in PHASES:  # arithmetic means: a phase can take no time (no BN layer adapted)
+        found[f"phase_{phase}_over_bound"] = stats(_values(rows, lambda r: r["labels_0"]["seconds"]["phases"][phase] / r["labels_0"]["seconds"]["forward_pass_bound"]))
     found["training_ratio_command"] = stats(_values(rows, lambda r: r["labels_0"]["whole_network"]["seconds"] / r["labels_0"]["seconds"]["command"]), ratio=True)
     for point in points:
         found[f"mflops_ratio_{point}"] = stats(_values(rows, lambda r: _point(r, point)["plain_mflops"] / _point(r, point)["mean_mflops"]), ratio=True)
@@ -115,6 +117,15 @@ def _claim(found: dict, key: str, claim: str, paper: str, unit: str, digits: int
     return f"| {claim} | {paper} | {_cell(value, unit, digits, signed)} |" + (f" {verdict} |" if verdict else " |")
 
 
+PHASES = {"batchnorm": "BN adaptation", "classes": "class-mix passes", "cache": "feature cache", "heads": "head training", "holdout": "hold-out scoring"}
+
+
+def _phases_row(found: dict) -> str:
+    """Where the command's time goes, each phase ÷ the bound (mean over users); the rest is loading and saving."""
+    parts = [f"{title} {found[f'phase_{phase}_over_bound']['mean']:.2f}×" for phase, title in PHASES.items() if found.get(f"phase_{phase}_over_bound")]
+    return f"| of which, each phase ÷ the same bound (mean; the rest is loading and saving) | — | {', '.join(parts) or '—'} |"
+
+
 POINT_TITLES = {  # (row title, an "equal accuracy" point: shown beside the paper's latency claim and judged against it)
     "label-free": ("latency with the exits `ee personalise` chose label-free (0 labels anywhere)", False),
     "match-restricted": ("latency at the free baseline's accuracy (the generic model restricted to the user's classes)", True),
@@ -141,6 +152,7 @@ def headline_table(found: dict, labels: tuple[int, ...], modes: tuple[str, ...],
     lines.append(_claim(found, "train_over_bound", "`ee personalise`'s training (cache + heads) ÷ the forward-pass bound (one plain batched pass per photo per view)",
                         "—", "×", 2))
     lines.append(_claim(found, "command_over_bound", "the whole `ee personalise` command ÷ the same bound", "—", "×", 2))
+    lines.append(_phases_row(found))
     lines.append(_claim(found, "whole_network_over_bound", "whole-network fine-tuning ÷ the same bound", "—", "×", 2))
     for point in points:
         title, equal_accuracy = POINT_TITLES[point]
