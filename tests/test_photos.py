@@ -76,6 +76,18 @@ def test_dataset_streams_the_validated_photos_in_order(tmp_path):
     np.testing.assert_array_equal(np.concatenate(batches), photos.load_array(found.paths, 16))
 
 
+def test_repeated_passes_give_the_same_batches_held_or_streamed(tmp_path, monkeypatch):
+    found = photos.scan_unlabelled(messy_folder(tmp_path))
+    held = photos.repeated_batches(found.paths, 16, batch=2)
+    monkeypatch.setattr(photos, "HELD_BYTES", 0)  # too many to hold: every pass decodes again
+    streamed = photos.repeated_batches(found.paths, 16, batch=2)
+    for _ in range(2):  # each call is a fresh pass over every photo
+        passes = [[np.asarray(b) for b in batches()] for batches in (held, streamed)]
+        assert [len(b) for b in passes[0]] == [len(b) for b in passes[1]] == [2, 2, 1]
+        np.testing.assert_array_equal(np.concatenate(passes[0]), np.concatenate(passes[1]))
+    assert isinstance(next(iter(held())), np.ndarray) and not isinstance(next(iter(streamed())), np.ndarray)
+
+
 def test_views_are_reproducible_per_seed_and_photo():
     images = np.random.default_rng(0).uniform(0, 255, (3, 16, 16, 3)).astype(np.float32)
     first, again = augment.strong(images, 7, 1, np.arange(3)).numpy(), augment.strong(images, 7, 1, np.arange(3)).numpy()

@@ -1,8 +1,11 @@
 """The one way ee pushes a folder's photos through a model without gradients: decoded and batched
-by tf.data (`photos.dataset`), through one traced graph (eager dispatch cost as much as the
-convolutions at 224 px), a batch at a time, so only the outputs asked for are kept."""
+by tf.data (`photos.dataset`, or `photos.repeated_batches` for several passes), through one traced
+graph (eager dispatch cost as much as the convolutions at 224 px), a batch at a time, so only the
+outputs asked for are kept."""
 
 from __future__ import annotations
+
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -11,12 +14,22 @@ from ee_cli import compat, photos
 
 def outputs_of(model, names: list[str], paths, size: int) -> list[np.ndarray]:
     """The named layers' outputs (logits for ee's outputs) for every photo, in order."""
+    return output_reader(model, names)(photos.dataset(paths, size, photos.inference_batch(size)))
+
+
+def output_reader(model, names: list[str]) -> Callable[[Iterable], list[np.ndarray]]:
+    """A function from uint8 image batches to the named layers' outputs, traced once: reused across
+    passes, it reads the model's variables as they are then (BatchNorm statistics being adapted)."""
     tf, keras = compat.tf(), compat.keras()
     probe = keras.Model(model.inputs, [model.get_layer(name).output for name in names])
     run = tf.function(lambda images: probe(tf.cast(images, tf.float32), training=False), reduce_retracing=True, autograph=False)
-    collected: list[list[np.ndarray]] = [[] for _ in names]
-    for images in photos.dataset(paths, size, photos.inference_batch(size)):
-        results = run(images)
-        for store, values in zip(collected, results if isinstance(results, (list, tuple)) else [results]):
-            store.append(values.numpy())
-    return [np.concatenate(store) if store else np.zeros((0, *probe.outputs[i].shape[1:]), np.float32) for i, store in enumerate(collected)]
+
+    def read(batches: Iterable) -> list[np.ndarray]:
+        collected: list[list[np.ndarray]] = [[] for _ in names]
+        for images in batches:
+            results = run(images)
+            for store, values in zip(collected, results if isinstance(results, (list, tuple)) else [results]):
+                store.append(values.numpy())
+        return [np.concatenate(store) if store else np.zeros((0, *probe.outputs[i].shape[1:]), np.float32) for i, store in enumerate(collected)]
+
+    return read

@@ -157,17 +157,19 @@ def adapt_step(config: PersonaliseConfig, source, found: Found, progress: Progre
     adapted: adapt.Statistics = []
     seconds = {"batchnorm": 0.0, "classes": 0.0}
     tried: list[int] = []
+    batches = photos.repeated_batches(found.unlabelled.paths, size, photos.inference_batch(size))
+    read_logits = inference.output_reader(model, [generic_output(model)])
 
     def logits_at(depth: int) -> np.ndarray:  # statistics are nested: only layers beyond the deepest yet need passes
         if depth > len(adapted):
             started = time.perf_counter()
             adapt.set_statistics(layers, adapted, generic_statistics, len(adapted))
-            adapted.extend(adapt.adapt_batchnorm(model, lambda: photos.dataset(found.unlabelled.paths, size, photos.inference_batch(size)), depth, len(adapted)))
+            adapted.extend(adapt.adapt_batchnorm(model, batches, depth, len(adapted)))
             seconds["batchnorm"] += time.perf_counter() - started
         adapt.set_statistics(layers, adapted, generic_statistics, depth)
         tried.append(depth)
         started = time.perf_counter()
-        logits = inference.outputs_of(model, [generic_output(model)], found.unlabelled.paths, size)[0]
+        logits = read_logits(batches())[0]
         seconds["classes"] += time.perf_counter() - started
         progress("Adapting BatchNorm statistics", min(1.0, depth / max(count, 1)), f"{depth} of {len(layers)} layers")
         return logits

@@ -11,6 +11,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -170,6 +171,19 @@ def load_array(paths, size: int) -> np.ndarray:
 def inference_batch(size: int) -> int:
     """Photos per forward pass without gradients: about 2**18 pixels a batch, 8 to 256 photos."""
     return max(8, min(256, 2**18 // (size * size)))
+
+
+HELD_BYTES = 256 * 2**20  # decoded photos up to this size stay in memory for repeated passes
+
+
+def repeated_batches(paths, size: int, batch: int) -> Callable[[], Iterable]:
+    """For several passes over the same photos: a function giving their uint8 batches in order, each
+    time. Decoded once and held when they fit in HELD_BYTES (decoding in Python cost more than a
+    32 px network's pass); beyond that decoded every pass, so memory stays flat as photos grow."""
+    if len(paths) * size * size * 3 > HELD_BYTES:
+        return lambda: dataset(paths, size, batch)
+    pixels = load_array(paths, size)
+    return lambda: (pixels[start : start + batch] for start in range(0, len(pixels), batch))
 
 
 def dataset(paths, size: int, batch: int):
