@@ -256,9 +256,24 @@ def _personalised(job: UserJob, user, folders: dict, attached: Path, labels: int
     if labels == 0 and job.settings.whole_network:
         trained_on, views = trained_photos(result), result.metrics["cache"]["views"]
         figures["whole_network"] = whole_network(job, user, personal, trained_on, views)
-        # the forward-pass bound: one plain batched pass of the backbone per photo per view (weak and strong)
-        figures["seconds"]["forward_pass_bound"] = 2 * views * _forward_pass_seconds(job.generic, user.unlabelled[trained_on])
+        figures["seconds"] |= _bounds(job, user, result, attached, trained_on)
     return figures
+
+
+def _bounds(job: UserJob, user, result, attached: Path, trained_on: np.ndarray) -> dict[str, Any]:
+    """bench.bound's two bounds: the strict one timed on the trained photos' two views; the method
+    one (BN adaptation included) scaled from that pass to every photo `ee personalise` saw."""
+    from bench import bound
+    from ee_cli import bundle, compat, photos
+
+    generic = compat.keras().models.load_model(job.generic, compile=False)
+    trained_pass = bound.timed_pass(generic, photos.resized(user.unlabelled[trained_on], int(generic.input_shape[1])).astype(np.float32))
+    views, adapted, photo_count = result.metrics["cache"]["views"], result.metrics["adapted_bn"], len(user.unlabelled)
+    holdout_share = 1 - len(trained_on) / photo_count
+    shares = bound.bn_wave_shares(bundle.read_bundle(attached).load_model(), max(adapted["tried"]))
+    passes = bound.method_passes(adapted["tried"], views, holdout_share, shares)
+    return {"forward_pass_bound": 2 * views * trained_pass,  # one plain batched pass per trained photo per view (weak and strong)
+            "method_bound": passes * trained_pass * photo_count / len(trained_on), "method_bound_passes": passes}
 
 
 def personalise_user(job: UserJob, folders: dict, attached: Path, labels: int):
@@ -273,17 +288,6 @@ def personalise_user(job: UserJob, folders: dict, attached: Path, labels: int):
 def trained_photos(result) -> np.ndarray:
     """The unlabelled photos personalise trained its heads on (not held out), by index: write_user names them so."""
     return np.array([int(Path(p).stem) for p in json.loads((result.run_dir / "split.json").read_text())["train"]])
-
-
-def _forward_pass_seconds(model_path: str, images: np.ndarray) -> float:
-    from ee_cli import compat, photos
-
-    model = compat.keras().models.load_model(model_path, compile=False)
-    pixels = photos.resized(images, int(model.input_shape[1])).astype(np.float32)
-    model.predict(pixels[:64], batch_size=64, verbose=0)  # traced and warm before the clock starts
-    started = time.perf_counter()
-    model.predict(pixels, batch_size=64, verbose=0)
-    return time.perf_counter() - started
 
 
 def _operating_points(job: UserJob, personal: Path, test: Path) -> dict[str, Any]:

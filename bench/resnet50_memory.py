@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -25,9 +26,11 @@ import time
 from datetime import date
 from pathlib import Path
 
+from bench.bound import method_passes
 from datasets import cifar10
 
 RESULTS = Path(__file__).parent / "results"
+REPO = Path(__file__).resolve().parent.parent
 
 PERSONALISE = textwrap.dedent(
     """
@@ -44,12 +47,13 @@ BOUND = textwrap.dedent(
     """
     import json, sys, time
     from pathlib import Path
-    from ee_cli import adapt, bundle, graft, inference, photos
+    from bench.bound import bn_wave_shares
+    from ee_cli import adapt, bundle, inference, photos
     from ee_cli.litert_trainer import peak_rss_mb
     paths = photos.scan_unlabelled(Path(sys.argv[1])).paths
     model = bundle.read_bundle(Path("R50")).load_model()
-    layers = adapt.backbone_batchnorms(model)[: int(sys.argv[2])]
-    graph = graft.layer_graph(model)
+    waves = adapt.batchnorm_waves(model, adapt.backbone_batchnorms(model)[: int(sys.argv[2])])
+    shares = bn_wave_shares(model, int(sys.argv[2]))
 
     def timed(output):
         inference.outputs_of(model, [output], paths[:16], 224)  # trace once, untimed
@@ -57,11 +61,8 @@ BOUND = textwrap.dedent(
         inference.outputs_of(model, [output], paths, 224)
         return time.perf_counter() - started
 
-    whole_macs = graft.cumulative_macs(graph, "final")
-    waves = [[layer.inbound_nodes[0].inbound_layers.name for layer in wave] for wave in adapt.batchnorm_waves(model, layers)]
-    shares = [graft.cumulative_macs(graph, wave) / whole_macs for wave in waves]
     whole = timed("final")
-    deepest = timed(waves[-1][-1]) if waves else 0.0
+    deepest = timed(waves[-1][-1].inbound_nodes[0].inbound_layers.name) if waves else 0.0
     print(json.dumps({"whole_pass_s": whole, "bn_waves": len(waves), "bn_wave_macs_shares": shares,
                       "deepest_wave_pass_s": deepest, "peak_rss_mb": peak_rss_mb()}))
     """
@@ -69,7 +70,8 @@ BOUND = textwrap.dedent(
 
 
 def _python(code: str, *args, cwd: Path) -> dict:
-    done = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=7200)
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}  # bench.bound, from a scratch folder
+    done = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=7200, env=env)
     if done.returncode != 0:
         sys.exit(done.stderr[-3000:])
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -93,7 +95,7 @@ def measure(root: Path, data: dict, count: int, epochs: int) -> dict:
     # for the deepest depth tried: shallower depths reuse its statistics. One whole pass for the
     # class mix per depth tried, two per view for the feature cache, one per held-out photo.
     bn_seconds = bound["whole_pass_s"] * sum(bound["bn_wave_macs_shares"])
-    whole_passes = 2 * views + holdout_share + len(tried)
+    whole_passes = method_passes(tried, views, holdout_share, [])
     bound_seconds = bound["whole_pass_s"] * whole_passes + bn_seconds
     return {
         "photos": count, "epochs": epochs, "peak_rss_mb": run["peak_rss_mb"], "wall_seconds": round(wall, 1),

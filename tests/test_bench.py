@@ -92,7 +92,9 @@ def test_smoke_bench_measures_every_baseline_and_writes_tables(serial):
                       user["labels_2"]["accuracy"]["final"], user["labels_0"]["whole_network"]["accuracy"]):
             assert 0.0 <= value <= 1.0
         assert user["labels_0"]["whole_network"]["seconds"] > 0 and user["labels_0"]["seconds"]["train"] > 0
-        assert user["labels_0"]["seconds"]["forward_pass_bound"] > 0
+        seconds = user["labels_0"]["seconds"]
+        # the method bound adds to the strict one the hold-out photos, a class-mix pass per BN depth tried and the BN passes
+        assert seconds["method_bound"] > seconds["forward_pass_bound"] > 0 and set(seconds["phases"]) == set(report.PHASES)
         # BN only is personalise's own first step, read off its 0-label bundle: the depth --adapt-bn auto chose, per user
         assert user["bn_only"]["adapted_layers"] in user["bn_only"]["depths_tried"] and "bn_only" not in user["labels_0"]
         points = user["labels_0"]["operating_points"]
@@ -111,6 +113,23 @@ def test_smoke_bench_measures_every_baseline_and_writes_tables(serial):
     assert text.count("### ResNet-9 at 32 px") == 1  # each generic model's tables under its own title
     depth = results["users"][0]["bn_only"]
     assert f"| {depth['adapted_layers']}/{depth['of']} |" in text  # the BN depth auto chose, per user
+
+
+def test_each_exact_batchnorm_pass_costs_its_share_of_a_whole_pass(tmp_path):
+    from bench import bound
+    from bench.run import untrained_generic
+    from ee_cli import adapt, bundle
+    from ee_cli.attach import attach
+    from ee_cli.config import AttachConfig
+
+    attach(AttachConfig(backbone=str(untrained_generic(tmp_path / "generic.h5")), out=str(tmp_path / "attached")))
+    model = bundle.read_bundle(tmp_path / "attached").load_model()
+    shares = bound.bn_wave_shares(model, 4)
+    # ResNet-9's first four BN layers follow one another: four passes, each deeper than the last, none whole
+    assert len(shares) == len(adapt.batchnorm_waves(model, adapt.backbone_batchnorms(model)[:4])) == 4
+    assert all(0 < a < b < 1 for a, b in zip(shares, shares[1:]))
+    assert bound.bn_wave_shares(model, 0) == []
+    assert bound.method_passes([0, 1, 2], views=1, holdout_share=0.2, wave_shares=[0.1, 0.3]) == pytest.approx(2 + 0.2 + 3 + 0.4)
 
 
 def _without_timings(value):
