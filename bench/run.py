@@ -167,7 +167,7 @@ def write_results(args, jobs, rows, seconds) -> dict:
         parts.append(_split_tables(split, group, summary[model][split], settings[model]))
     tables = "\n\n".join(parts)
     results = {
-        "date": date.today().isoformat(), "smoke": args.smoke, "seconds": seconds, "generic_models": {job.model: job.generic for job in jobs},
+        "date": date.today().isoformat(), "commit": _commit(), "smoke": args.smoke, "seconds": seconds, "generic_models": {job.model: job.generic for job in jobs},
         "data": jobs[0].data, "settings": {model: asdict(found) for model, found in settings.items()}, "users_chosen": args.users, "per_scenario": args.per_scenario, "workers": args.workers,
         "ray_address": args.ray_address, "threads": args.threads, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "summary": summary, "users": rows, "plot": str(plot),
@@ -180,6 +180,14 @@ def write_results(args, jobs, rows, seconds) -> dict:
         _update_readme(readme, results, tables, stem, plot)
     print(tables + f"\n\nresults: {stem}\nplot: {plot}\n{len(rows)} users in {seconds / 60:.1f} min")
     return results
+
+
+def _commit() -> str | None:
+    """The tree the figures came from (`-dirty` when it had uncommitted changes)."""
+    import subprocess
+
+    found = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=HERE)
+    return found.stdout.strip() or None
 
 
 def _split_tables(split: str, rows: list[dict], found: dict, settings) -> str:
