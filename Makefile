@@ -1,5 +1,5 @@
 # `make demo` runs the main job, `make test` the tests, `make bench` the benchmark (it first makes
-# the two generic CIFAR-10 models if ~/.cache/ee has none: ~45 and ~40 minutes here); all create .venv and install ee first.
+# the two generic CIFAR-10 models if ~/.cache/ee has none: ~40 and ~32 minutes here); all create .venv and install ee first.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
