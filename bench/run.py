@@ -110,6 +110,7 @@ def generic_models(args, work: Path) -> dict[str, str]:
 
 def main(argv=None) -> dict:
     args = parse(argv)
+    args.commit = _commit()  # before the run: a commit made while it runs must not claim its figures
     args.threads = args.threads or (1 if args.workers > 1 or args.ray_address else 2)
     os.environ["EE_THREADS"] = str(args.threads)  # before TensorFlow is imported, here and in workers
     if args.smoke:
@@ -167,7 +168,7 @@ def write_results(args, jobs, rows, seconds) -> dict:
         parts.append(_split_tables(split, group, summary[model][split], settings[model]))
     tables = "\n\n".join(parts)
     results = {
-        "date": date.today().isoformat(), "commit": _commit(), "smoke": args.smoke, "seconds": seconds, "generic_models": {job.model: job.generic for job in jobs},
+        "date": date.today().isoformat(), "commit": args.commit, "smoke": args.smoke, "seconds": seconds, "generic_models": {job.model: job.generic for job in jobs},
         "data": jobs[0].data, "settings": {model: asdict(found) for model, found in settings.items()}, "users_chosen": args.users, "per_scenario": args.per_scenario, "workers": args.workers,
         "ray_address": args.ray_address, "threads": args.threads, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "summary": summary, "users": rows, "plot": str(plot),
