@@ -245,6 +245,9 @@ def _personalised(job: UserJob, user, folders: dict, attached: Path, labels: int
     figures: dict[str, Any] = {
         "accuracy": accuracy,
         "personal_classes": list(result.meta["personal_classes"]),
+        # a collapse shows here: the estimated class mix, and the final exit's predictions on the test photos, onto one class
+        "largest_share": {"estimated_mix": max(result.metrics["class_shares"].values()),
+                          "final_predictions": float(np.bincount(logits["final"].argmax(1)).max() / len(user.test))},
         "exits_enabled": [e["name"] for e in result.meta["exits"] if e["enabled"]],
         # train = the feature cache's build plus head training: what whole-network fine-tuning replaces
         "seconds": {"command": seconds, "train": result.metrics["train_seconds"], "cache_build": (result.metrics["cache"] or {}).get("build_seconds"),

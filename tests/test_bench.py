@@ -92,6 +92,7 @@ def test_smoke_bench_measures_every_baseline_and_writes_tables(serial):
                       user["labels_2"]["accuracy"]["final"], user["labels_0"]["whole_network"]["accuracy"]):
             assert 0.0 <= value <= 1.0
         assert user["labels_0"]["whole_network"]["seconds"] > 0 and user["labels_0"]["seconds"]["train"] > 0
+        assert 0 < user["labels_0"]["largest_share"]["final_predictions"] <= 1 and 0 < user["labels_0"]["largest_share"]["estimated_mix"] <= 1
         seconds = user["labels_0"]["seconds"]
         # the method bound adds to the strict one the hold-out photos, a class-mix pass per BN depth tried and the BN passes
         assert seconds["method_bound"] > seconds["forward_pass_bound"] > 0 and set(seconds["phases"]) == set(report.PHASES)
