@@ -187,7 +187,10 @@ def _commit() -> str | None:
     """The tree the figures came from (`-dirty` when it had uncommitted changes)."""
     import subprocess
 
-    found = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=HERE)
+    try:
+        found = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=HERE)
+    except FileNotFoundError:  # no git on this machine: the figures still stand, unattributed
+        return None
     return found.stdout.strip() or None
 
 
