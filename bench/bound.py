@@ -30,15 +30,22 @@ def timed_pass(model, images: np.ndarray, batch: int = 64, repeats: int = 2) -> 
     return min(seconds)
 
 
+def bn_wave_inputs(model, depth: int) -> list[list[str]]:
+    """Per exact BatchNorm pass up to the first `depth` BN layers: the layers whose outputs it reads."""
+    from ee_cli import adapt
+
+    waves = adapt.batchnorm_waves(model, adapt.backbone_batchnorms(model)[:depth])
+    return [[layer.inbound_nodes[0].inbound_layers.name for layer in wave] for wave in waves]
+
+
 def bn_wave_shares(model, depth: int) -> list[float]:
     """Per exact BatchNorm pass up to the first `depth` BN layers of an ee model (a bundle's): its
     share of the MACs of a whole pass to the final exit."""
-    from ee_cli import adapt, graft
+    from ee_cli import graft
 
     graph = graft.layer_graph(model)
     whole = graft.cumulative_macs(graph, graft.FINAL_OUTPUT)
-    waves = adapt.batchnorm_waves(model, adapt.backbone_batchnorms(model)[:depth])
-    return [graft.cumulative_macs(graph, [layer.inbound_nodes[0].inbound_layers.name for layer in wave]) / whole for wave in waves]
+    return [graft.cumulative_macs(graph, inputs) / whole for inputs in bn_wave_inputs(model, depth)]
 
 
 def method_passes(tried: list[int], views: int, holdout_share: float, wave_shares: list[float]) -> float:

@@ -47,12 +47,12 @@ BOUND = textwrap.dedent(
     """
     import json, sys, time
     from pathlib import Path
-    from bench.bound import bn_wave_shares
-    from ee_cli import adapt, bundle, inference, photos
+    from bench.bound import bn_wave_inputs, bn_wave_shares
+    from ee_cli import bundle, inference, photos
     from ee_cli.litert_trainer import peak_rss_mb
     paths = photos.scan_unlabelled(Path(sys.argv[1])).paths
     model = bundle.read_bundle(Path("R50")).load_model()
-    waves = adapt.batchnorm_waves(model, adapt.backbone_batchnorms(model)[: int(sys.argv[2])])
+    waves = bn_wave_inputs(model, int(sys.argv[2]))
     shares = bn_wave_shares(model, int(sys.argv[2]))
 
     def timed(output):
@@ -62,7 +62,7 @@ BOUND = textwrap.dedent(
         return time.perf_counter() - started
 
     whole = timed("final")
-    deepest = timed(waves[-1][-1].inbound_nodes[0].inbound_layers.name) if waves else 0.0
+    deepest = timed(waves[-1][-1]) if waves else 0.0
     print(json.dumps({"whole_pass_s": whole, "bn_waves": len(waves), "bn_wave_macs_shares": shares,
                       "deepest_wave_pass_s": deepest, "peak_rss_mb": peak_rss_mb()}))
     """
