@@ -96,7 +96,7 @@ def auto_rule(rows: list[dict], unlabelled: int) -> dict:
     from ee_cli import adapt
 
     unadapted = rows[0]
-    judged = unadapted["confident_unadapted_share"] * rows[0].get("unlabelled", unlabelled) >= adapt.MIN_CONFIDENT
+    judged = unadapted["confident_unadapted_share"] * rows[0].get("unlabelled", unlabelled) >= adapt.MIN_CONFIDENT and unadapted["max_share"] < adapt.COLLAPSED_SHARE
     kept = unadapted
     for row in rows[1:]:
         if judged and row["confident_agreement_with_unadapted"] < adapt.KEEP_CONFIDENT:

@@ -80,6 +80,7 @@ class Settings:
     points: tuple[str, ...] = (LABEL_FREE, "match-restricted", "keep")  # operating points timed in LiteRT (also: match-generic)
     latency_threads: int = 1
     export_photos: int = 200  # calibration and validation photos per export
+    costs: bool = True  # LiteRT latency, whole-network fine-tuning and the bounds (make bench: test users only)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,7 +257,7 @@ def _personalised(job: UserJob, user, folders: dict, attached: Path, labels: int
     if labels == 0:
         figures["bn_only"] = _bn_only(logits["generic"], result, personal, user)
         figures["operating_points"] = _operating_points(job, result.bundle_path, folders["test"])
-    if labels == 0 and job.settings.whole_network:
+    if labels == 0 and job.settings.whole_network and job.settings.costs:
         trained_on, views = trained_photos(result), result.metrics["cache"]["views"]
         figures["whole_network"] = whole_network(job, user, personal, trained_on, views)
         figures["seconds"] |= _bounds(job, user, result, attached, trained_on)
@@ -303,13 +304,15 @@ def _operating_points(job: UserJob, personal: Path, test: Path) -> dict[str, Any
     for point in [p for p in job.settings.points if p != LABEL_FREE]:
         evaluated = evaluate(EvaluateConfig(data=str(test), bundle=str(personal), use=point, out=f"calibrated-{point}", seed=job.seed, quiet=True))
         found[point] = _point_figures(evaluated.metrics, evaluated.metrics["operating_points"][point])
-        found[point]["litert"] = _timed(job, evaluated.bundle_path, point, evaluated.run_dir)
+        if job.settings.costs:
+            found[point]["litert"] = _timed(job, evaluated.bundle_path, point, evaluated.run_dir)
     if LABEL_FREE in job.settings.points:
         if evaluated is None:  # the report split comes from an `ee evaluate` run; its own thresholds are not used
             evaluated = evaluate(EvaluateConfig(data=str(test), bundle=str(personal), out="evaluated", seed=job.seed, quiet=True))
         stored = evaluated.metrics["as_stored"]
         found[LABEL_FREE] = _point_figures(evaluated.metrics, stored | {"reference_accuracy": evaluated.metrics["final_accuracy"]})
-        found[LABEL_FREE]["litert"] = _timed(job, personal, LABEL_FREE, evaluated.run_dir)
+        if job.settings.costs:
+            found[LABEL_FREE]["litert"] = _timed(job, personal, LABEL_FREE, evaluated.run_dir)
     return found
 
 

@@ -1,10 +1,11 @@
 """`make bench`: the paper's three claims measured on CIFAR-10 users, in one run.
 
-    python -m bench.run [--models resnet9,lite1] [--users dev,test] [--per-scenario 1] [--workers N | --ray-address ADDR] [--smoke]
+    python -m bench.run [--models resnet9,lite1] [--users dev,test] [--costs test] [--per-scenario 1] [--workers N | --ray-address ADDR] [--smoke]
 
 Writes bench/results/<date>.json (every user's figures, the summary, the settings), the plots
 beside it, and the tables into bench/README.md between its markers: per generic model, test users
-first (run only to report), then dev users (the ones defaults and designs are tuned on). `--smoke` is the two-minute
+first (run only to report), then dev users (the ones defaults and designs are tuned on: their accuracy only, unless
+`--costs dev,test` asks for their latency and training cost too). `--smoke` is the two-minute
 version on generated photos and an untrained model: it checks the pipeline, not the claims.
 """
 
@@ -17,7 +18,7 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import date
 from pathlib import Path
 
@@ -41,6 +42,8 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--points", default="label-free,match-restricted,keep",
                         help="operating points exported and timed in LiteRT: label-free (as `ee personalise` chose them), or calibrated by `ee evaluate` on labels")
     parser.add_argument("--no-whole-network", action="store_true", help="skip whole-network FixMatch fine-tuning")
+    parser.add_argument("--costs", default="test", help="whose costs are measured (LiteRT latency, whole-network fine-tuning, the bounds): "
+                        "test (the default: dev users tune accuracy defaults), or dev,test")
     parser.add_argument("--workers", type=int, default=1, help="users at once, as Ray tasks on a local Ray (1: serial, in this process)")
     parser.add_argument("--ray-address", default=None, help="an existing Ray cluster to fan users out to")
     parser.add_argument("--threads", type=int, default=None, help="TensorFlow threads per user (default: 2 serial, 1 per Ray worker)")
@@ -68,7 +71,11 @@ def jobs_for(args, work: Path, generic: dict[str, str]) -> list:
                         epochs=args.epochs, whole_network=not args.no_whole_network, quant=tuple(args.quant.split(",")),
                         points=tuple(args.points.split(",")))
     data = "synthetic" if args.smoke else "cifar10"
-    return [UserJob(path, data, user, settings_for(GENERIC_MODELS[name], settings), str(work / f"{name}-{user.split}-{user.scenario.name}-seed{user.seed}"), name)
+    costs = args.costs.split(",")
+    if not set(costs) <= set(SPLITS):
+        _user_error(f"--costs takes test, dev or dev,test, not {args.costs!r}")
+    return [UserJob(path, data, user, replace(settings_for(GENERIC_MODELS[name], settings), costs=user.split in costs),
+                    str(work / f"{name}-{user.split}-{user.scenario.name}-seed{user.seed}"), name)
             for name, path in generic.items() for user in wanted]
 
 
@@ -169,7 +176,8 @@ def write_results(args, jobs, rows, seconds) -> dict:
     tables = "\n\n".join(parts)
     results = {
         "date": date.today().isoformat(), "commit": args.commit, "smoke": args.smoke, "seconds": seconds, "generic_models": {job.model: job.generic for job in jobs},
-        "data": jobs[0].data, "settings": {model: asdict(found) for model, found in settings.items()}, "users_chosen": args.users, "per_scenario": args.per_scenario, "workers": args.workers,
+        "data": jobs[0].data, "settings": {model: {k: v for k, v in asdict(found).items() if k != "costs"} for model, found in settings.items()},
+        "costs_measured_on": args.costs, "users_chosen": args.users, "per_scenario": args.per_scenario, "workers": args.workers,
         "ray_address": args.ray_address, "threads": args.threads, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "summary": summary, "users": rows, "plot": str(plot),
     }

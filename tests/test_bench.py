@@ -15,7 +15,7 @@ import pytest
 from bench import report
 
 REPO = Path(__file__).resolve().parent.parent
-SMOKE_USERS = ["--users", "dev", "--scenarios", "k3-colour_cast"]  # one user: the pipeline end to end
+SMOKE_USERS = ["--users", "dev", "--scenarios", "k3-colour_cast", "--costs", "dev"]  # one user: the pipeline end to end, costs included
 FANOUT_USERS = ["--users", "dev", "--scenarios", "k2-low_light,k3-colour_cast"]  # two users, serial and at once
 TIMINGS = {"seconds", "cascade_ms", "plain_ms", "speedup"}
 
@@ -212,3 +212,14 @@ def test_each_generic_model_gets_its_own_settings_never_more_than_asked():
     small = settings_for(GENERIC_MODELS["lite1"], Settings(unlabelled=40, test_per_class=30, labels=(2,), epochs=1))
     assert (small.unlabelled, small.test_per_class, small.labels) == (40, 30, (2,))  # a smoke run stays a smoke run
     assert settings_for(GENERIC_MODELS["resnet9"], Settings()) == Settings()
+
+
+def test_make_bench_measures_costs_on_test_users_only_unless_asked(tmp_path):
+    from bench.run import jobs_for, parse
+
+    generic = {"resnet9": "r9.h5", "lite1": "lite1.h5"}
+    jobs = jobs_for(parse([]), tmp_path, generic)
+    assert {(job.user.split, job.settings.costs) for job in jobs} == {("dev", False), ("test", True)}
+    assert all(job.settings.costs for job in jobs_for(parse(["--costs", "dev,test"]), tmp_path, generic))
+    with pytest.raises(SystemExit):
+        jobs_for(parse(["--costs", "everyone"]), tmp_path, generic)

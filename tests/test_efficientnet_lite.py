@@ -160,26 +160,29 @@ def test_loading_refuses_missing_or_extra_tensors(random_weights, small_model):
         lite.load_lite1_weights(model, {**random_weights, "_extra.weight": np.zeros(3, np.float32)})
 
 
-def test_training_photos_set_every_batchnorm_layers_statistics_exactly(random_weights):
-    from ee_cli import compat
-    from models import train_lite
+def test_reexpressed_batchnorm_layers_hold_their_inputs_statistics_and_compute_the_same_function(random_weights):
+    from ee_cli import compat, photos
+    from models import reference_statistics
 
     model = lite.build_lite1(SIZE)
     lite.load_lite1_weights(model, random_weights)
     layers = [layer for layer in model.layers if isinstance(layer, compat.keras().layers.BatchNormalization)]
-    momentum = [layer.momentum for layer in layers]
     images = np.random.default_rng(1).integers(0, 256, (9, 32, 32, 3), dtype=np.uint8)
-    recipe = train_lite.Recipe(per_class=1, test_count=1, image_size=SIZE, batchnorm_photos=6)
-    assert train_lite.statistics_of_training_photos(model, images, recipe) == {"photos": 6, "layers": len(layers)}
-    chosen = np.random.default_rng(0).permutation(9)[:6]
+    pixels = photos.resized(images, SIZE).astype(np.float32)
+    before = model.predict_on_batch(pixels)
+    statistics_before = [layer.moving_mean.numpy().copy() for layer in layers]
+    assert reference_statistics.reexpress(model, images, batch=4) == {"layers": len(layers), "photos": 9}
+    after = model.predict_on_batch(pixels)
+    np.testing.assert_allclose(after, before, rtol=0, atol=1e-4 * np.abs(before).max())
     probe = compat.keras().Model(model.input, [layer.input for layer in layers])
-    inputs = probe(train_lite.photos.resized(images[chosen], SIZE).astype(np.float32), training=False)
-    for layer, found in zip(layers, inputs):  # in inference mode now: each layer's input under the new statistics
+    moved = 0
+    for layer, found, old_mean in zip(layers, probe(pixels, training=False), statistics_before):
         values = found.numpy().reshape(-1, found.shape[-1]).astype(np.float64)
-        scale = values.std(0).max()  # float32 rounding through ~60 layers: equal to 1 % of the layer's widest spread
-        np.testing.assert_allclose(layer.moving_mean.numpy(), values.mean(0), rtol=0, atol=1e-2 * scale, err_msg=layer.name)
-        np.testing.assert_allclose(np.sqrt(layer.moving_variance.numpy()), values.std(0), rtol=0, atol=1e-2 * scale, err_msg=layer.name)
-    assert [layer.momentum for layer in layers] == momentum
+        scale = values.std(0).max()
+        np.testing.assert_allclose(layer.moving_mean.numpy(), values.mean(0), rtol=0, atol=1e-3 * scale, err_msg=layer.name)
+        np.testing.assert_allclose(np.sqrt(layer.moving_variance.numpy()), values.std(0), rtol=0, atol=1e-3 * scale, err_msg=layer.name)
+        moved += not np.allclose(old_mean, layer.moving_mean.numpy())
+    assert moved == len(layers)  # every layer's statistics changed, and the function did not
 
 
 @pytest.mark.nightly  # ~20 s: builds, saves and reloads the 189-layer Lite1 model; the conversion itself is checked above
