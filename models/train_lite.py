@@ -241,10 +241,8 @@ def reexpressed(model, data: dict, rows: "Rows", recipe: Recipe) -> dict:
     not from ImageNet's (models/reference_statistics.py); the logits on 32 test photos checked."""
     if not recipe.reference_photos:
         return {"photos": 0}
-    check = photos.resized(data["x_test"][rows.test[:32]], recipe.image_size).astype(np.float32)
-    before = model.predict_on_batch(check)
-    report = reference_statistics.reexpress(model, reference_statistics.drawn(data["x_train"], recipe.reference_photos, recipe.seed), recipe.batch)
-    return report | {"max_abs_logit_diff": float(np.abs(model.predict_on_batch(check) - before).max()), "max_abs_logit": float(np.abs(before).max())}
+    return reference_statistics.reexpress_checked(model, reference_statistics.drawn(data["x_train"], recipe.reference_photos, recipe.seed),
+                                                  data["x_test"][rows.test[:32]], recipe.batch)
 
 
 @dataclass(frozen=True)

@@ -225,7 +225,7 @@ def test_bn_stats_sum_what_adapt_averages(trained, tmp_path):
     model = bundle.read_bundle(trained / "P").load_model()
     layers = adapt.backbone_batchnorms(model)[:2]
     probe = compat.keras().Model(model.inputs, [layer.input for layer in layers])
-    for index, (mean, variance) in enumerate(adapt._input_statistics(probe, lambda: [images])):
+    for index, (mean, variance) in enumerate(adapt.input_statistics(probe, lambda: [images])):
         count = sums[f"bn_{index}_count"]
         assert count == 12 * np.prod(probe.outputs[index].shape[1:3])
         np.testing.assert_allclose(np.array(sums[f"bn_{index}_sum"]) / count, mean, rtol=1e-4, atol=1e-4)

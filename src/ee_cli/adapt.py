@@ -127,7 +127,7 @@ def adapt_batchnorm(model, batches, count: int, start: int = 0) -> Statistics:
     computed: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for wave in batchnorm_waves(model, layers):
         probe = keras.Model(model.inputs, [layer.input for layer in wave])
-        found = _input_statistics(probe, batches)
+        found = input_statistics(probe, batches)
         _assign(wave, found)
         computed |= {layer.name: statistics for layer, statistics in zip(wave, found)}
     return [computed[layer.name] for layer in layers]
@@ -157,7 +157,7 @@ def set_statistics(layers, adapted: Statistics, original: Statistics, depth: int
     _assign(layers, [*adapted[:depth], *original[depth:]])
 
 
-def _input_statistics(probe, batches) -> Statistics:
+def input_statistics(probe, batches) -> Statistics:
     """Per probed tensor: per-channel mean and variance over every photo.
 
     Each batch is reduced to per-channel means and variances inside TensorFlow (a ResNet50@224 batch
