@@ -260,11 +260,11 @@ def _personalised(job: UserJob, user, folders: dict, attached: Path, labels: int
     if labels == 0 and job.settings.whole_network and job.settings.costs:
         trained_on, views = trained_photos(result), result.metrics["cache"]["views"]
         figures["whole_network"] = whole_network(job, user, personal, trained_on, views)
-        figures["seconds"] |= _bounds(job, user, result, attached, trained_on)
+        figures["seconds"] |= personalise_bounds(job, user, result, attached, trained_on)
     return figures
 
 
-def _bounds(job: UserJob, user, result, attached: Path, trained_on: np.ndarray) -> dict[str, Any]:
+def personalise_bounds(job: UserJob, user, result, attached: Path, trained_on: np.ndarray) -> dict[str, Any]:
     """bench.bound's two bounds: the strict one timed on the trained photos' two views; the method
     one (BN adaptation included) scaled from that pass to every photo `ee personalise` saw."""
     from bench import bound
