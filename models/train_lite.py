@@ -12,7 +12,8 @@ survive a killed run) and store those float16 maps as .npy files beside the outp
 1280 pooled features; fit a linear head on the standardised features (weight decay and epochs picked
 on a held-out 10 % of the training photos, then refit on all of them) and fold the standardisation
 into Dense "predictions" (logits); then fine-tune block7a, the top convolution and that head on the
-maps (models/tune_lite.py); save the whole model as .h5 (usable as `ee attach --backbone PATH`; a
+maps (models/tune_lite.py); re-express every BatchNorm layer in 1,024 training photos' statistics,
+same function, checked on 32 test photos (models/reference_statistics.py); save the whole model as .h5 (usable as `ee attach --backbone PATH`; a
 file backbone takes no --weights), its class names as .classes.txt, and a JSON of test accuracy
 (the linear probe's too), conversion error and seconds per phase.
 
