@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def run_user(model: str, user_spec, work: Path) -> dict:
-    from bench.protocol import GENERIC_MODELS, Settings, UserJob, personalise_bounds, attach_generic, inside, settings_for, trained_photos, user_photos
+    from bench.protocol import GENERIC_MODELS, Settings, UserJob, attach_generic, inside, personalise_bounds, settings_for, trained_photos, user_photos
 
     generic = GENERIC_MODELS[model]
     job = UserJob(generic.path, "cifar10", user_spec, settings_for(generic, Settings()), str(work), model)
