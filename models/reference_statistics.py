@@ -32,10 +32,11 @@ from ee_cli import adapt, compat, photos
 
 
 def reexpress(model, images: np.ndarray, batch: int = 16) -> dict:
-    """Re-express every BatchNorm layer of `model` in place in the moments of `images` (uint8, any
-    size: resized as ee's photo loader does); returns the layers changed and the photos used."""
+    """Re-express in place, in the moments of `images` (uint8, any size: resized as ee's photo loader
+    does), every BatchNorm layer `ee personalise --adapt-bn` may adapt (adapt.backbone_batchnorms:
+    all of a generic model's); returns the layers changed and the photos used."""
     keras = compat.keras()
-    layers = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    layers = adapt.backbone_batchnorms(model)
     for layer in layers:
         if not (layer.scale and layer.center):
             raise ValueError(f"{layer.name} has no scale or offset to absorb its statistics")
