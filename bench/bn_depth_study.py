@@ -55,7 +55,7 @@ def signals(logits: np.ndarray, unadapted: np.ndarray, class_share: float) -> di
 
 def study_user(generic: str, user_spec, args, work: Path) -> list[dict]:
     from bench.protocol import Settings, UserJob, attach_generic, inside, user_photos
-    from ee_cli import adapt, bundle, inference, photos
+    from ee_cli import adapt, bundle, inference, photos, stepping
     from ee_cli.config import PersonaliseConfig
     from ee_cli.personal_model import generic_output
 
@@ -72,7 +72,7 @@ def study_user(generic: str, user_spec, args, work: Path) -> list[dict]:
     test = sorted(folders["test"].rglob("*.png"))
     truth = np.array([names.index(path.parent.name) for path in test])
     started = time.perf_counter()
-    adapted = adapt.adapt_batchnorm(model, lambda: photos.dataset(unlabelled, size, photos.inference_batch(size)), max(depths))
+    adapted = stepping.adapt_batchnorm(model, lambda: photos.dataset(unlabelled, size, photos.inference_batch(size)), max(depths))
     adapt_seconds = time.perf_counter() - started
     class_share = PersonaliseConfig(data="").class_share
     rows, unadapted = [], None

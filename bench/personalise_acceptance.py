@@ -23,7 +23,7 @@ import numpy as np
 from bench.protocol import predict, restricted_accuracy
 from bench.whole_network import Photos, Recipe, finetune_whole_network
 from datasets import cifar10, scenarios
-from ee_cli import adapt, bundle
+from ee_cli import adapt, bundle, stepping
 from ee_cli.attach import attach
 from ee_cli.config import AttachConfig, PersonaliseConfig
 from ee_cli.personalise import personalise
@@ -37,7 +37,7 @@ def bn_sweep(attached: Path, user: scenarios.User) -> list[dict]:
     available = len(adapt.backbone_batchnorms(bundle.read_bundle(attached).load_model()))
     for count in range(0, available + 1):
         model = bundle.read_bundle(attached).load_model()
-        adapt.adapt_batchnorm(model, lambda: [user.unlabelled[i : i + 500] for i in range(0, len(user.unlabelled), 500)], count)
+        stepping.adapt_batchnorm(model, lambda: [user.unlabelled[i : i + 500] for i in range(0, len(user.unlabelled), 500)], count)
         inferred = adapt.infer_classes(adapt.class_shares(predict(model, "final", user.unlabelled)), PersonaliseConfig.class_share)
         logits = predict(model, "final", user.test)
         rows.append({

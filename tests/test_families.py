@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ee_cli import adapt, compat, flops, graft, stages
+from ee_cli import adapt, compat, flops, graft, stages, stepping
 from ee_cli.attach import attach
 from ee_cli.config import AttachConfig, ExportConfig
 from test_graft import two_path_cells
@@ -115,7 +115,7 @@ def user_model(family: str):
 def recalibrate_batchnorm(model, photos: np.ndarray) -> None:
     """Every BatchNorm layer's statistics from the photos: a random-init network needs them before
     int8 means anything (design note)."""
-    adapt.adapt_batchnorm(model, lambda: [photos], len(adapt.backbone_batchnorms(model)))
+    stepping.adapt_batchnorm(model, lambda: [photos], len(adapt.backbone_batchnorms(model)))
 
 
 def cascade(model, exits: list[dict], calibration: np.ndarray, quant: str) -> bytes:

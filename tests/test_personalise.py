@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import QUICK, coloured_photos, labelled_folder, one_line_error
-from ee_cli import adapt, bundle, compat, photos
+from ee_cli import adapt, bundle, compat, photos, stepping
 from ee_cli.attach import attach
 from ee_cli.config import AttachConfig, PersonaliseConfig
 from ee_cli.personalise import personalise
@@ -78,7 +78,7 @@ def test_adapted_statistics_are_exactly_those_of_the_photos_at_every_depth(works
     layers = adapt.backbone_batchnorms(model)
     images = photos.load_array(photos.scan_unlabelled(coloured_photos(workspace / "photos", 20)).paths, 32)
     generic = adapt.statistics_of(layers)
-    adapted = adapt.adapt_batchnorm(model, lambda: [images[:7], images[7:]], len(layers))
+    adapted = stepping.adapt_batchnorm(model, lambda: [images[:7], images[7:]], len(layers))
     for layer in layers:  # with every earlier layer adapted, each layer's statistics are its input's own
         inputs = compat.keras().Model(model.inputs, layer.input)(images.astype(np.float32)).numpy().reshape(-1, layer.input.shape[-1])
         np.testing.assert_allclose(layer.moving_mean.numpy(), inputs.mean(0), rtol=1e-4, atol=1e-4, err_msg=layer.name)
@@ -86,21 +86,21 @@ def test_adapted_statistics_are_exactly_those_of_the_photos_at_every_depth(works
     # Nested: adapting 3 layers gives the first 3 of those statistics, and switching depth needs no pass.
     shallow = bundle.read_bundle(attached).load_model()
     shallow_layers = adapt.backbone_batchnorms(shallow)
-    adapt.adapt_batchnorm(shallow, lambda: [images], 3)
+    stepping.adapt_batchnorm(shallow, lambda: [images], 3)
     adapt.set_statistics(layers, adapted, generic, 3)
     for ours, theirs in zip(adapt.statistics_of(layers), adapt.statistics_of(shallow_layers)):
         np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(ours[1], theirs[1], rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(adapt.statistics_of(layers)[3][1], generic[3][1])
     # Deepening from 3 to every layer computes only the layers beyond 3, and gives the same statistics.
-    deepened = adapt.adapt_batchnorm(shallow, lambda: [images], len(layers), start=3)
+    deepened = stepping.adapt_batchnorm(shallow, lambda: [images], len(layers), start=3)
     assert len(deepened) == len(layers) - 3
     for ours, theirs in zip(adapted[3:], deepened):
         np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(ours[1], theirs[1], rtol=1e-4, atol=1e-5)
 
 
-def test_batchnorm_passes_stream_the_photos_batch_by_batch(workspace, attached):
+def test_batchnorm_adaptation_reads_the_photos_once_batch_by_batch_however_many_waves(workspace, attached):
     import weakref
 
     model = bundle.read_bundle(attached).load_model()
@@ -114,8 +114,9 @@ def test_batchnorm_passes_stream_the_photos_batch_by_batch(workspace, attached):
             earlier.append(weakref.ref(batch))
             yield batch
 
-    adapt.adapt_batchnorm(model, batches, 3)
-    assert len(alive_at_each_batch) == 12 * len(adapt.batchnorm_waves(model, adapt.backbone_batchnorms(model)[:3]))
+    assert len(adapt.batchnorm_waves(model, adapt.backbone_batchnorms(model)[:3])) == 3
+    stepping.adapt_batchnorm(model, batches, 3)
+    assert len(alive_at_each_batch) == 12  # one pass over the photos: later waves start from a stepping stone
     assert max(alive_at_each_batch) <= 1  # at most the batch just handed over: photos never pile up in memory
 
 

@@ -110,29 +110,6 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 Statistics = list[tuple[np.ndarray, np.ndarray]]  # per BatchNorm layer: moving mean and variance
 
 
-def adapt_batchnorm(model, batches, count: int, start: int = 0) -> Statistics:
-    """Set the moving mean and variance of BN layers `start` to `count` to those of the photos (the
-    first `start` already adapted: deepening an adaptation costs only the new layers' passes).
-
-    Exact: each layer's statistics are those of its input with every earlier adapted layer already
-    adapted. Frozen BN layers ignore `training=True`, so we compute them ourselves, one pass per
-    wave of layers that no other adapted layer feeds (`batchnorm_waves`), each pass running only as
-    deep as its wave. Because a layer's statistics never depend on later ones, the first n of the
-    result are the exact statistics of adapting n layers (`set_statistics` switches depth without
-    a pass). `batches` returns an iterable of uint8 image batches. Returns the statistics of layers
-    `start` to `count`.
-    """
-    keras = compat.keras()
-    layers = backbone_batchnorms(model)[start:count]
-    computed: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for wave in batchnorm_waves(model, layers):
-        probe = keras.Model(model.inputs, [layer.input for layer in wave])
-        found = input_statistics(probe, batches)
-        _assign(wave, found)
-        computed |= {layer.name: statistics for layer, statistics in zip(wave, found)}
-    return [computed[layer.name] for layer in layers]
-
-
 def batchnorm_waves(model, layers: list) -> list[list]:
     """`layers` grouped into passes: a layer goes one wave after the latest adapted layer upstream of it."""
     graph = graft.layer_graph(model)
@@ -154,35 +131,40 @@ def statistics_of(layers) -> Statistics:
 
 def set_statistics(layers, adapted: Statistics, original: Statistics, depth: int) -> None:
     """The first `depth` layers adapted, the rest back at the generic model's statistics."""
-    _assign(layers, [*adapted[:depth], *original[depth:]])
+    assign(layers, [*adapted[:depth], *original[depth:]])
 
 
-def input_statistics(probe, batches) -> Statistics:
-    """Per probed tensor: per-channel mean and variance over every photo.
+def input_statistics(probe, batches, keep: Callable[[np.ndarray], None] | None = None, shape: tuple | None = None) -> Statistics:
+    """Per tensor `probe` returns: per-channel mean and variance over every photo; with `keep`, the
+    probe's last output is not measured but handed to `keep` batch by batch (stepping.py's next
+    stone). With `shape` (one photo's), one trace serves every batch size.
 
     Each batch is reduced to per-channel means and variances inside TensorFlow (a ResNet50@224 batch
     of 8 holds ~400 MB of BN inputs over 27 layers; only their channel statistics leave the graph),
     then batches are merged exactly in float64 (Chan et al.'s pairwise update)."""
     tf = compat.tf()
+    signature = [tf.TensorSpec((None, *shape), tf.float32)] if shape else None
 
-    @tf.function(autograph=False)
+    @tf.function(autograph=False, input_signature=signature)
     def moments(images):
-        features = probe(images, training=False)
-        features = features if isinstance(features, (list, tuple)) else [features]
-        return [tf.nn.moments(values, axes=list(range(len(values.shape) - 1))) for values in features]
+        features = probe(images)
+        features = list(features) if isinstance(features, (list, tuple)) else [features]
+        measured = len(features) - (keep is not None)
+        return [tf.nn.moments(values, axes=list(range(len(values.shape) - 1))) for values in features[:measured]], features[measured:]
 
-    merged = None
+    merged = []
     for images in batches():
         images = np.asarray(images, np.float32)
-        found = [(mean.numpy().astype(np.float64), variance.numpy().astype(np.float64)) for mean, variance in moments(tf.constant(images))]
-        count = images.shape[0]  # every photo gives a layer the same number of positions: photos weigh batches
-        merged = [(mean, variance, count) for mean, variance in found] if merged is None else [
-            _merge(total, (mean, variance, count)) for total, (mean, variance) in zip(merged, found)
-        ]
+        found, kept = moments(tf.constant(images))
+        if keep is not None:
+            keep(kept[0].numpy())
+        found = [(mean.numpy().astype(np.float64), variance.numpy().astype(np.float64), images.shape[0]) for mean, variance in found]
+        # every photo gives a layer the same number of positions: photos weigh batches
+        merged = found if not merged else [merge_moments(total, part) for total, part in zip(merged, found)]
     return [(mean, variance) for mean, variance, _ in merged]
 
 
-def _merge(a: tuple, b: tuple) -> tuple:
+def merge_moments(a: tuple, b: tuple) -> tuple:
     """Mean and (population) variance of two groups from each group's mean, variance and size."""
     mean_a, var_a, n_a = a
     mean_b, var_b, n_b = b
@@ -193,7 +175,7 @@ def _merge(a: tuple, b: tuple) -> tuple:
     return mean, variance, n
 
 
-def _assign(layers, statistics: Statistics) -> None:
+def assign(layers, statistics: Statistics) -> None:
     for layer, (mean, variance) in zip(layers, statistics):
         layer.moving_mean.assign(np.asarray(mean, np.float32))
         layer.moving_variance.assign(np.asarray(variance, np.float32))

@@ -5,6 +5,7 @@ train the exit heads (frozen backbone), switch on the exits that are good enough
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from ee_cli import adapt, bundle, cache, compat, inference, photos, policy, runs
 from ee_cli.config import PersonaliseConfig, as_dict
 from ee_cli.errors import UserError
 from ee_cli.personal_model import GENERIC_OUTPUT, PersonalHead, build_personal_model, generic_output
+from ee_cli.stepping import Stepping
 
 Progress = Callable[[str, float, str], None]
 EXIT_TEACHERS = ("final", "generic")
@@ -67,6 +69,7 @@ class Adapted:
     classes_seconds: float  # the pass that estimates the class mix
     note: str | None = None  # said when `auto` stopped short of its deepest depth
     tried: tuple[int, ...] = ()  # the depths whose generic predictions were computed, in order
+    passes: float = 0.0  # the BatchNorm and class-mix passes, in whole passes' MACs (stepping.Stepping.passes)
 
 
 @dataclass(frozen=True)
@@ -158,30 +161,31 @@ def adapt_step(config: PersonaliseConfig, source, found: Found, progress: Progre
     seconds = {"batchnorm": 0.0, "classes": 0.0}
     tried: list[int] = []
     batches = photos.repeated_batches(found.unlabelled.paths, size, photos.inference_batch(size))
-    read_logits = inference.output_reader(model, [generic_output(model)])
+    with tempfile.TemporaryDirectory(prefix="ee-stones-") as stones:
+        stepping = Stepping(model, generic_output(model), batches, Path(stones))
 
-    def logits_at(depth: int) -> np.ndarray:  # statistics are nested: only layers beyond the deepest yet need passes
-        if depth > len(adapted):
+        def logits_at(depth: int) -> np.ndarray:  # statistics are nested: only layers beyond the deepest yet need passes
+            if depth > len(adapted):
+                started = time.perf_counter()
+                adapted.extend(stepping.deepen(depth))
+                seconds["batchnorm"] += time.perf_counter() - started
+            adapt.set_statistics(layers, adapted, generic_statistics, depth)
+            tried.append(depth)
             started = time.perf_counter()
-            adapt.set_statistics(layers, adapted, generic_statistics, len(adapted))
-            adapted.extend(adapt.adapt_batchnorm(model, batches, depth, len(adapted)))
-            seconds["batchnorm"] += time.perf_counter() - started
-        adapt.set_statistics(layers, adapted, generic_statistics, depth)
-        tried.append(depth)
-        started = time.perf_counter()
-        logits = read_logits(batches())[0]
-        seconds["classes"] += time.perf_counter() - started
-        progress("Adapting BatchNorm statistics", min(1.0, depth / max(count, 1)), f"{depth} of {len(layers)} layers")
-        return logits
+            logits = stepping.read(depth)
+            seconds["classes"] += time.perf_counter() - started
+            progress("Adapting BatchNorm statistics", min(1.0, depth / max(count, 1)), f"{depth} of {len(layers)} layers")
+            return logits
 
-    if config.adapt_bn == "auto":  # the user's own N is taken as given
-        count, shares, note = adapt.auto_depth(logits_at, adapt.auto_depths(len(layers)))
-    else:
-        shares, note = adapt.class_shares(logits_at(count)), None
+        if config.adapt_bn == "auto":  # the user's own N is taken as given
+            count, shares, note = adapt.auto_depth(logits_at, adapt.auto_depths(len(layers)))
+        else:
+            shares, note = adapt.class_shares(logits_at(count)), None
     adapt.set_statistics(layers, adapted, generic_statistics, count)
     personal = _personal_classes(config, meta["classes"], shares, found.labelled)
     progress("Adapting BatchNorm statistics", 1.0, f"{count} layers; personal classes: {', '.join(meta['classes'][i] for i in personal)}")
-    return Adapted(model, [layer.name for layer in layers[:count]], len(layers), seconds["batchnorm"], shares, personal, seconds["classes"], note, tuple(tried))
+    return Adapted(model, [layer.name for layer in layers[:count]], len(layers), seconds["batchnorm"], shares, personal, seconds["classes"], note, tuple(tried),
+                   sum(stepping.passes))
 
 
 def _train(config: PersonaliseConfig, job: Job, run_dir: Path, progress: Progress) -> Trained:
@@ -210,7 +214,7 @@ def _metrics(config: PersonaliseConfig, class_names, outcome: Outcome) -> dict[s
     return {
         "photos": {"unlabelled": len(found.unlabelled), "labelled": len(labelled) if labelled else 0, "skipped": _merge_skips(found.unlabelled, labelled)},
         "adapted_bn": {"layers": adapted.layers, "of": adapted.of, "photos": len(found.unlabelled), "seconds": round(adapted.seconds, 2), "note": adapted.note,
-                       "tried": list(adapted.tried)},
+                       "tried": list(adapted.tried), "passes": round(adapted.passes, 3)},
         "class_shares": {class_names[i]: round(float(s), 4) for i, s in enumerate(adapted.shares)},
         "personal_classes": [class_names[i] for i in adapted.personal],
         "cache": None if trained.features is None else {"bytes": trained.features.bytes, "build_seconds": round(trained.features.seconds, 2), "views": config.views},

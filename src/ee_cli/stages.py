@@ -22,16 +22,30 @@ def segment(model, start: str | None, ends: list[str], name: str, softmax: tuple
     Outputs listed in `softmax` get a softmax, so engines threshold probabilities.
     """
     keras = compat.keras()
-    graph = layer_graph(model)
+    inputs, tensors = segment_tensors(model, start, ends)
+    outputs = {}
+    for end, tensor in zip(ends, tensors):
+        if end in softmax:
+            tensor = keras.layers.Softmax(name=f"{end}_probabilities")(tensor)
+        outputs[end] = tensor
+    return keras.Model(inputs, outputs, name=name)
+
+
+def segment_tensors(model, start: str | None, ends: list[str], graph: LayerGraph | None = None, inputs=None):
+    """The layers `ends` computed from the output of layer `start` (or from the model input) by
+    calling the model's layers again, and that input: `inputs` if given (a tensor, traced or eager),
+    else a new Keras input (`graph`: the model's, if already built)."""
+    keras = compat.keras()
+    graph = graph or layer_graph(model)
     start = _resolve(graph, start) if start is not None else None
-    resolved = {end: _resolve(graph, end) for end in ends}
-    needed = ancestors(graph, list(resolved.values()))
+    resolved = [_resolve(graph, end) for end in ends]
+    needed = ancestors(graph, resolved)
     if start is None:
         start_layer = model.layers[0]
-        inputs = keras.Input(tuple(model.input_shape[1:]), name="pixels")
+        inputs = keras.Input(tuple(model.input_shape[1:]), name="pixels") if inputs is None else inputs
         skip = {start_layer.name}
     else:
-        inputs = keras.Input(tuple(model.get_layer(start).output.shape[1:]), name="features")
+        inputs = keras.Input(tuple(model.get_layer(start).output.shape[1:]), name="features") if inputs is None else inputs
         skip = ancestors(graph, [start])
     tensors = {start or model.layers[0].name: inputs}
     nodes = model_nodes(model)
@@ -39,13 +53,7 @@ def segment(model, start: str | None, ends: list[str], name: str, softmax: tuple
         if layer_name not in needed or layer_name in skip:
             continue
         tensors[layer_name] = replay(nodes[layer_name], tensors)
-    outputs = {}
-    for end in ends:
-        tensor = tensors[resolved[end]]
-        if end in softmax:
-            tensor = keras.layers.Softmax(name=f"{end}_probabilities")(tensor)
-        outputs[end] = tensor
-    return keras.Model(inputs, outputs, name=name)
+    return inputs, [tensors[end] for end in resolved]
 
 
 def replay(node, tensors: dict):
