@@ -40,7 +40,7 @@ def run_user(model: str, user_spec, work: Path) -> dict:
         seconds = time.perf_counter() - started
         run_dir = max(Path("runs").glob("personalise-*"), key=lambda p: p.stat().st_mtime)
         result = SimpleNamespace(metrics=json.loads((run_dir / "metrics.json").read_text()), run_dir=run_dir)
-        bounds = personalise_bounds(job, user, result, attached, trained_photos(result))
+        bounds = personalise_bounds(job, user, result, trained_photos(result))
     adapted = result.metrics["adapted_bn"]
     return {"model": model, "split": user_spec.split, "scenario": user_spec.scenario.name, "seed": user_spec.seed, "photos": len(user.unlabelled),
             "command_seconds": round(seconds, 2), "phases_seconds": result.metrics["phases_seconds"],

@@ -260,22 +260,21 @@ def _personalised(job: UserJob, user, folders: dict, attached: Path, labels: int
     if labels == 0 and job.settings.whole_network and job.settings.costs:
         trained_on, views = trained_photos(result), result.metrics["cache"]["views"]
         figures["whole_network"] = whole_network(job, user, personal, trained_on, views)
-        figures["seconds"] |= personalise_bounds(job, user, result, attached, trained_on)
+        figures["seconds"] |= personalise_bounds(job, user, result, trained_on)
     return figures
 
 
-def personalise_bounds(job: UserJob, user, result, attached: Path, trained_on: np.ndarray) -> dict[str, Any]:
+def personalise_bounds(job: UserJob, user, result, trained_on: np.ndarray) -> dict[str, Any]:
     """bench.bound's two bounds: the strict one timed on the trained photos' two views; the method
     one (BN adaptation included) scaled from that pass to every photo `ee personalise` saw."""
     from bench import bound
-    from ee_cli import bundle, compat, photos
+    from ee_cli import compat, photos
 
     generic = compat.keras().models.load_model(job.generic, compile=False)
     trained_pass = bound.timed_pass(generic, photos.resized(user.unlabelled[trained_on], int(generic.input_shape[1])).astype(np.float32))
     views, adapted, photo_count = result.metrics["cache"]["views"], result.metrics["adapted_bn"], len(user.unlabelled)
     holdout_share = 1 - len(trained_on) / photo_count
-    shares = bound.bn_wave_shares(bundle.read_bundle(attached).load_model(), max(adapted["tried"]))
-    passes = bound.method_passes(adapted["tried"], views, holdout_share, shares)
+    passes = bound.method_passes(adapted["passes"], views, holdout_share)
     return {"forward_pass_bound": 2 * views * trained_pass,  # one plain batched pass per trained photo per view (weak and strong)
             "method_bound": passes * trained_pass * photo_count / len(trained_on), "method_bound_passes": passes}
 

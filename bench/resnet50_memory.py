@@ -6,10 +6,9 @@ beside the forward-pass bound measured in the same run (issue 22).
 Per photo count, each in its own fresh process: `ee personalise` with its defaults (its peak RSS is
 the process's VmHWM), then the bound: one plain batched pass of the same photos through the whole
 network, timed through the same decoding pipeline. The bound is what the method needs at the
-least: a whole pass per photo per view (weak and strong), one per held-out photo, one per BatchNorm
-depth `--adapt-bn auto` tried (its predictions at each step decide whether to go deeper), and the
-exact BatchNorm passes: one per wave of layers up to the deepest depth tried, each as deep as its
-wave (its share of the whole pass's compute).
+least: a whole pass per photo per view (weak and strong), one per held-out photo, and the passes of
+exact BatchNorm adaptation and of the class mix at each depth `--adapt-bn auto` tried, as personalise
+counted them (each its share of the whole pass's compute, from its stepping stone on).
 Writes bench/results/resnet50-scaling-<date>.json.
 """
 
@@ -47,24 +46,14 @@ BOUND = textwrap.dedent(
     """
     import json, sys, time
     from pathlib import Path
-    from bench.bound import bn_wave_inputs, bn_wave_shares
     from ee_cli import bundle, inference, photos
     from ee_cli.litert_trainer import peak_rss_mb
     paths = photos.scan_unlabelled(Path(sys.argv[1])).paths
     model = bundle.read_bundle(Path("R50")).load_model()
-    waves = bn_wave_inputs(model, int(sys.argv[2]))
-    shares = bn_wave_shares(model, int(sys.argv[2]))
-
-    def timed(output):
-        inference.outputs_of(model, [output], paths[:16], 224)  # trace once, untimed
-        started = time.perf_counter()
-        inference.outputs_of(model, [output], paths, 224)
-        return time.perf_counter() - started
-
-    whole = timed("final")
-    deepest = timed(waves[-1][-1]) if waves else 0.0
-    print(json.dumps({"whole_pass_s": whole, "bn_waves": len(waves), "bn_wave_macs_shares": shares,
-                      "deepest_wave_pass_s": deepest, "peak_rss_mb": peak_rss_mb()}))
+    inference.outputs_of(model, ["final"], paths[:16], 224)  # trace once, untimed
+    started = time.perf_counter()
+    inference.outputs_of(model, ["final"], paths, 224)
+    print(json.dumps({"whole_pass_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}))
     """
 )
 
@@ -87,23 +76,16 @@ def measure(root: Path, data: dict, count: int, epochs: int) -> dict:
     started = time.perf_counter()
     run = _python(PERSONALISE, folder, f"P{count}", epochs, cwd=root)
     wall = time.perf_counter() - started
-    tried = run["metrics"]["adapted_bn"]["tried"]
-    bound = _python(BOUND, folder, max(tried), cwd=root)
+    bound = _python(BOUND, folder, cwd=root)
     metrics, views, holdout_share = run["metrics"], run["metrics"]["cache"]["views"], 0.2
-    # BatchNorm: one pass per wave of layers, each only as deep as its wave (the compute share of a
-    # whole pass its layers need; the deepest wave's pass is also timed, to check that share), once
-    # for the deepest depth tried: shallower depths reuse its statistics. One whole pass for the
-    # class mix per depth tried, two per view for the feature cache, one per held-out photo.
-    bn_seconds = bound["whole_pass_s"] * sum(bound["bn_wave_macs_shares"])
-    whole_passes = method_passes(tried, views, holdout_share, [])
-    bound_seconds = bound["whole_pass_s"] * whole_passes + bn_seconds
+    # Two passes per view for the feature cache, one per held-out photo, and BatchNorm adaptation's
+    # and the class mix's passes as personalise counted them (each its share of a whole pass's MACs).
+    whole_passes = method_passes(metrics["adapted_bn"]["passes"], views, holdout_share)
+    bound_seconds = bound["whole_pass_s"] * whole_passes
     return {
         "photos": count, "epochs": epochs, "peak_rss_mb": run["peak_rss_mb"], "wall_seconds": round(wall, 1),
         "phases_seconds": metrics["phases_seconds"], "cache": metrics["cache"], "adapted_bn": metrics["adapted_bn"],
         "bound": {"seconds": round(bound_seconds, 1), "whole_pass_s": round(bound["whole_pass_s"], 2), "whole_passes": whole_passes,
-                  "bn_seconds": round(bn_seconds, 1), "bn_waves": bound["bn_waves"],
-                  "deepest_wave_pass_s": round(bound["deepest_wave_pass_s"], 2),
-                  "deepest_wave_modelled_s": round(bound["whole_pass_s"] * (bound["bn_wave_macs_shares"] or [0])[-1], 2),
                   "bound_process_peak_rss_mb": bound["peak_rss_mb"]},
         "personalise_over_bound": round(sum(metrics["phases_seconds"].values()) / bound_seconds, 2),
         "command_wall_over_bound": round(wall / bound_seconds, 2),

@@ -116,21 +116,11 @@ def test_smoke_bench_measures_every_baseline_and_writes_tables(serial):
     assert f"| {depth['adapted_layers']}/{depth['of']} |" in text  # the BN depth auto chose, per user
 
 
-def test_each_exact_batchnorm_pass_costs_its_share_of_a_whole_pass(tmp_path):
+def test_the_method_bound_counts_the_cache_views_the_held_out_photos_and_the_adaptation_passes():
     from bench import bound
-    from bench.run import untrained_generic
-    from ee_cli import adapt, bundle
-    from ee_cli.attach import attach
-    from ee_cli.config import AttachConfig
 
-    attach(AttachConfig(backbone=str(untrained_generic(tmp_path / "generic.h5")), out=str(tmp_path / "attached")))
-    model = bundle.read_bundle(tmp_path / "attached").load_model()
-    shares = bound.bn_wave_shares(model, 4)
-    # ResNet-9's first four BN layers follow one another: four passes, each deeper than the last, none whole
-    assert len(shares) == len(adapt.batchnorm_waves(model, adapt.backbone_batchnorms(model)[:4])) == 4
-    assert all(0 < a < b < 1 for a, b in zip(shares, shares[1:]))
-    assert bound.bn_wave_shares(model, 0) == []
-    assert bound.method_passes([0, 1, 2], views=1, holdout_share=0.2, wave_shares=[0.1, 0.3]) == pytest.approx(2 + 0.2 + 3 + 0.4)
+    assert bound.method_passes(2.5, views=1, holdout_share=0.2) == pytest.approx(2 + 0.2 + 2.5)
+    assert bound.method_passes(0.0, views=3, holdout_share=0.0) == pytest.approx(6)
 
 
 def _without_timings(value):
