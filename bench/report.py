@@ -155,7 +155,7 @@ def headline_table(found: dict, labels: tuple[int, ...], modes: tuple[str, ...],
     lines.append(_claim(found, "command_over_bound", "the whole `ee personalise` command ÷ the same bound", "—", "×", 2))
     lines.append(_phases_row(found))
     lines.append(_claim(found, "command_over_method_bound", "the whole command ÷ the method bound, BN adaptation included (`bench/bound.py`: the cache's two views "
-                        "of every photo, the hold-out pass, a class-mix pass per BN depth tried, the exact BN passes)", "—", "×", 2))
+                        "of every photo, the hold-out pass, the exact BN and class-mix passes from their stepping stones)", "—", "×", 2))
     lines.append(_claim(found, "whole_network_over_bound", "whole-network fine-tuning ÷ the same bound", "—", "×", 2))
     for point in points:
         title, equal_accuracy = POINT_TITLES[point]

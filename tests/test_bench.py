@@ -94,7 +94,7 @@ def test_smoke_bench_measures_every_baseline_and_writes_tables(serial):
         assert user["labels_0"]["whole_network"]["seconds"] > 0 and user["labels_0"]["seconds"]["train"] > 0
         assert 0 < user["labels_0"]["largest_share"]["final_predictions"] <= 1 and 0 < user["labels_0"]["largest_share"]["estimated_mix"] <= 1
         seconds = user["labels_0"]["seconds"]
-        # the method bound adds to the strict one the hold-out photos, a class-mix pass per BN depth tried and the BN passes
+        # the method bound adds to the strict one the hold-out photos and the BN and class-mix passes personalise counted
         assert seconds["method_bound"] > seconds["forward_pass_bound"] > 0 and set(seconds["phases"]) == set(report.PHASES)
         # BN only is personalise's own first step, read off its 0-label bundle: the depth --adapt-bn auto chose, per user
         assert user["bn_only"]["adapted_layers"] in user["bn_only"]["depths_tried"] and "bn_only" not in user["labels_0"]
