@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.exits_ablation import softmax
 from bench.protocol import restricted_accuracy, users
+from ee_cli.adapt import softmax
 
 HERE = Path(__file__).resolve().parent
 def signals(logits: np.ndarray, unadapted: np.ndarray, class_share: float) -> dict[str, float]:

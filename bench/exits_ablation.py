@@ -32,14 +32,10 @@ import numpy as np
 
 from bench.exits_acceptance import ee, user_arguments, user_photos
 from bench.protocol import predict, restricted_accuracy
+from ee_cli.adapt import softmax
 
 TEACHERS = ("generic", "final")
 INGREDIENTS = ("maxprob", "entropy", "ensemble", "gate")
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
 def ensembled(probabilities: list[np.ndarray]) -> list[np.ndarray]:

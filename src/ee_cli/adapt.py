@@ -61,7 +61,7 @@ def kept_confident(logits: np.ndarray, unadapted: np.ndarray) -> float | None:
     """The share of the unadapted model's confident predictions that `logits` keep; None when it is
     sure of fewer than MIN_CONFIDENT photos (the demo's colour-cast Fashion-MNIST user: 6 of 600,
     all wrong, and adapting is what finds the classes)."""
-    probabilities = _softmax(unadapted)
+    probabilities = softmax(unadapted)
     sure = probabilities.max(axis=1) >= CONFIDENT
     if sure.sum() < MIN_CONFIDENT:
         return None
@@ -101,10 +101,11 @@ def _stopped_note(depth: int, why: str, kept: int) -> str:
     return f"adapting {depth} BatchNorm layers {why}: kept {kept}"
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Probabilities over the last axis, in float64."""
     logits = np.asarray(logits, np.float64)
-    probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return probabilities / probabilities.sum(axis=1, keepdims=True)
+    probabilities = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return probabilities / probabilities.sum(axis=-1, keepdims=True)
 
 
 Statistics = list[tuple[np.ndarray, np.ndarray]]  # per BatchNorm layer: moving mean and variance
@@ -189,7 +190,7 @@ def class_shares(logits: np.ndarray, iterations: int = 100) -> np.ndarray:
     class: on 15 CIFAR-10 users (5 conditions x 3 seeds, BN statistics adapted) counting at 5 %
     found the exact class set 6 times, EM at 10 % 11 times (restricted accuracy 69.1 -> 74.8 %).
     """
-    probabilities = _softmax(logits)
+    probabilities = softmax(logits)
     classes = probabilities.shape[1]
     mix = np.full(classes, 1.0 / classes)
     for _ in range(iterations):
