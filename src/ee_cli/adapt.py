@@ -159,8 +159,8 @@ def input_statistics(probe, batches, keep: Callable[[np.ndarray], None] | None =
         found, kept = moments(tf.constant(images))
         if keep is not None:
             keep(kept[0].numpy())
-        found = [(mean.numpy().astype(np.float64), variance.numpy().astype(np.float64), images.shape[0]) for mean, variance in found]
         # every photo gives a layer the same number of positions: photos weigh batches
+        found = [(mean.numpy().astype(np.float64), variance.numpy().astype(np.float64), images.shape[0]) for mean, variance in found]
         merged = found if not merged else [merge_moments(total, part) for total, part in zip(merged, found)]
     return [(mean, variance) for mean, variance, _ in merged]
 
