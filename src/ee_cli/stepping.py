@@ -36,6 +36,7 @@ class Stepping:
         self.target_name, self.target = target, model.get_layer(target).output
         graph = graft.layer_graph(keras.Model(model.inputs, self.target))
         self.graph = graft.layer_graph(model)
+        self.target_macs = graft.cumulative_macs(self.graph, target)
         self.position = {name: index for index, name in enumerate(graph.order)}
         self.cuts = sorted(graft.articulation_layers(graph) - set(model.input_names), key=self.position.get)
         self.layers = adapt.backbone_batchnorms(model)
@@ -99,9 +100,8 @@ class Stepping:
 
     def _share(self, start: Stone | None, names: list[str]) -> float:
         """The MACs a pass ran, as a share of the target's: bookkeeping for the forward-pass bound."""
-        whole = graft.cumulative_macs(self.graph, self.target_name)
         done = graft.cumulative_macs(self.graph, start.name) if start else 0
-        return (graft.cumulative_macs(self.graph, names) - done) / whole if whole else 0.0
+        return (graft.cumulative_macs(self.graph, names) - done) / self.target_macs if self.target_macs else 0.0
 
 
 class Stone:
