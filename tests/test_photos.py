@@ -76,16 +76,23 @@ def test_dataset_streams_the_validated_photos_in_order(tmp_path):
     np.testing.assert_array_equal(np.concatenate(batches), photos.load_array(found.paths, 16))
 
 
-def test_repeated_passes_give_the_same_batches_held_or_streamed(tmp_path, monkeypatch):
-    found = photos.scan_unlabelled(messy_folder(tmp_path))
-    held = photos.repeated_batches(found.paths, 16, batch=2)
-    monkeypatch.setattr(photos, "HELD_BYTES", 0)  # too many to hold: every pass decodes again
-    streamed = photos.repeated_batches(found.paths, 16, batch=2)
-    for _ in range(2):  # each call is a fresh pass over every photo
-        passes = [[np.asarray(b) for b in batches()] for batches in (held, streamed)]
-        assert [len(b) for b in passes[0]] == [len(b) for b in passes[1]] == [2, 2, 1]
-        np.testing.assert_array_equal(np.concatenate(passes[0]), np.concatenate(passes[1]))
-    assert isinstance(next(iter(held())), np.ndarray) and not isinstance(next(iter(streamed())), np.ndarray)
+def test_repeated_passes_decode_once_and_read_the_same_batches_back(tmp_path, monkeypatch):
+    found = photos.scan_unlabelled(messy_folder(tmp_path / "photos"))
+    expected = photos.load_array(found.paths, 16)
+    decoded = []
+    loader = photos.load_photo
+    monkeypatch.setattr(photos, "load_photo", lambda *args: decoded.append(args[0]) or loader(*args))
+    batches = photos.repeated_batches(found.paths, 16, 2, tmp_path / "decoded")
+    next(iter(batches()))  # a pass left unfinished is not read back
+    before = len(decoded)
+    first = [np.asarray(b) for b in batches()]
+    assert len(decoded) - before == len(found.paths)
+    assert [len(b) for b in first] == [2, 2, 1]
+    np.testing.assert_array_equal(np.concatenate(first), expected)
+    for _ in range(2):  # each call is a fresh pass over every photo, read back from disk
+        np.testing.assert_array_equal(np.concatenate(list(batches())), expected)
+    assert len(decoded) - before == len(found.paths)
+    assert len(list((tmp_path / "decoded").glob("*.npy"))) == 3
 
 
 def test_views_are_reproducible_per_seed_and_photo():
