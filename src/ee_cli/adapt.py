@@ -162,6 +162,7 @@ def input_statistics(probe, batches, keep: Callable[[np.ndarray], None] | None =
         # every photo gives a layer the same number of positions: photos weigh batches
         found = [(mean.numpy().astype(np.float64), variance.numpy().astype(np.float64), images.shape[0]) for mean, variance in found]
         merged = found if not merged else [merge_moments(total, part) for total, part in zip(merged, found)]
+        del images, kept  # before the next batch is read: a stone's batch can be tens of MB
     return [(mean, variance) for mean, variance, _ in merged]
 
 
