@@ -172,7 +172,9 @@ def inference_batch(size: int) -> int:
     """Photos per forward pass without gradients: about 2**17 pixels a batch, 4 to 128 photos.
     Halved from 8 at 224 px for memory: a ResNet50's BatchNorm passes peaked at 1,065 MB at 8 photos
     a batch and 979 MB at 4 (its early tensors hold 3.2 MB a photo), at ~20 % more time a pass
-    (best of 5 for 200 photos: 12.4 against 10.2 s). Lite1's command at 240 px took the same time."""
+    (best of 5 for 200 photos: 12.4 against 10.2 s). Lite1 at 240 px (4 a batch too) is not near
+    the cap, and its class-mix reads were slower in a run of seven users (8.5-18.5 against 9.2-15.8 s):
+    a rule from the memory left, not the pixels, would spare it."""
     return max(4, min(128, 2**17 // (size * size)))
 
 
