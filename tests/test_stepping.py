@@ -4,6 +4,7 @@ from the photos, at a fraction of their compute, with nothing left on disk."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from conftest import coloured_photos
 from ee_cli import adapt, bundle, compat, photos, stepping
@@ -25,13 +26,39 @@ def test_reads_from_a_stone_give_the_model_s_own_predictions_and_cost_less_than_
     adapted = walker.deepen(4)
     assert len(walker.passes) == 1 + len(adapt.batchnorm_waves(model, layers[:4]))
     assert sum(walker.passes[1:]) < 1.0  # four waves, each from the last stone: less than one pass between them
-    assert walker.stone is not None and len(list((tmp_path / "stones").iterdir())) == 1  # the previous stone was removed
+    assert walker.stone is not None and len(list((tmp_path / "stones").glob("stone-*"))) == 1  # the previous stone was removed
     adapt.set_statistics(layers, adapted, generic, 4)
     np.testing.assert_allclose(walker.read(4), _plain_logits(model, images), rtol=1e-5, atol=1e-5)
     assert walker.passes[-1] < 1.0
     adapt.set_statistics(layers, adapted, generic, 0)  # a stone made with adapted layers upstream: read from the photos again
     np.testing.assert_allclose(walker.read(0), _plain_logits(model, images), rtol=1e-5, atol=1e-5)
     assert walker.passes[-1] == 1.0
+
+
+def test_the_photos_are_decoded_once_by_the_first_pass_that_reads_them_all(workspace, attached, tmp_path):
+    model = bundle.read_bundle(attached).load_model()
+    images = photos.load_array(photos.scan_unlabelled(coloured_photos(workspace / "photos", 20)).paths, 32)
+    calls = []
+
+    def batches():
+        calls.append(len(calls))
+        yield images[:8]
+        if len(calls) == 1:
+            raise OSError("a photo went missing")  # a pass that never reached the end is not read back
+        yield from (images[8:16], images[16:])
+
+    walker = stepping.Stepping(model, generic_output(model), batches, tmp_path / "stones")
+    with pytest.raises(OSError):
+        walker.read(0)
+    first = walker.read(0)
+    np.testing.assert_allclose(first, _plain_logits(model, images), rtol=1e-5, atol=1e-5)
+    layers = adapt.backbone_batchnorms(model)
+    generic = adapt.statistics_of(layers)
+    adapted = walker.deepen(4)  # its first wave starts from the photos too
+    adapt.set_statistics(layers, adapted, generic, 0)
+    np.testing.assert_array_equal(walker.read(0), first)
+    assert len(calls) == 2  # three passes started from the photos after the failed one: one decoded them
+    assert len(list((tmp_path / "stones" / "photos").glob("*.npy"))) == 3
 
 
 def test_adapt_batchnorm_leaves_no_stone_behind(workspace, attached, tmp_path, monkeypatch):

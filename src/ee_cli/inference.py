@@ -1,5 +1,5 @@
 """The one way ee pushes a folder's photos through a model without gradients: decoded and batched
-(by tf.data in `photos.dataset`; for several passes, once to disk by `photos.repeated_batches`), through one traced
+(by tf.data in `photos.dataset`; for stepping.py's passes by `photos.decoded_batches`, once), through one traced
 graph (eager dispatch cost as much as the convolutions at 224 px), a batch at a time, so only the
 outputs asked for are kept."""
 

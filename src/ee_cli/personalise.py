@@ -161,8 +161,8 @@ def adapt_step(config: PersonaliseConfig, source, found: Found, progress: Progre
     seconds = {"batchnorm": 0.0, "classes": 0.0}
     tried: list[int] = []
     with tempfile.TemporaryDirectory(prefix="ee-stones-") as stones:
-        batches = photos.repeated_batches(found.unlabelled.paths, size, photos.inference_batch(size), Path(stones) / "photos")
-        stepping = Stepping(model, generic_output(model), batches, Path(stones))
+        paths, batch = found.unlabelled.paths, photos.inference_batch(size)
+        stepping = Stepping(model, generic_output(model), lambda: photos.decoded_batches(paths, size, batch), Path(stones))
 
         def logits_at(depth: int) -> np.ndarray:  # statistics are nested: only layers beyond the deepest yet need passes
             if depth > len(adapted):
