@@ -72,7 +72,7 @@ def study_user(generic: str, user_spec, args, work: Path) -> list[dict]:
     test = sorted(folders["test"].rglob("*.png"))
     truth = np.array([names.index(path.parent.name) for path in test])
     started = time.perf_counter()
-    adapted = stepping.adapt_batchnorm(model, lambda: photos.dataset(unlabelled, size, photos.inference_batch(size)), max(depths))
+    adapted = stepping.adapt_batchnorm(model, lambda: photos.dataset(unlabelled, size, photos.inference_batch(size, model.count_params())), max(depths))
     adapt_seconds = time.perf_counter() - started
     class_share = PersonaliseConfig(data="").class_share
     rows, unadapted = [], None

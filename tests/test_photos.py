@@ -76,6 +76,16 @@ def test_dataset_streams_the_validated_photos_in_order(tmp_path):
     np.testing.assert_array_equal(np.concatenate(batches), photos.load_array(found.paths, 16))
 
 
+def test_inference_batches_shrink_with_the_model_and_the_photos_and_stay_powers_of_two():
+    assert photos.inference_batch(224, 29_029_932) == 4  # ResNet50 with its exits: issue 22's cap
+    assert photos.inference_batch(240, 5_279_688) == 8  # Lite1 with its exits
+    assert photos.inference_batch(32, 3_229_704) == 128
+    for size in (32, 96, 224, 240, 480):
+        batches = [photos.inference_batch(size, weights) for weights in (0, 5_000_000, 30_000_000, 100_000_000)]
+        assert batches == sorted(batches, reverse=True) and all(2 <= b <= 128 and b & (b - 1) == 0 for b in batches)
+    assert photos.inference_batch(480, 100_000_000) == 2
+
+
 def test_decoded_batches_are_the_validated_photos_in_order(tmp_path):
     found = photos.scan_unlabelled(messy_folder(tmp_path))
     batches = list(photos.decoded_batches(found.paths, 16, 2))

@@ -14,7 +14,7 @@ from ee_cli import compat, photos
 
 def outputs_of(model, names: list[str], paths, size: int) -> list[np.ndarray]:
     """The named layers' outputs (logits for ee's outputs) for every photo, in order."""
-    return output_reader(model, names)(photos.dataset(paths, size, photos.inference_batch(size)))
+    return output_reader(model, names)(photos.dataset(paths, size, photos.inference_batch(size, model.count_params())))
 
 
 def output_reader(model, names: list[str]) -> Callable[[Iterable], list[np.ndarray]]:

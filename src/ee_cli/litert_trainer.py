@@ -173,7 +173,7 @@ def fill_cache(interpreter, directory: Path, job, progress) -> cache.FeatureCach
     directory.mkdir(parents=True, exist_ok=True)
     runner, started = interpreter.get_signature_runner("features"), time.perf_counter()
     arrays: dict[tuple[str, str], cache.OnDisk] = {}
-    size, paths, batch = job["size"], job["paths"], photos.inference_batch(job["size"])
+    size, paths, batch = job["size"], job["paths"], photos.inference_batch(job["size"])  # no TensorFlow here: the rule errs small
     for view in range(job["views"]):
         for start in range(0, len(paths), batch):
             indices = np.arange(start, min(start + batch, len(paths)))

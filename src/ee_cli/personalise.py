@@ -161,7 +161,7 @@ def adapt_step(config: PersonaliseConfig, source, found: Found, progress: Progre
     seconds = {"batchnorm": 0.0, "classes": 0.0}
     tried: list[int] = []
     with tempfile.TemporaryDirectory(prefix="ee-stones-") as stones:
-        paths, batch = found.unlabelled.paths, photos.inference_batch(size)
+        paths, batch = found.unlabelled.paths, photos.inference_batch(size, model.count_params())
         stepping = Stepping(model, generic_output(model), lambda: photos.decoded_batches(paths, size, batch), Path(stones))
 
         def logits_at(depth: int) -> np.ndarray:  # statistics are nested: only layers beyond the deepest yet need passes
@@ -199,7 +199,7 @@ def _train(config: PersonaliseConfig, job: Job, run_dir: Path, progress: Progres
     features = None
     if config.cache and config.epochs > 0:  # with no epochs to train, a cache would be built for nothing
         feature_model = compat.keras().Model(job.personal_model.inputs, [h.cache_tensor for h in job.heads] + [job.personal_model.get_layer(GENERIC_OUTPUT).output])
-        plan = cache.Plan(job.paths, job.size, config.views, config.seed, photos.inference_batch(job.size))
+        plan = cache.Plan(job.paths, job.size, config.views, config.seed, photos.inference_batch(job.size, job.personal_model.count_params()))
         features = cache.build(run_dir / "cache", feature_model, [h.name for h in job.heads], plan, lambda f: progress("Caching features", f, ""))
         batches = CachedBatches(features, [h.name for h in job.heads], config.views)
     else:

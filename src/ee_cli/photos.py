@@ -168,14 +168,28 @@ def load_array(paths, size: int) -> np.ndarray:
     return np.stack([load_photo(Path(p), size) for p in paths]) if paths else np.zeros((0, size, size, 3), np.uint8)
 
 
-def inference_batch(size: int) -> int:
-    """Photos per forward pass without gradients: about 2**17 pixels a batch, 4 to 128 photos.
-    Halved from 8 at 224 px for memory: a ResNet50's BatchNorm passes peaked at 1,065 MB at 8 photos
-    a batch and 979 MB at 4 (its early tensors hold 3.2 MB a photo), at ~20 % more time a pass
-    (best of 5 for 200 photos: 12.4 against 10.2 s). Lite1 at 240 px (4 a batch too) is not near
-    the cap, and its class-mix reads were slower in a run of seven users (8.5-18.5 against 9.2-15.8 s):
-    a rule from the memory left, not the pixels, would spare it."""
-    return max(4, min(128, 2**17 // (size * size)))
+# A forward pass without gradients may use what is left of issue 22's 1.0 GB cap once TensorFlow and
+# the model are in memory. Measured here (peak RSS): TensorFlow's import 566 MB; loading a bundle
+# +315 MB for ResNet50 (29.0M weights with its exits) and +89 MB for Lite1 (5.3M), which the line
+# through both gives as 39 MB + 9.5 bytes a weight; a batch adds ~21.5 MB a ResNet50 photo at 224 px
+# (its BatchNorm passes peaked 86 MB higher at 8 photos a batch than at 4) and ~16 MB a Lite1 photo
+# at 240 px (its command, 63 MB higher): up to 430 bytes an input pixel.
+MEMORY_CAP = 1000e6
+LOADED_BYTES = 566e6 + 39e6
+LOADED_BYTES_PER_WEIGHT = 9.5
+BATCH_BYTES_PER_PIXEL = 430
+
+
+def inference_batch(size: int, weights: int = 0) -> int:
+    """Photos per forward pass without gradients for a model of `weights` weights at `size` px: as
+    many as the memory left after the model loads holds (above), rounded down to a power of two,
+    2 to 128. ResNet50 at 224 px gets 4, Lite1 at 240 px 8, a ResNet-9 at 32 px 128. One pixel rule
+    (4 a batch at 224-240 px) slowed Lite1, nowhere near the cap, against 8: on a dev user's command,
+    alternated three times each, 59.0-71.9 s against 57.6-59.4 s, the feature cache 14.5-20.5 s
+    against 12.6-14.8 s."""
+    left = MEMORY_CAP - LOADED_BYTES - LOADED_BYTES_PER_WEIGHT * weights
+    fits = max(1, int(left // (BATCH_BYTES_PER_PIXEL * size * size)))
+    return max(2, min(128, 1 << (fits.bit_length() - 1)))
 
 
 def decoded_batches(paths, size: int, batch: int) -> Iterator[np.ndarray]:
