@@ -183,7 +183,7 @@ BATCH_BYTES_PER_PIXEL = 430
 def inference_batch(size: int, weights: int = 0) -> int:
     """Photos per forward pass without gradients for a model of `weights` weights at `size` px: as
     many as the memory left after the model loads holds (above), rounded down to a power of two,
-    2 to 128. ResNet50 at 224 px gets 4, Lite1 at 240 px 8, a ResNet-9 at 32 px 128. One pixel rule
+    2 to 128. ResNet50 at 224 px gets 4, Lite1 at 240 px 8, a ResNet-9 at 32 px 128. The pixel rule before it
     (4 a batch at 224-240 px) slowed Lite1, nowhere near the cap, against 8: on a dev user's command,
     alternated three times each, 59.0-71.9 s against 57.6-59.4 s, the feature cache 14.5-20.5 s
     against 12.6-14.8 s."""
