@@ -169,9 +169,9 @@ def load_array(paths, size: int) -> np.ndarray:
 
 
 # A forward pass without gradients may use what is left of issue 22's 1.0 GB cap once TensorFlow and
-# the model are in memory. Measured here (peak RSS): TensorFlow's import 566 MB; loading a bundle
-# +315 MB for ResNet50 (29.0M weights with its exits) and +89 MB for Lite1 (5.3M), which the line
-# through both gives as 39 MB + 9.5 bytes a weight; a batch adds ~21.5 MB a ResNet50 photo at 224 px
+# the model are in memory. Measured here (peak RSS): TensorFlow's import 566 MB; then 315 MB more for
+# ResNet50 (29.0M weights with its exits; loaded, plus one pass) and 89 MB for Lite1 (5.3M; loaded),
+# which the line through both gives as 39 MB + 9.5 bytes a weight, erring high; a batch adds ~21.5 MB a ResNet50 photo at 224 px
 # (its BatchNorm passes peaked 86 MB higher at 8 photos a batch than at 4) and ~16 MB a Lite1 photo
 # at 240 px (its command, 63 MB higher): up to 430 bytes an input pixel.
 MEMORY_CAP = 1000e6
