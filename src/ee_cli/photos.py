@@ -169,11 +169,12 @@ def load_array(paths, size: int) -> np.ndarray:
 
 
 # A forward pass without gradients may use what is left of issue 22's 1.0 GB cap once TensorFlow and
-# the model are in memory. Measured here (peak RSS): TensorFlow's import 566 MB; then 315 MB more for
-# ResNet50 (29.0M weights with its exits; loaded, plus one pass) and 89 MB for Lite1 (5.3M; loaded),
-# which the line through both gives as 39 MB + 9.5 bytes a weight, erring high; a batch adds ~21.5 MB a ResNet50 photo at 224 px
-# (its BatchNorm passes peaked 86 MB higher at 8 photos a batch than at 4) and ~16 MB a Lite1 photo
-# at 240 px (its command, 63 MB higher): up to 430 bytes an input pixel.
+# the model are in memory. Measured here (peak RSS): TensorFlow's import 566 MB; then 315 MB more
+# for ResNet50 (29.0M weights with its exits; loaded, plus one pass) and 89 MB for Lite1 (5.3M;
+# loaded), which the line through both gives as 39 MB + 9.5 bytes a weight, erring high. A batch adds
+# ~21.5 MB a ResNet50 photo at 224 px (its BatchNorm passes peaked 86 MB higher at 8 photos a batch
+# than at 4) and ~16 MB a Lite1 photo at 240 px (its command, 63 MB higher): up to 430 bytes an
+# input pixel.
 MEMORY_CAP = 1000e6
 LOADED_BYTES = 566e6 + 39e6
 LOADED_BYTES_PER_WEIGHT = 9.5
@@ -183,10 +184,10 @@ BATCH_BYTES_PER_PIXEL = 430
 def inference_batch(size: int, weights: int = 0) -> int:
     """Photos per forward pass without gradients for a model of `weights` weights at `size` px: as
     many as the memory left after the model loads holds (above), rounded down to a power of two,
-    2 to 128. ResNet50 at 224 px gets 4, Lite1 at 240 px 8, a ResNet-9 at 32 px 128. The pixel rule before it
-    (4 a batch at 224-240 px) slowed Lite1, nowhere near the cap, against 8: on a dev user's command,
-    alternated three times each, 59.0-71.9 s against 57.6-59.4 s, the feature cache 14.5-20.5 s
-    against 12.6-14.8 s."""
+    2 to 128. ResNet50 at 224 px gets 4, Lite1 at 240 px 8, a ResNet-9 at 32 px 128. The pixel rule
+    before it (4 a batch at 224-240 px) slowed Lite1, nowhere near the cap, against 8: on a dev
+    user's command, alternated three times each, 59.0-71.9 s against 57.6-59.4 s, the feature cache
+    14.5-20.5 s against 12.6-14.8 s."""
     left = MEMORY_CAP - LOADED_BYTES - LOADED_BYTES_PER_WEIGHT * weights
     fits = max(1, int(left // (BATCH_BYTES_PER_PIXEL * size * size)))
     return max(2, min(128, 1 << (fits.bit_length() - 1)))
