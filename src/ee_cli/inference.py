@@ -1,7 +1,9 @@
-"""The one way ee pushes a folder's photos through a model without gradients: decoded and batched
-(by tf.data in `photos.dataset`; for stepping.py's passes by `photos.decoded_batches`, once), through one traced
-graph (eager dispatch cost as much as the convolutions at 224 px), a batch at a time, so only the
-outputs asked for are kept."""
+"""Whole passes of a folder's photos through a model without gradients, for the hold-out scores,
+`ee evaluate` and the benchmark: decoded and batched by tf.data (`photos.dataset`), through one
+traced graph (eager dispatch cost as much as the convolutions at 224 px), a batch at a time, so only
+the outputs asked for are kept. The passes of BatchNorm adaptation and of the class mix at each depth
+are stepping.py's (they resume from stepping stones inside the network); the feature cache's passes
+over augmented views are cache.py's."""
 
 from __future__ import annotations
 
