@@ -8,11 +8,18 @@ Two bounds, in whole batched passes over the person's photos (`timed_pass` times
   the class mix at each depth `--adapt-bn auto` tried, as personalise counted them
   (`metrics["adapted_bn"]["passes"]`: each pass's share of a whole pass's MACs, from its stepping
   stone to the layers it reached; see ee_cli/stepping.py).
+
+Both are timed inside a warm process. What any command that runs those passes pays before its first
+one is measured apart, in a fresh process (`python -m bench.bound --startup BUNDLE PHOTOS`: the
+interpreter, TensorFlow's import, the bundle's model loaded, every photo decoded), so the whole
+command can also be set against that start-up plus the method bound.
 """
 
 from __future__ import annotations
 
+import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -33,3 +40,20 @@ def timed_pass(model, images: np.ndarray, batch: int = 64, repeats: int = 2) -> 
 def method_passes(adaptation_passes: float, views: int, holdout_share: float) -> float:
     """The method bound in whole passes over every photo."""
     return 2 * views + holdout_share + adaptation_passes
+
+
+def startup(bundle_path: Path, photo_folder: Path) -> int:
+    """Everything a command pays before its first pass over the photos: returns how many it decoded."""
+    from ee_cli import bundle, compat, photos
+
+    compat.tf()
+    model = bundle.read_bundle(bundle_path).load_model()
+    paths = photos.scan_unlabelled(photo_folder).paths
+    size = int(model.input_shape[1])
+    return sum(len(batch) for batch in photos.decoded_batches(paths, size, photos.inference_batch(size, model.count_params())))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m bench.bound", description="A fresh process's start-up before its first pass, to be timed from outside.")
+    parser.add_argument("--startup", nargs=2, type=Path, metavar=("BUNDLE", "PHOTOS"), required=True)
+    print(startup(*parser.parse_args().startup))

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from bench import report
+from conftest import coloured_photos
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE_USERS = ["--users", "dev", "--scenarios", "k3-colour_cast", "--costs", "dev"]  # one user: the pipeline end to end, costs included
@@ -121,6 +122,14 @@ def test_the_method_bound_counts_the_cache_views_the_held_out_photos_and_the_ada
 
     assert bound.method_passes(2.5, views=1, holdout_share=0.2) == pytest.approx(2 + 0.2 + 2.5)
     assert bound.method_passes(0.0, views=3, holdout_share=0.0) == pytest.approx(6)
+
+
+def test_the_startup_floor_loads_the_bundle_and_decodes_every_readable_photo(attached, workspace):
+    from bench import bound
+
+    folder = coloured_photos(workspace / "photos", count=11)
+    (folder / "notes.txt").write_text("not a photo")
+    assert bound.startup(attached, folder) == 11
 
 
 def _without_timings(value):
