@@ -59,3 +59,19 @@ def test_rows_read_back_are_the_rows_written(tmp_path):
     views, indices = np.array([1, 0, 1]), np.array([4, 0, 2])
     np.testing.assert_array_equal(cache.OnDisk(tmp_path / "a.npy").read(views, indices), stored[views, indices])
     np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), stored)  # still a plain .npy file
+
+
+def test_a_small_cache_is_read_from_memory_with_the_rows_of_the_disk_and_a_large_one_stays_on_disk(tmp_path):
+    stored = (np.arange(2 * 6 * 4, dtype=np.float32) / 7).astype(np.float16).reshape(2, 6, 4)
+    on_disk = cache.OnDisk(tmp_path / "h.weak.npy", np.float16, stored.shape)
+    for view in range(2):
+        on_disk.write(view, 0, stored[view])
+    features = cache.FeatureCache(tmp_path, 2, {("h", "weak"): cache.OnDisk(tmp_path / "h.weak.npy")}, 0.0)
+    float32_bytes = stored.size * 4
+    held = features.held_if_small(limit=float32_bytes)
+    assert isinstance(held.arrays[("h", "weak")], cache.Held) and held.bytes == features.bytes == stored.nbytes
+    views, indices = np.array([1, 0, 1, 0]), np.array([5, 0, 2, 5])
+    from_memory, from_disk = held.get("h", "weak", views, indices), features.get("h", "weak", views, indices)
+    assert from_memory.dtype == from_disk.dtype == np.float32
+    np.testing.assert_array_equal(from_memory, from_disk)
+    assert features.held_if_small(limit=float32_bytes - 1) is features
