@@ -130,10 +130,13 @@ def build(directory: Path, feature_model, head_names: list[str], plan: Plan, pro
             shape = (views, len(paths), *output.shape[1:])
             arrays[(name, kind)] = OnDisk(directory / f"{name}.{kind}.npy", dtype, shape)
     tf = compat.tf()
-    # One graph per view kind: eager dispatch cost as much as the convolutions at 224 px.
-    weak_features = tf.function(lambda images, table: feature_model(augment.weak_from_table(images, table), training=False), reduce_retracing=True, autograph=False)
+    # One graph per view kind (eager dispatch cost as much as the convolutions at 224 px), traced once
+    # for every batch size: a retrace for the last, smaller batch cost a ResNet-9 user ~0.5 s a kind.
+    signature = [tf.TensorSpec((None, size, size, 3), tf.float32), tf.TensorSpec((None, len(augment.VIEW_COLUMNS)), tf.float32)]
+    weak_features = tf.function(lambda images, table: feature_model(augment.weak_from_table(images, table), training=False), input_signature=signature,
+                                autograph=False)
     strong_features = tf.function(lambda images, table: feature_model(augment.strong_from_table(images, table, each_op_on_its_photos_only=True), training=False),
-                                  reduce_retracing=True, autograph=False)
+                                  input_signature=signature, autograph=False)
     start = 0
     for images in photos.dataset(paths, size, batch):  # each photo decoded once, for every view
         count = int(images.shape[0])
