@@ -2,6 +2,10 @@
 
     PYTHONPATH=. python -m bench.personalise_vs_bound --model resnet9|lite1 [--users test] [--max-users N]
         [--repeats 2] [--out bench/results/personalise-vs-bound-<model>-<date>.jsonl]
+    PYTHONPATH=. python -m bench.personalise_vs_bound --summarise FILE.jsonl
+
+`--summarise` reads such a file: per ratio, the geometric mean over users with its 95 % bootstrap
+interval, the range, and how many users are within 2x.
 
 `make bench` runs two users at once, so a bound timed in one worker meets the other worker's load or
 not, by chance (ResNet-9's method bound varied 7.5 … 13.5 s over users with the same passes). Here,
@@ -71,16 +75,40 @@ def timed_startup(attached: Path, photo_folder: Path) -> float:
     return time.perf_counter() - started
 
 
+RATIOS = ("command_over_strict_bound", "command_over_method_bound", "command_over_startup_and_method_bound")
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Per ratio in RATIOS that the rows hold: report.stats over users, and how many are within 2x."""
+    from bench import report
+
+    found = {"users": len(rows), "command_seconds": [min(r["command_seconds"] for r in rows), max(r["command_seconds"] for r in rows)]}
+    for name in ("forward_pass_bound", "method_bound", "startup"):
+        if all(name in r for r in rows):
+            found[name] = [min(r[name] for r in rows), max(r[name] for r in rows)]
+    for name in RATIOS:
+        values = [r[name] for r in rows if name in r]
+        if values:
+            stats = report.stats(values, ratio=True)
+            found[name] = {"geomean": stats["geomean"], "ci95": stats["ci95"], "lowest": stats["worst"], "highest": stats["best"],
+                           "within_2x": sum(v <= 2 for v in values)}
+    return found
+
+
 def main(argv=None) -> None:
     from bench.protocol import GENERIC_MODELS, users
 
     parser = argparse.ArgumentParser(prog="python -m bench.personalise_vs_bound", description=__doc__.splitlines()[0])
+    parser.add_argument("--summarise", type=Path, default=None, help="summarise a results file instead of measuring")
     parser.add_argument("--model", choices=tuple(GENERIC_MODELS), default="resnet9")
     parser.add_argument("--users", choices=("dev", "test"), default="test")
     parser.add_argument("--max-users", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=2, help="turns of the command and the bounds; each keeps its fastest")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.summarise:
+        print(json.dumps(summarise([json.loads(line) for line in args.summarise.read_text().splitlines() if line.strip()]), indent=1))
+        return
     out = args.out or HERE / "results" / f"personalise-vs-bound-{args.model}-{date.today().isoformat()}.jsonl"
     with tempfile.TemporaryDirectory(prefix="ee-bound-") as scratch, out.open("a") as sink:
         for user_spec in users(args.users, 1)[: args.max_users]:

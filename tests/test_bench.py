@@ -222,3 +222,14 @@ def test_make_bench_measures_costs_on_test_users_only_unless_asked(tmp_path):
     assert all(job.settings.costs for job in jobs_for(parse(["--costs", "dev,test"]), tmp_path, generic))
     with pytest.raises(SystemExit):
         jobs_for(parse(["--costs", "everyone"]), tmp_path, generic)
+
+
+def test_the_bound_summary_takes_geometric_means_and_counts_the_users_within_2x():
+    from bench.personalise_vs_bound import summarise
+
+    rows = [{"command_seconds": 8.0, "method_bound": 2.0, "startup": 2.0, "command_over_method_bound": 4.0, "command_over_startup_and_method_bound": 2.0},
+            {"command_seconds": 3.0, "method_bound": 3.0, "startup": 1.0, "command_over_method_bound": 1.0, "command_over_startup_and_method_bound": 0.75}]
+    found = summarise(rows)
+    assert found["command_over_method_bound"]["geomean"] == pytest.approx(2.0)  # not the arithmetic 2.5
+    assert found["command_over_method_bound"]["within_2x"] == 1 and found["command_over_startup_and_method_bound"]["within_2x"] == 2
+    assert found["command_over_method_bound"]["highest"] == 4.0 and found["command_seconds"] == [3.0, 8.0] and "command_over_strict_bound" not in found
