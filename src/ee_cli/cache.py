@@ -3,7 +3,7 @@ epochs on what it stored (pooled features for pool-first heads, feature maps oth
 
 Arrays live on disk as .npy files in the run directory (float16 features, float32 teacher logits),
 written and read a batch of rows at a time, so they need not fit in memory, and a resumed run reuses
-them.
+them; a cache of up to HELD_BYTES is read into memory once for the heads' epochs.
 """
 
 from __future__ import annotations
