@@ -27,7 +27,7 @@ def measure(export_dir: Path, evaluate_run: Path, threads: int, warmup: int = 20
     classes = manifest["classes"]
     paths, labels = report_photos(evaluate_run)
     images = photos.load_array(paths, int(manifest["input"]["shape"][1])).astype(np.float32)
-    engine = litert.CascadeEngine(Path(export_dir) / "cascade.tflite", manifest["cascade"]["thresholds"], threads)
+    engine = litert.CascadeEngine.from_file(Path(export_dir) / "cascade.tflite", manifest["cascade"]["thresholds"], threads)
     plain = litert.Runner(litert.interpreter(Path(export_dir) / "final.tflite", threads), "serving_default")
     cascade, plain_s, plain_pred = run_in_turns(engine, plain, images, warmup=warmup)
     cascade_s, exits = cascade.seconds, cascade.exit_index

@@ -152,7 +152,7 @@ def _keras3_file(path: Path) -> Path:
         (["--backbone", "cifar_resnet9", "--weights", "missing.h5"], "existing weights file"),
         (["--backbone", "cifar_resnet9", "--input-size", "8"], "too small"),
         (["--backbone", "resnet50", "--weights", "imagenet", "--num-classes", "5"], "1000 classes"),
-        (["--backbone", "garbage.h5"], "cannot load model file"),
+        (["--backbone", "garbage.h5"], "cannot be opened as a tf_keras model file"),
         (["--backbone", "headless.h5"], "does not end in a classifier"),
         (["--backbone", "k3.keras"], "Keras 3"),
         (["--backbone", "cifar_resnet9", "--exit-layers", "layer1_res1_relu"], "inside a block"),

@@ -26,7 +26,7 @@ COMPARE = textwrap.dedent(
     manifest = json.loads((folder / "manifest.json").read_text())
     names = manifest["cascade"]["stops_after"]
     images = photos.load_array(photos.scan_unlabelled(data).paths[:100], 32).astype(np.float32)
-    engine = litert.CascadeEngine(folder / "cascade.tflite", [2.0] * (len(names) - 1), 1)
+    engine = litert.CascadeEngine.from_file(folder / "cascade.tflite", [2.0] * (len(names) - 1), 1)
     multi = litert.Runner(litert.interpreter(folder / "multi_exit.tflite", 1), "serving_default")
     diffs, agree = {n: 0.0 for n in names}, {n: 0 for n in names}
     for image in images:

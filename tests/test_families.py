@@ -66,7 +66,7 @@ COMPARE = textwrap.dedent(
     folder, mode = sys.argv[1], sys.argv[2]
     images = np.load(f"{folder}/photos.npy")
     reference, nudged = np.load(f"{folder}/reference.npy"), np.load(f"{folder}/nudged.npy")  # (outputs, photos, classes)
-    engine = litert.CascadeEngine(f"{folder}/cascade-{mode}.tflite", None, 1)
+    engine = litert.CascadeEngine.from_file(f"{folder}/cascade-{mode}.tflite", None, 1)
     staged = np.array([engine.every_exit(image) for image in images]).transpose(1, 0, 2)
     top_two = np.sort(reference, axis=-1)[..., -2:]
     decisive = top_two[..., 1] - top_two[..., 0] >= 2 / 256  # uint8 probabilities rank nothing closer

@@ -25,7 +25,7 @@ def folder(tmp_path_factory) -> Path:
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (["attach", "--backbone", "not_a_model.h5"], "cannot load model file"),
+        (["attach", "--backbone", "not_a_model.h5"], "cannot be opened as a tf_keras model file"),
         (["personalise", "--bundle", "B", "--data", "empty"], "holds no readable"),
         (["evaluate", "--bundle", "B", "--data", "empty"], "holds no readable"),
         (["export", "--tflite", "--bundle", "B"], "int8 export needs calibration photos"),

@@ -48,7 +48,7 @@ def attach(config: AttachConfig) -> AttachResult:
     names = read_class_names(config.classes)
     compat.seed_everything(config.seed)
     num_classes = config.num_classes if config.num_classes is not None else (len(names) if names else None)
-    backbone = backbones.build_backbone(config.backbone, config.weights, config.input_size, num_classes)
+    backbone = backbones.build_backbone(config.backbone, config.weights, config.input_size, num_classes, config.trust_model_code)
     if config.num_classes is not None and config.num_classes != backbone.num_classes:
         raise UserError(f"--num-classes {config.num_classes} but the classifier has {backbone.num_classes} outputs")
     names = names or default_class_names(backbone)
@@ -67,7 +67,7 @@ def survey(config: AttachConfig) -> Survey:
     """A backbone's graft points and where the asked exits would go; writes nothing. Built-in
     backbones are built without weights: the points don't depend on them."""
     weights = "none" if config.backbone in backbones.BUILTIN_BACKBONES else config.weights
-    backbone = backbones.build_backbone(config.backbone, weights, config.input_size, config.num_classes)
+    backbone = backbones.build_backbone(config.backbone, weights, config.input_size, config.num_classes, config.trust_model_code)
     candidates = graft.graft_points(backbone.model)
     return Survey(backbone, candidates, place_exits(backbone.model, candidates, config))
 

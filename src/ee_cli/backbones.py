@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ee_cli import compat
+from ee_cli import compat, trust
 from ee_cli.errors import UserError
 
 PREPROCESS_LAYER = "ee_preprocess"
@@ -56,7 +56,7 @@ class Backbone:
         return tuple(int(d) for d in self.model.input_shape[1:])
 
 
-def build_backbone(name: str, weights: str | None, input_size: int | None, num_classes: int | None) -> Backbone:
+def build_backbone(name: str, weights: str | None, input_size: int | None, num_classes: int | None, trust_code: bool = False) -> Backbone:
     if name in APPLICATIONS:
         return _application(name, weights or "imagenet", input_size or NATIVE_SIZE[name], num_classes)
     if name == CIFAR_RESNET:
@@ -64,7 +64,7 @@ def build_backbone(name: str, weights: str | None, input_size: int | None, num_c
     if Path(name).exists():
         if weights is not None or input_size is not None:
             raise UserError("--weights and --input-size apply to built-in backbones; a model file brings its own")
-        return load_model_file(Path(name))
+        return load_model_file(Path(name), trust_code)
     raise UserError(
         f"unknown backbone {name!r}: choose one of {', '.join(BUILTIN_BACKBONES)}, "
         "or give a tf_keras model file (.h5, .keras, or a SavedModel folder)"
@@ -204,12 +204,14 @@ def cifar_resnet9(size: int = 32, num_classes: int = 10, width: int = 32):
     return keras.Model(pixels, logits, name=CIFAR_RESNET)
 
 
-def load_model_file(path: Path) -> Backbone:
-    """A user's tf_keras model file that takes RGB pixels 0..255 and ends in a classifier."""
+def load_model_file(path: Path, trust_code: bool = False) -> Backbone:
+    """A user's tf_keras model file that takes RGB pixels 0..255 and ends in a classifier. Its
+    configuration is vetted for code before Keras reads it, unless the user trusts it (`trust`)."""
     _refuse_keras3_file(path)
+    trust.check_model_file(path, trust_code)
     keras = compat.keras()
     try:
-        model = keras.models.load_model(path, compile=False)
+        model = keras.models.load_model(path, compile=False, safe_mode=not trust_code)
     except Exception as error:  # h5py, zip, protobuf and Keras errors all mean the same thing here
         raise UserError(f"cannot load model file {path}: {_first_line(error)}") from None
     if not isinstance(model, keras.Model) or not hasattr(model, "_nodes_by_depth"):

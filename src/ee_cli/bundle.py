@@ -7,7 +7,6 @@ command takes by default.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -17,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from ee_cli import compat, policy, runs
+from ee_cli import compat, policy, runs, schemas, trust
 from ee_cli.errors import UserError
 from ee_cli.runs import write_json
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = schemas.BUNDLE_VERSION
 MODEL_FILE = "model.h5"
 MODEL_FORMAT = "tf_keras HDF5 (.h5)"
 META_FILE = "ee.json"
@@ -36,7 +35,11 @@ class Bundle:
     meta: dict[str, Any]
 
     def load_model(self):
-        return compat.keras().models.load_model(self.path / self.meta["model_file"], compile=False)
+        """The model; `read_bundle` has vetted its file (or the user trusted it)."""
+        try:
+            return compat.keras().models.load_model(self.path / self.meta["model_file"], compile=False)
+        except Exception as error:  # h5py and Keras errors alike: the file is damaged past its configuration
+            raise UserError(f"{self.path / self.meta['model_file']} cannot be loaded: {str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__}") from None
 
     def evidence(self) -> policy.Evidence | None:
         path = self.path / EVIDENCE_FILE
@@ -100,29 +103,70 @@ def with_exit_policy(meta: dict[str, Any], chosen: ExitPolicy | None) -> dict[st
     return {k: v for k, v in meta.items() if k != "policy"} | {"exits": exits, "policy": stored}
 
 
-def read_bundle(path: Path) -> Bundle:
+def read_bundle(path: Path, trust_code: bool = False) -> Bundle:
+    """A bundle from disk, validated before use: `ee.json` against its schema, the model file
+    openable, free of code (unless `trust_code`) and with the outputs `ee.json` describes."""
     meta_path = path / META_FILE
     if not meta_path.is_file():
         raise UserError(f"{path} is not a bundle (no {META_FILE}); make one with `ee attach`")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"{meta_path} is not valid JSON: {error}") from None
-    version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise UserError(f"{path} has bundle format {version}; this ee reads up to {FORMAT_VERSION}: upgrade ee")
-    if not (path / meta.get("model_file", MODEL_FILE)).is_file():
-        raise UserError(f"{path} is incomplete: its model file is missing")
+    meta = schemas.read_json(meta_path)
+    schemas.check_bundle_meta(meta, meta_path)
+    model_path = path / meta["model_file"]
+    if not model_path.is_file():
+        raise UserError(f"{path} is incomplete: its model file {meta['model_file']} is missing")
+    config = trust.read_model_config(model_path)
+    if not trust_code:
+        trust.refuse_code(config, model_path)
+    _check_outputs(config, meta, model_path)
     return Bundle(path, meta)
 
 
-def input_bundle(explicit: str | None) -> tuple[Bundle, bool]:
+def _check_outputs(config: dict[str, Any], meta: dict[str, Any], model_path: Path) -> None:
+    """The model's outputs are the ones ee.json describes, in its order."""
+    expected = head_outputs(meta) + ([meta["generic_output"]] if meta.get("generic_output") else [])
+    layers = (config.get("config") or {}).get("output_layers") if isinstance(config, dict) else None
+    found = [entry[0] for entry in layers] if isinstance(layers, list) and all(isinstance(e, list) and e for e in layers) else None
+    if found != expected:
+        raise UserError(f"{model_path} does not match {META_FILE}: its outputs are {found}, {META_FILE} describes {expected}")
+    inputs = [layer for layer in config["config"].get("layers", []) if isinstance(layer, dict) and layer.get("class_name") == "InputLayer"]
+    shape = (inputs[0].get("config") or {}).get("batch_input_shape") if len(inputs) == 1 else None
+    if isinstance(shape, list) and shape[1:] != meta["input"]["shape"]:
+        raise UserError(f"{model_path} does not match {META_FILE}: the model takes {shape[1:]}, {META_FILE} says {meta['input']['shape']}")
+    personal, every = len(meta.get("output_classes") or meta["classes"]), len(meta["classes"])
+    for name in found:
+        units = _output_units(config, name)
+        wanted = every if name == meta.get("generic_output") else personal
+        if units is not None and units != wanted:
+            raise UserError(f"{model_path} does not match {META_FILE}: output {name} has {units} classes, {META_FILE} names {wanted}")
+
+
+def _output_units(config: dict[str, Any], name: str) -> int | None:
+    """How many classes an output gives: the units of the Dense layer it comes from (None if unclear)."""
+    layers = {layer.get("name"): layer for layer in config["config"].get("layers", []) if isinstance(layer, dict)}
+    layer = layers.get(name)
+    for _ in range(len(layers)):
+        if not isinstance(layer, dict):
+            return None
+        units = (layer.get("config") or {}).get("units")
+        if isinstance(units, int):
+            return units
+        try:
+            layer = layers.get(layer["inbound_nodes"][0][0][0])
+        except (KeyError, IndexError, TypeError):
+            return None
+    return None
+
+
+def input_bundle(explicit: str | None, trust_code: bool = False) -> tuple[Bundle, bool]:
     """The bundle a command reads: the one given, else the latest written here. Also: was it implicit?"""
     if explicit is not None:
-        return read_bundle(Path(explicit)), False
+        return read_bundle(Path(explicit), trust_code), False
     if not LATEST_FILE.is_file():
         raise UserError("no bundle given and none written here yet: pass --bundle PATH or run `ee attach` first")
-    return read_bundle(Path(json.loads(LATEST_FILE.read_text())["path"])), True
+    latest = schemas.read_json(LATEST_FILE)
+    if not isinstance(latest, dict) or not isinstance(latest.get("path"), str):
+        raise UserError(f"{LATEST_FILE} is malformed: pass --bundle PATH")
+    return read_bundle(Path(latest["path"]), trust_code), True
 
 
 def default_output(stem: str) -> Path:

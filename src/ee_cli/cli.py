@@ -35,6 +35,11 @@ SEED_OPTION = typer.Option("--seed", help="Random seed (default 0).", rich_help_
 JSON_OPTION = typer.Option("--json", help="Print the result as JSON instead of a table.", rich_help_panel="Run")
 OUT_OPTION = typer.Option("--out", help="Output bundle folder (default: bundles/<name>, numbered if taken).", rich_help_panel="Output")
 EXIST_OK_OPTION = typer.Option("--exist-ok", help="Replace the output bundle if it exists.", rich_help_panel="Output")
+TRUST_OPTION = typer.Option(
+    "--trust-model-code",
+    help="Load a model file even if it carries code: Lambda layers (Python bytecode), custom layers, TF calls other than tensor maths, SavedModel folders. Only for files whose author you trust; without it such a file is refused before anything in it is read as code.",
+    rich_help_panel="Run",
+)
 
 
 def main() -> None:
@@ -117,6 +122,7 @@ def attach(
     head: Annotated[Optional[str], typer.Option(help="Exit head: light (average-pool to a 4x4 grid -> dense -> dense; cheap to cache and train) or conv (2 convs -> pool -> dense, as drawn in the paper) (default light).", rich_help_panel="Exits")] = None,
     out: Annotated[Optional[str], OUT_OPTION] = None,
     exist_ok: Annotated[bool, EXIST_OK_OPTION] = False,
+    trust_model_code: Annotated[bool, TRUST_OPTION] = False,
     seed: Annotated[Optional[int], SEED_OPTION] = None,
     config: Annotated[Optional[Path], CONFIG_OPTION] = None,
     as_json: Annotated[bool, JSON_OPTION] = False,
@@ -188,6 +194,7 @@ def personalise(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.", rich_help_panel="Run")] = False,
     out: Annotated[Optional[str], OUT_OPTION] = None,
     exist_ok: Annotated[bool, EXIST_OK_OPTION] = False,
+    trust_model_code: Annotated[bool, TRUST_OPTION] = False,
     seed: Annotated[Optional[int], SEED_OPTION] = None,
     config: Annotated[Optional[Path], CONFIG_OPTION] = None,
     as_json: Annotated[bool, JSON_OPTION] = False,
@@ -260,6 +267,7 @@ def evaluate(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.", rich_help_panel="Run")] = False,
     out: Annotated[Optional[str], OUT_OPTION] = None,
     exist_ok: Annotated[bool, EXIST_OK_OPTION] = False,
+    trust_model_code: Annotated[bool, TRUST_OPTION] = False,
     seed: Annotated[Optional[int], SEED_OPTION] = None,
     config: Annotated[Optional[Path], CONFIG_OPTION] = None,
     as_json: Annotated[bool, JSON_OPTION] = False,
@@ -306,6 +314,7 @@ def export_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.", rich_help_panel="Run")] = False,
     out: Annotated[Optional[str], typer.Option("--out", help="Output folder (default: exports/<bundle>-<mode>, numbered if taken).", rich_help_panel="Output")] = None,
     exist_ok: Annotated[bool, EXIST_OK_OPTION] = False,
+    trust_model_code: Annotated[bool, TRUST_OPTION] = False,
     seed: Annotated[Optional[int], SEED_OPTION] = None,
     config: Annotated[Optional[Path], CONFIG_OPTION] = None,
     as_json: Annotated[bool, JSON_OPTION] = False,

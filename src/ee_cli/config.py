@@ -25,6 +25,7 @@ class AttachConfig:
     out: str | None = None
     exist_ok: bool = False
     seed: int = 0
+    trust_model_code: bool = False  # load a model file even if it carries code (Lambda, custom layers, a SavedModel)
 
 
 def resolve(cls: type[ConfigT], section: str, toml_path: Path | None, flags: dict[str, Any]) -> ConfigT:
@@ -48,6 +49,8 @@ def _read_section(path: Path, section: str, names: set[str]) -> dict[str, Any]:
         document = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"config file {path} does not exist") from None
+    except OSError as error:
+        raise UserError(f"config file {path} cannot be read: {error.strerror or error}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise UserError(f"config file {path} is not valid TOML: {error}") from None
     table = document.get(section, {})
@@ -93,6 +96,7 @@ class PersonaliseConfig:
     engine: str = "tensorflow"  # tensorflow | litert: train through personalise.tflite in LiteRT, as a phone would
     resume: bool = False
     quiet: bool = False
+    trust_model_code: bool = False  # read a bundle whose model carries code
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +117,7 @@ class EvaluateConfig:
     tflite: str | None = None  # an `ee export` folder: also time each exit's .tflite in LiteRT
     threads: int = 1  # LiteRT threads
     quiet: bool = False
+    trust_model_code: bool = False  # read bundles whose model carries code
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +139,7 @@ class ExportConfig:
     trainable: bool = False  # also write personalise.tflite: the exits and early BN statistics trainable on the phone
     threads: int = 1
     quiet: bool = False
+    trust_model_code: bool = False  # read a bundle whose model carries code
 
 
 @dataclasses.dataclass(frozen=True)

@@ -96,7 +96,7 @@ def measure(cascade: bytes, heads: bytes, runtime: Runtime) -> Profile:
     cascade_path.write_bytes(cascade)
     heads_path.write_bytes(heads)
     try:
-        engine = litert.CascadeEngine(cascade_path, None, threads)
+        engine = litert.CascadeEngine.from_file(cascade_path, None, threads)
         stage_inputs = engine.stage_inputs(pixels)
         head_interpreter = litert.interpreter(heads_path, threads)
         heads = [litert.Runner(head_interpreter, key) for key in litert.stage_keys(head_interpreter)]

@@ -64,7 +64,7 @@ class Profile:
 def evaluate(config: EvaluateConfig, progress=None) -> EvaluateResult:
     progress = progress or (lambda stage, fraction, info: None)
     _check(config)
-    source, implicit = bundle.input_bundle(config.bundle)
+    source, implicit = bundle.input_bundle(config.bundle, config.trust_model_code)
     out = Path(config.out) if config.out else bundle.default_output(f"{source.path.name.removesuffix('-calibrated')}-calibrated")
     bundle.check_output(out, config.exist_ok)
     found = _read_photos(Path(config.data), source.meta)
@@ -172,10 +172,10 @@ def _cut(meta, mean_cost: float) -> float:
 def _generic_source(config, source, meta) -> tuple[Any, str]:
     """The generic model's bundle: given, else the first bundle in this one's provenance."""
     if config.generic_bundle:
-        return bundle.read_bundle(Path(config.generic_bundle)), "given"
+        return bundle.read_bundle(Path(config.generic_bundle), config.trust_model_code), "given"
     for step in meta["provenance"]:
         if step.get("from") and Path(step["from"]).is_dir():
-            return bundle.read_bundle(Path(step["from"])), "provenance"
+            return bundle.read_bundle(Path(step["from"]), config.trust_model_code), "provenance"
     return source, "this bundle"
 
 
@@ -288,8 +288,7 @@ def _latency(model, exit_names: list[str], size: int, runs_count: int) -> dict[s
 def _litert_latency(folder: Path, outputs: list[str], size: int, threads: int, runs_count: int) -> dict[str, dict]:
     """LiteRT latency of each exported exit's network (`exit_K.tflite`, `final.tflite`), batch 1,
     quantise-run-dequantise as an engine would, after 10 warm-up runs."""
-    if not (folder / "manifest.json").is_file():
-        raise UserError(f"--tflite {folder}: not an `ee export` folder (no manifest.json)")
+    litert.read_manifest(folder)
     sample = np.random.default_rng(0).uniform(0, 255, (1, size, size, 3)).astype(np.float32)
     measured = {}
     for name in outputs:

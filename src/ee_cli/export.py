@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ee_cli import bundle, compat, deploy, litert, photos, runs, stages
+from ee_cli import bundle, compat, deploy, litert, photos, runs, schemas, stages
 from ee_cli.config import ExportConfig, as_dict
 from ee_cli.errors import UserError
 
@@ -74,7 +74,7 @@ class Signature:
 def export(config: ExportConfig, progress=None) -> ExportResult:
     progress = progress or (lambda stage, fraction, info: None)
     _check(config)
-    source, implicit = bundle.input_bundle(config.bundle)
+    source, implicit = bundle.input_bundle(config.bundle, config.trust_model_code)
     meta = source.meta
     out = Path(config.out) if config.out else _default_out(source.path.name, config.quant)
     _check_output(out, config.exist_ok)
@@ -350,6 +350,7 @@ def _manifest(source: bundle.Bundle, config: ExportConfig, written: Written, sta
     sizes = dict(written.files)
     used = {e["name"]: e["threshold"] for e in enabled}
     return {
+        "format_version": schemas.MANIFEST_VERSION,
         "bundle": str(source.path.resolve()),
         "quant": config.quant,
         "qat": config.qat,

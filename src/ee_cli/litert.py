@@ -3,13 +3,32 @@ on-device early-exit engine that runs a staged cascade photo by photo."""
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from ee_cli import compat
+from ee_cli import compat, schemas
+from ee_cli.errors import UserError
+
+MANIFEST_FILE = "manifest.json"
+PLAIN_FILE = "final.tflite"  # the plain model, beside the cascade in every export
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """An export folder's manifest, validated, with every file it names present."""
+    manifest_path = folder / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise UserError(f"{folder} is not an `ee export` folder (no {MANIFEST_FILE})")
+    manifest = schemas.read_json(manifest_path)
+    schemas.check_manifest(manifest, manifest_path)
+    missing = [name for name in [*manifest["files"], PLAIN_FILE] if not (folder / name).is_file()]
+    if missing:
+        raise UserError(f"{folder} is incomplete: {', '.join(sorted(set(missing)))} missing")
+    return manifest
 
 
 class Runner:
@@ -90,10 +109,43 @@ def highest_probability(detail: dict) -> float:
 
 
 def interpreter(path: Path, threads: int):
-    with compat.native_logs_silenced():
-        loaded = compat.litert_interpreter_class()(model_path=str(path), num_threads=threads)
-        loaded.allocate_tensors()
+    """A LiteRT interpreter over `path`, ready to run; a file LiteRT cannot read is a user error."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path.parent} is incomplete: {path.name} is missing")
+    try:
+        with compat.native_logs_silenced():
+            loaded = compat.litert_interpreter_class()(model_path=str(path), num_threads=threads)
+            loaded.allocate_tensors()
+    except (ValueError, RuntimeError) as error:
+        raise UserError(f"{path} is not a valid .tflite model ({_first_line(error)})") from None
     return loaded
+
+
+def check_stages(loaded, path: Path, expected: list[str]) -> None:
+    """The cascade file has the stages its manifest names, each ending in probabilities (and
+    handing features on, but for the last)."""
+    keys = list(loaded.get_signature_list())
+    if len(keys) > 1 and not all(re.fullmatch(r"\w+_[0-9]+", key) for key in keys):
+        raise UserError(f"{path}: its stages must be numbered signatures (stage_0, stage_1, ...), not {sorted(keys)}")
+    if sorted(keys) != sorted(expected):
+        raise UserError(f"{path} does not match its manifest: signatures {sorted(keys)}, the manifest names {sorted(expected)}")
+    for index, key in enumerate(stage_keys(loaded)):
+        outputs = set(loaded.get_signature_list()[key]["outputs"])
+        wanted = {"probabilities"} | ({"features"} if index < len(keys) - 1 else set())
+        if not wanted <= outputs:
+            raise UserError(f"{path}: stage {key} lacks the output(s) {', '.join(sorted(wanted - outputs))}")
+
+
+def check_plain(loaded, path: Path) -> None:
+    signatures = loaded.get_signature_list()
+    if "probabilities" not in signatures.get("serving_default", {}).get("outputs", []):
+        raise UserError(f"{path} is not an ee plain model: no serving_default signature with a probabilities output")
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:200] if lines else type(error).__name__
 
 
 @dataclass
@@ -111,8 +163,8 @@ class CascadeEngine:
     rounding), so they pass unchanged; otherwise they are requantised.
     """
 
-    def __init__(self, path: Path, thresholds: list[float | None] | None, threads: int):
-        self.interpreter = interpreter(path, threads)
+    def __init__(self, loaded, thresholds: list[float | None] | None):
+        self.interpreter = loaded
         self.stages = [Runner(self.interpreter, key) for key in stage_keys(self.interpreter)]
         thresholds = [None] * (len(self.stages) - 1) if thresholds is None else thresholds
         if len(thresholds) != len(self.stages) - 1:
@@ -120,6 +172,10 @@ class CascadeEngine:
         # None: never calibrated, never leaves. A uint8 probability tops out at 255/256: a threshold
         # above that (0.9975 was calibrated in float for the demo's first exit) would never fire.
         self.thresholds = [usable_threshold(t, stage.outputs["probabilities"]) for t, stage in zip(thresholds, self.stages)]
+
+    @classmethod
+    def from_file(cls, path: Path, thresholds: list[float | None] | None, threads: int) -> "CascadeEngine":
+        return cls(interpreter(path, threads), thresholds)
 
     def classify(self, pixels: np.ndarray, thresholds: list[float] | None = None) -> tuple[int, np.ndarray]:
         thresholds = self.thresholds if thresholds is None else thresholds

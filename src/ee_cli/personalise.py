@@ -4,7 +4,6 @@ train the exit heads (frozen backbone), switch on the exits that are good enough
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from ee_cli import adapt, bundle, cache, compat, inference, photos, policy, runs, ssl
+from ee_cli import adapt, bundle, cache, compat, inference, photos, policy, runs, schemas, ssl
 from ee_cli.config import PersonaliseConfig, as_dict
 from ee_cli.errors import UserError
 from ee_cli.personal_model import GENERIC_OUTPUT, PersonalHead, build_personal_model, generic_output
@@ -109,7 +108,7 @@ class Outcome:
 def personalise(config: PersonaliseConfig, progress: Progress | None = None) -> PersonaliseResult:
     progress = progress or (lambda stage, fraction, info: None)
     _check_numbers(config)
-    source, source_implicit = bundle.input_bundle(config.bundle)
+    source, source_implicit = bundle.input_bundle(config.bundle, config.trust_model_code)
     run_dir = _run_dir(config)
     out = Path(config.out) if config.out else _planned_output(run_dir, source.path)
     bundle.check_output(out, config.exist_ok)
@@ -262,8 +261,8 @@ def _run_dir(config: PersonaliseConfig) -> Path:
     if config.resume:
         for candidate in sorted(runs.DEFAULT_ROOT.glob("personalise-*"), key=lambda p: runs._number(p.name, "personalise"), reverse=True):
             state = candidate / "state.json"
-            if state.is_file() and json.loads(state.read_text())["status"] == "running":
-                if json.loads((candidate / "config.json").read_text()) != resolved:
+            if state.is_file() and _run_file(state, "status") == "running":
+                if schemas.read_json(candidate / "config.json") != resolved:
                     raise UserError(f"--resume: the unfinished run {candidate} was started with other settings")
                 return candidate
         raise UserError("--resume: no unfinished personalise run in runs/")
@@ -273,11 +272,19 @@ def _run_dir(config: PersonaliseConfig) -> Path:
     return run_dir
 
 
+def _run_file(path: Path, key: str) -> str:
+    """One string field of a run folder's JSON file, or a one-line error naming the file."""
+    document = schemas.read_json(path)
+    if not isinstance(document, dict) or not isinstance(document.get(key), str):
+        raise UserError(f"{path} is damaged (no {key!r}): remove that run folder or start a new run without --resume")
+    return document[key]
+
+
 def _planned_output(run_dir: Path, source: Path) -> Path:
     """The default output, fixed in the run dir on first use so that --resume writes the same one."""
     planned = run_dir / "output.json"
     if planned.is_file():
-        return Path(json.loads(planned.read_text())["out"])
+        return Path(_run_file(planned, "out"))
     stem = source.name if source.name.endswith("-personal") else f"{source.name}-personal"
     out = bundle.default_output(stem)
     runs.write_json(planned, {"out": str(out)})
@@ -371,8 +378,14 @@ def train_heads(tails, batches, job: Job, config: PersonaliseConfig, run_dir: Pa
     history_path = run_dir / "history.json"
     history: list[dict] = []
     if manager.latest_checkpoint:
-        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-        history = json.loads(history_path.read_text())[: int(epoch_done.numpy())]
+        try:
+            checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        except (tf.errors.OpError, ValueError, AssertionError) as error:
+            raise UserError(f"--resume: the checkpoint in {run_dir} cannot be restored ({str(error).splitlines()[0][:160]}); start a new run without --resume") from None
+        history = schemas.read_json(history_path) if history_path.is_file() else []
+        if not isinstance(history, list):
+            raise UserError(f"{history_path} is damaged: start a new run without --resume")
+        history = history[: int(epoch_done.numpy())]
     personal_tensor = tf.constant(job.personal, tf.int32)
     roles = job.roles
     step = _make_step(tails, optimizer, personal_tensor, config)

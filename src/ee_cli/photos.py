@@ -76,11 +76,11 @@ def label_names(found: PhotoSet, class_names: list[str]) -> np.ndarray | None:
 
 def subfolder_names(root: Path) -> list[str]:
     """The photo folder's visible sub-folders, sorted: its classes when it is labelled."""
-    _check_folder(root)
+    check_folder(root)
     return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _check_folder(root: Path) -> None:
+def check_folder(root: Path) -> None:
     if not root.exists():
         raise UserError(f"photo folder {root} does not exist")
     if not root.is_dir():
@@ -88,7 +88,7 @@ def _check_folder(root: Path) -> None:
 
 
 def _files(root: Path) -> list[Path]:
-    _check_folder(root)
+    check_folder(root)
     return sorted(p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 

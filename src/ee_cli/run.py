@@ -3,7 +3,6 @@ beside the plain model's, measured in the same process with the same threads."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -21,15 +20,11 @@ def run_cascade(config: RunConfig) -> dict[str, Any]:
     if config.threads < 1 or (config.limit is not None and config.limit < 1) or config.profile_runs < 1:
         raise UserError("--threads, --limit and --profile-runs must be at least 1")
     folder, threads = Path(config.tflite), config.threads
-    manifest_path = folder / "manifest.json"
-    if not manifest_path.is_file():
-        raise UserError(f"{folder} is not an `ee export` folder (no manifest.json)")
-    manifest = json.loads(manifest_path.read_text())
+    photos.check_folder(Path(config.data))  # the user's own mistake first, before the export is read
+    manifest = litert.read_manifest(folder)
     classes = manifest["classes"]
+    engine, full = open_export(folder, manifest, threads)
     images, labels = _photos(Path(config.data), classes, int(manifest["input"]["shape"][1]), config)
-    thresholds = manifest["cascade"]["thresholds"]
-    engine = litert.CascadeEngine(folder / "cascade.tflite", thresholds, threads)
-    full = litert.Runner(litert.interpreter(folder / "final.tflite", threads), "serving_default")
     cascade, full_seconds, full_predictions = run_in_turns(engine, full, images)
     names = manifest["cascade"]["stops_after"]
     predictions = np.array([p.argmax() for p in cascade.probabilities])
@@ -51,6 +46,20 @@ def run_cascade(config: RunConfig) -> dict[str, Any]:
         report["accuracy"] = float(np.mean(np.array(classes)[predictions] == labels))
         report["full_accuracy"] = float(np.mean(np.array(classes)[np.array(full_predictions)] == labels))
     return report
+
+
+def open_export(folder: Path, manifest: dict[str, Any], threads: int):
+    """The cascade engine and the plain model of an export, each checked against the manifest."""
+    cascade_path, plain_path = folder / manifest["cascade"]["file"], folder / litert.PLAIN_FILE
+    loaded = litert.interpreter(cascade_path, threads)
+    litert.check_stages(loaded, cascade_path, manifest["cascade"]["signatures"])
+    plain = litert.interpreter(plain_path, threads)
+    litert.check_plain(plain, plain_path)
+    engine, full = litert.CascadeEngine(loaded, manifest["cascade"]["thresholds"]), litert.Runner(plain, "serving_default")
+    for runner, path in [*((stage, cascade_path) for stage in engine.stages), (full, plain_path)]:
+        if int(runner.outputs["probabilities"]["shape"][-1]) != len(manifest["classes"]):
+            raise UserError(f"{path} does not match its manifest: {runner.outputs['probabilities']['shape'][-1]} classes out, the manifest names {len(manifest['classes'])}")
+    return engine, full
 
 
 def run_in_turns(engine, plain, images: np.ndarray, block: int = 25, warmup: int = 10):
