@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench clean mutation nightly
 
 GENERIC := $(HOME)/.cache/ee/models/cifar_resnet9.h5
 LITE1 := $(HOME)/.cache/ee/models/cifar_lite1.h5
@@ -25,6 +25,17 @@ test: install
 demo: install
 	bash scripts/demo.sh
 
+# The slow checks make test leaves out, then the mutation score of the decision modules.
+nightly: install
+	$(BIN)/pytest -m nightly
+	$(MAKE) mutation
+
+mutation: install
+	$(BIN)/pip install --quiet -e '.[dev]'
+	rm -rf mutants
+	$(BIN)/mutmut run
+	$(BIN)/python scripts/mutation_score.py
+
 $(GENERIC): | install
 	PYTHONPATH=. $(BIN)/python -m models.train_cifar
 
@@ -36,4 +47,4 @@ bench: install $(GENERIC) $(LITE1)
 	PYTHONPATH=. $(BIN)/python -m bench.run --generic $(GENERIC) --lite1 $(LITE1) --workers $(BENCH_WORKERS) $(BENCH_ARGS)
 
 clean:
-	rm -rf build bundles runs .pytest_cache
+	rm -rf build bundles runs .pytest_cache mutants

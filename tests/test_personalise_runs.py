@@ -55,7 +55,11 @@ def test_kill_9_then_resume_ends_bit_identical_to_an_uninterrupted_run(workspace
     resumed = _personalise_process(workspace, "--out", "resumed", "--resume")
     _, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr
-    assert json.loads(history.read_text())[0].get("marker"), "--resume trained the finished epochs again"
+    resumed_history = json.loads(history.read_text())
+    assert resumed_history[0].get("marker"), "--resume trained the finished epochs again"
+    # The resumed run went on in the killed run's folder, to the last epoch, and started no other.
+    assert len(resumed_history) == EPOCHS and json.loads((history.parent / "state.json").read_text())["status"] != "running"
+    assert sorted(p.name for p in (workspace / "runs").glob("personalise-*")) == ["personalise-1", "personalise-2"]
     straight = bundle.read_bundle(workspace / "straight").load_model()
     again = bundle.read_bundle(workspace / "resumed").load_model()
     for layer in straight.layers:
