@@ -17,13 +17,13 @@ classes=airplane,automobile,bird,cat,deer,dog,frog,horse,ship,truck
 for point in match-generic keep; do
   "$ee" evaluate --bundle personal --data user/test --use "$point" --out "calibrated-$point" --exist-ok --quiet --json > "evaluate-$point.json"
 done
-"$ee" evaluate --bundle personal --data user/test --calibrate-on user/heldout --use label-free --out calibrated-label-free --exist-ok --quiet --json > evaluate-label-free.json
+"$ee" evaluate --bundle personal --data user/test --unlabelled user/heldout --use label-free --out calibrated-label-free --exist-ok --quiet --json > evaluate-label-free.json
 for quant in none fp16 dynamic int8 int8_full; do
   "$ee" export --tflite --bundle calibrated-match-generic --quant "$quant" --validate user/test --validation-photos 3000 --out "export-$quant" --exist-ok --quiet --json > "export-$quant.json"
 done
 for quant in none int8_full; do
-  "$ee" run --tflite "export-$quant" --data user/test --threads 1 --json > "run-match-generic-$quant.json"
+  "$ee" run --export "export-$quant" --data user/test --threads 1 --json > "run-match-generic-$quant.json"
   "$ee" export --tflite --bundle calibrated-keep --quant "$quant" --validate user/test --validation-photos 3000 --out "export-keep-$quant" --exist-ok --quiet --json > "export-keep-$quant.json"
-  "$ee" run --tflite "export-keep-$quant" --data user/test --threads 1 --json > "run-keep-$quant.json"
+  "$ee" run --export "export-keep-$quant" --data user/test --threads 1 --json > "run-keep-$quant.json"
 done
 echo "done: results in $work"

@@ -25,5 +25,5 @@ PY
 for quant in none fp16 dynamic int8 int8_full; do
   "$ee" export --tflite --bundle r50-recalibrated --quant "$quant" --calibration photos --calibration-photos 100 --validate check --validation-photos 100 --max-accuracy-drop 100 --out "r50-$quant" --exist-ok --quiet --json > "export-$quant.json"
 done
-"$ee" run --tflite r50-int8_full --data check --limit 30 --threads 1 --json > run-int8_full.json
+"$ee" run --export r50-int8_full --data check --limit 30 --threads 1 --json > run-int8_full.json
 echo "done: results in $work"

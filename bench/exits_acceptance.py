@@ -90,7 +90,7 @@ def run_user(job: Job, scenario: str, seed: int, work: Path) -> dict:
     row |= _on_test_photos(work / personalised["bundle"], user)
     for mode in job.modes:
         exported = ee("export", "--tflite", "--quant", mode, "--out", f"export-{mode}", "--quiet", cwd=work)
-        ran = ee("run", "--tflite", f"export-{mode}", "--data", str(folders["test"]), cwd=work)
+        ran = ee("run", "--export", f"export-{mode}", "--data", str(folders["test"]), cwd=work)
         row[mode] = {"policy": exported["manifest"]["cascade"]["policy"], "stops_after": exported["manifest"]["cascade"]["stops_after"],
                      "speedup": ran["speedup"], "accuracy": ran["accuracy"], "full_accuracy": ran["full_accuracy"], "histogram": ran["histogram"],
                      "cascade_ms": ran["cascade_ms"]["mean"], "full_ms": ran["full_ms"]["mean"],

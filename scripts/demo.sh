@@ -15,10 +15,10 @@ set -x
 "$ee" evaluate --data "$demo/test" --use keep --json > evaluate.json
 # 300 test photos: one photo is 0.33 points, so the int8 bound is 3 points (1 point is the default).
 "$ee" export --tflite --quant int8_full --validate "$demo/test" --max-accuracy-drop 3 --out exports/int8_full
-"$ee" run --tflite exports/int8_full --data "$demo/test" --json > run-int8.json
+"$ee" run --export exports/int8_full --data "$demo/test" --json > run-int8.json
 # Float32 too: at 32x32 on a CPU, int8's full-resolution first layers take most of its latency,
 # so the cascade's saving shows in float and the table states both.
 "$ee" export --tflite --quant none --validate "$demo/test" --out exports/float32
-"$ee" run --tflite exports/float32 --data "$demo/test" --json > run-float32.json
+"$ee" run --export exports/float32 --data "$demo/test" --json > run-float32.json
 set +x
 "$repo/.venv/bin/python" "$repo/scripts/demo_summary.py" evaluate.json run-float32.json run-int8.json

@@ -27,7 +27,7 @@ def personalised(workspace, personalised_template):
 
 
 def test_evaluate_profiles_exits_and_writes_a_calibrated_bundle(workspace, personalised, cli):
-    result = cli("evaluate", "--data", "test", "--out", "C", "--latency-runs", "2", "--use", "match-generic")
+    result = cli("evaluate", "--data", "test", "--out", "C", "--timed-runs", "2", "--use", "match-generic")
     assert result.exit_code == 0, result.output
     assert "Operating points" in result.stdout and "oracle" in result.stdout
     run = sorted((workspace / "runs").glob("evaluate-*"))[-1]
@@ -52,7 +52,7 @@ def test_evaluate_profiles_exits_and_writes_a_calibrated_bundle(workspace, perso
     assert json.loads((personalised / "ee.json").read_text())["exits"][0]["threshold"] is None  # input untouched
     assert metrics["as_stored"]["set_by"] == "personalise"
     # C's own thresholds, read back from the bundle, on the same report photos: the point C was written from
-    again = cli("evaluate", "--data", "test", "--bundle", "C", "--out", "C2", "--latency-runs", "2")
+    again = cli("evaluate", "--data", "test", "--bundle", "C", "--out", "C2", "--timed-runs", "2")
     assert again.exit_code == 0, again.output
     stored = json.loads((sorted((workspace / "runs").glob("evaluate-*"))[-1] / "metrics.json").read_text())["as_stored"]
     assert stored["set_by"] == "evaluate" and stored["operating_point"] == "match-generic" and "as stored" in again.stdout
@@ -62,7 +62,7 @@ def test_evaluate_profiles_exits_and_writes_a_calibrated_bundle(workspace, perso
 
 def test_unlabelled_photos_give_agreement_clearly_labelled(workspace, personalised, cli):
     coloured_photos(workspace / "loose", 60, seed=9)
-    result = cli("evaluate", "--data", "loose", "--out", "C", "--latency-runs", "1", "--json")
+    result = cli("evaluate", "--data", "loose", "--out", "C", "--timed-runs", "1", "--json")
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout)["metrics"]
     assert metrics["measure"] == "agreement with the final exit"
@@ -79,7 +79,7 @@ def test_unlabelled_photos_give_agreement_clearly_labelled(workspace, personalis
 
 def test_label_free_calibration(workspace, personalised, cli):
     coloured_photos(workspace / "held", 40, seed=11)
-    result = cli("evaluate", "--data", "test", "--calibrate-on", "held", "--use", "label-free", "--out", "C", "--latency-runs", "1", "--json")
+    result = cli("evaluate", "--data", "test", "--unlabelled", "held", "--use", "label-free", "--out", "C", "--timed-runs", "1", "--json")
     assert result.exit_code == 0, result.output
     point = json.loads(result.stdout)["metrics"]["operating_points"]["label-free"]
     assert point["calibration_photos"] == 40
@@ -102,7 +102,7 @@ def test_label_free_calibration(workspace, personalised, cli):
         (["--data", "mixed"], "match no class"),
         (["--data", "photos"], "personalised this bundle"),
         (["--data", "test", "--bundle", "future"], "upgrade ee"),
-        (["--data", "test", "--calibrate-split", "1"], "--calibrate-split"),
+        (["--data", "test", "--threshold-share", "1"], "--threshold-share"),
         (["--data", "test", "--use", "fastest"], "--use"),
         (["--data", "test", "--out", "P"], "already exists"),
         (["--data", "few"], "at least 30 are needed"),

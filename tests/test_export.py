@@ -44,7 +44,7 @@ COMPARE = textwrap.dedent(
 def calibrated_template(tmp_path_factory):
     with prepared_workspace(tmp_path_factory, "calibrated") as root:
         personalised_user(root, photo_count=120, batch=16)
-        evaluate(EvaluateConfig(data="test", bundle="P", out="C", latency_runs=1, max_drop=100.0))
+        evaluate(EvaluateConfig(data="test", bundle="P", out="C", timed_runs=1, max_drop=100.0))
     return root
 
 
@@ -127,13 +127,13 @@ def test_cascade_matches_the_multi_exit_model(float_export, workspace, calibrate
 
 
 def test_run_and_evaluate_time_the_exported_files_in_litert(float_export, workspace, calibrated):
-    result = run_ee("run", "--tflite", "E-none", "--data", "test", "--json", cwd=workspace, timeout=300)
+    result = run_ee("run", "--export", "E-none", "--data", "test", "--json", cwd=workspace, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
     assert report["photos"] == 60 and sum(report["histogram"].values()) == 60
     assert report["cascade_ms"]["mean"] > 0 and report["full_ms"]["mean"] > 0 and 0 <= report["accuracy"] <= 1
     assert len(report["profile"]["stage_ms"]) == len(report["histogram"])
-    profiled = run_ee("evaluate", "--bundle", "C", "--data", "test", "--tflite", "E-none", "--latency-runs", "3", "--out", "C2", "--json", cwd=workspace, timeout=300)
+    profiled = run_ee("evaluate", "--bundle", "C", "--data", "test", "--export", "E-none", "--timed-runs", "3", "--out", "C2", "--json", cwd=workspace, timeout=300)
     assert profiled.returncode == 0, profiled.stderr[-2000:]
     rows = {row["exit"]: row for row in json.loads(profiled.stdout)["metrics"]["exits"]}
     assert rows["final"]["litert_p50_ms"] > 0 and rows["final"]["litert_threads"] == 1
@@ -148,7 +148,7 @@ def test_a_bundle_without_thresholds_exports_the_plain_model_and_says_why(worksp
     cascade = json.loads((workspace / "E0" / "manifest.json").read_text())["cascade"]
     assert cascade["stops_after"] == ["final"] and cascade["thresholds"] == [] and len(cascade["signatures"]) == 1
     coloured_photos(workspace / "test" / "x", 6, seed=4)  # a class the personalised export cannot predict
-    result = run_ee("run", "--tflite", "E0", "--data", "test", "--json", cwd=workspace, timeout=300)
+    result = run_ee("run", "--export", "E0", "--data", "test", "--json", cwd=workspace, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
     assert report["histogram"] == {"final": 66} and report["photos_of_classes_outside_the_export"] == {"x": 6}
@@ -173,7 +173,7 @@ def test_measured_policy_times_stages_and_heads_and_never_deploys_a_slower_casca
     else:
         assert choice["reason"].startswith("plain model")
     assert not any(path.name.startswith("profile-") for path in (workspace / "M").iterdir())
-    ran = run_ee("run", "--tflite", "M", "--data", "test", "--profile-runs", "5", "--json", cwd=workspace, timeout=300)
+    ran = run_ee("run", "--export", "M", "--data", "test", "--timed-runs", "5", "--json", cwd=workspace, timeout=300)
     assert ran.returncode == 0, ran.stderr[-2000:]
     report = json.loads(ran.stdout)
     assert report["quant"] == "int8_full" and sum(report["histogram"].values()) == 60 and 0 <= report["accuracy"] <= 1
@@ -278,9 +278,9 @@ def test_alternating_wall_times_takes_turns_in_blocks_and_times_every_call_asked
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["--data", "test"], "--tflite DIR and --data DIR are required"),
-        (["--tflite", "E", "--data", "test", "--threads", "0"], "at least 1"),
-        (["--tflite", "E", "--data", "missing"], "does not exist"),
+        (["--data", "test"], "--export DIR and --data DIR are required"),
+        (["--export", "E", "--data", "test", "--threads", "0"], "at least 1"),
+        (["--export", "E", "--data", "missing"], "does not exist"),
     ],
 )
 def test_run_mistakes_are_one_line(workspace, cli, args, expected):

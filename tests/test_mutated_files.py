@@ -59,7 +59,7 @@ def files(tmp_path_factory):
     """A calibrated bundle (exits on) and its float cascade export."""
     with prepared_workspace(tmp_path_factory, "mutations") as root:
         personalised_user(root, photo_count=120, batch=16)
-        evaluate(EvaluateConfig(data="test", bundle="P", out="C", latency_runs=1, max_drop=100.0))
+        evaluate(EvaluateConfig(data="test", bundle="P", out="C", timed_runs=1, max_drop=100.0))
         export(ExportConfig(bundle="C", out="E", quant="none", calibration="photos", policy="recorded", quiet=True))
     return root
 
@@ -103,7 +103,7 @@ def _manifest_property(files: Path, tmp_path_factory, cli, examples: int):
             os.link(path, folder / path.name)
         document = mutated(original, place, edit, value)
         (folder / "manifest.json").write_text(json.dumps(document))
-        result = cli("run", "--tflite", folder, "--data", files / "test", "--limit", "3", "--profile-runs", "1", "--json")
+        result = cli("run", "--export", folder, "--data", files / "test", "--limit", "3", "--timed-runs", "1", "--json")
         assert result.exit_code in (0, 2), (result.exit_code, result.output, result.exception)
         if result.exit_code == 2:
             lines = [line for line in result.stderr.splitlines() if line.strip()]

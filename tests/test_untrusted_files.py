@@ -45,7 +45,7 @@ def exported_template(tmp_path_factory):
     """P (personalised), C (calibrated: exits on) and E (its float cascade export)."""
     with prepared_workspace(tmp_path_factory, "untrusted") as root:
         personalised_user(root, photo_count=120, batch=16)
-        evaluate(EvaluateConfig(data="test", bundle="P", out="C", latency_runs=1, max_drop=100.0))
+        evaluate(EvaluateConfig(data="test", bundle="P", out="C", timed_runs=1, max_drop=100.0))
         export(ExportConfig(bundle="C", out="E", quant="none", calibration="photos", policy="recorded", quiet=True))
     return root
 
@@ -93,21 +93,21 @@ def test_a_truncated_model_file_is_one_line_in_a_real_process(exported):
 def test_an_incomplete_export_names_what_is_missing(exported, cli, missing):
     for name in missing:
         (exported / "E" / name).unlink()
-    line = one_line_error(cli("run", "--tflite", "E", "--data", "test"))
+    line = one_line_error(cli("run", "--export", "E", "--data", "test"))
     assert "incomplete" in line and all(name in line for name in missing)
 
 
 def test_garbage_tflite_files_are_one_line_in_a_real_process(exported):
     for path in (exported / "E").glob("*.tflite"):
         path.write_bytes(b"\x00garbage" * 500)
-    result = run_ee("run", "--tflite", "E", "--data", "test", cwd=exported, timeout=60)
+    result = run_ee("run", "--export", "E", "--data", "test", cwd=exported, timeout=60)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1 and "not a valid .tflite model" in lines[0], result.stderr[-2000:]
 
 
 def test_a_tflite_file_from_another_export_is_refused(exported, cli):
     shutil.copy(exported / "E" / "final.tflite", exported / "E" / "cascade.tflite")  # a real model, the wrong one
-    line = one_line_error(cli("run", "--tflite", "E", "--data", "test"))
+    line = one_line_error(cli("run", "--export", "E", "--data", "test"))
     assert "does not match its manifest" in line
 
 
@@ -145,7 +145,7 @@ def test_nan_in_a_manifest_is_refused_not_read_as_never_leaving(exported, cli):
     assert manifest["cascade"]["thresholds"], "the fixture's cascade should have an early exit"
     manifest["cascade"]["thresholds"][0] = float("nan")
     (exported / "E" / "manifest.json").write_text(json.dumps(manifest))  # Python writes NaN unquoted
-    line = one_line_error(cli("run", "--tflite", "E", "--data", "test"))
+    line = one_line_error(cli("run", "--export", "E", "--data", "test"))
     assert "manifest.json is not valid JSON" in line and "NaN" in line
 
 
@@ -153,7 +153,7 @@ def test_a_manifest_may_not_name_files_outside_its_folder(exported, cli):
     manifest = json.loads((exported / "E" / "manifest.json").read_text())
     manifest["cascade"]["file"] = "../C/model.tflite"
     (exported / "E" / "manifest.json").write_text(json.dumps(manifest))
-    line = one_line_error(cli("run", "--tflite", "E", "--data", "test"))
+    line = one_line_error(cli("run", "--export", "E", "--data", "test"))
     assert "cascade.file" in line
 
 

@@ -29,7 +29,7 @@ def folder(tmp_path_factory) -> Path:
         (["personalise", "--bundle", "B", "--data", "empty"], "holds no readable"),
         (["evaluate", "--bundle", "B", "--data", "empty"], "holds no readable"),
         (["export", "--tflite", "--bundle", "B"], "int8 export needs calibration photos"),
-        (["run", "--tflite", "B", "--data", "empty"], "is not an `ee export` folder"),
+        (["run", "--export", "B", "--data", "empty"], "is not an `ee export` folder"),
     ],
     ids=["attach", "personalise", "evaluate", "export", "run"],
 )

@@ -26,6 +26,7 @@ class AttachConfig:
     exist_ok: bool = False
     seed: int = 0
     trust_model_code: bool = False  # load a model file even if it carries code (Lambda, custom layers, a SavedModel)
+    quiet: bool = False
 
 
 def resolve(cls: type[ConfigT], section: str, toml_path: Path | None, flags: dict[str, Any]) -> ConfigT:
@@ -82,7 +83,7 @@ class PersonaliseConfig:
     epochs: int = 30
     batch: int = 64
     learning_rate: float = 1e-3
-    threshold: float = 0.9  # confidence for pseudo-labels and FixMatch targets
+    pseudo_label_confidence: float = 0.9  # teacher confidence for pseudo-labels and FixMatch targets (not an exit threshold)
     temperature: float = 2.0
     distill_weight: float = 1.0
     pseudo_weight: float = 1.0
@@ -106,15 +107,15 @@ class EvaluateConfig:
     out: str | None = None
     exist_ok: bool = False
     seed: int = 0
-    calibrate_split: float = 0.5  # share of the photos that calibrates thresholds; the rest reports
+    threshold_share: float = 0.5  # share of the labelled photos that chooses the thresholds; the rest reports
     max_drop: float = 0.5  # points of accuracy the "keep" operating point may lose to the final exit
     use: str = "keep"  # operating point whose thresholds go into the bundle: keep | match-generic | match-restricted | label-free
     margin_z: float = 1.645  # one-sided margin in standard errors of the paired difference (95 %)
     criterion: str = "maxprob"  # maxprob | entropy
-    calibrate_on: str | None = None  # held-out unlabelled photos for label-free calibration
+    unlabelled: str | None = None  # held-out unlabelled photos for label-free calibration
     generic_bundle: str | None = None  # default: the bundle this one was made from (its provenance)
-    latency_runs: int = 30
-    tflite: str | None = None  # an `ee export` folder: also time each exit's .tflite in LiteRT
+    timed_runs: int = 30
+    export: str | None = None  # an `ee export` folder: also time each exit's .tflite in LiteRT
     threads: int = 1  # LiteRT threads
     quiet: bool = False
     trust_model_code: bool = False  # read bundles whose model carries code
@@ -144,9 +145,10 @@ class ExportConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    tflite: str | None = None  # an `ee export` folder
+    export: str | None = None  # an `ee export` folder
     data: str | None = None  # labelled photos (one sub-folder per class) for accuracy, or unlabelled
     threads: int = 1  # LiteRT threads
     limit: int | None = None  # at most this many photos, drawn with --seed
-    profile_runs: int = 200  # timed calls per stage and per exit path in the latency profile
+    timed_runs: int = 200  # timed calls per stage and per exit path in the latency profile
     seed: int = 0
+    quiet: bool = False

@@ -84,7 +84,7 @@ def _rechoose(recorded: bundle.ExitPolicy, evidence: policy.Evidence, candidates
         rounds.append({"exits": exits, "stage_ms": profile.stage_ms.tolist(), "head_ms": profile.head_ms.tolist(), "plain_ms": profile.plain_ms, "kept": kept})
         if kept == exits:
             thresholds = [float(t) for t in choice.thresholds]
-            return Deployment(exits, thresholds, cascade, _record(recorded, rounds, choice, f"{len(exits)} exit(s) predicted {choice.speedup:.2f}x faster than the plain model"))
+            return Deployment(exits, thresholds, cascade, _record(recorded, rounds, choice, f"{len(exits)} exit(s) on: predicted {choice.speedup:.2f}× faster than the plain model in LiteRT (stage costs measured here, on the bundle's {evidence.photos} evidence photos)"))
         exits = kept
 
 

@@ -75,18 +75,25 @@ def evaluate(config: EvaluateConfig, progress=None) -> EvaluateResult:
     progress("Running the model once over the photos", 1.0, "")
     points, evidence = _operating_points(config, profile, model)
     if config.use not in points:
-        raise UserError(f"--use {config.use}: that operating point needs {'labelled photos' if config.use.startswith('match') else '--calibrate-on'}")
+        raise UserError(f"--use {config.use}: that operating point needs {'labelled photos' if config.use.startswith('match') else '--unlabelled'}")
     progress("Measuring latency", 0.0, "")
-    latency = _latency(model, profile.outputs[:-1], _size(source.meta), config.latency_runs)
-    lite_latency = _litert_latency(Path(config.tflite), profile.outputs, _size(source.meta), config.threads, config.latency_runs) if config.tflite else {}
+    latency = _latency(model, profile.outputs[:-1], _size(source.meta), config.timed_runs)
+    lite_latency = _litert_latency(Path(config.export), profile.outputs, _size(source.meta), config.threads, config.timed_runs) if config.export else {}
     progress("Measuring latency", 1.0, "")
     per_exit = [row | lite_latency.get(row["exit"], {}) for row in _per_exit(profile, latency, points[config.use]["thresholds"])]
     run_dir = runs.new_run_dir("evaluate")
     metrics = {"bundle": str(source.path)} | _metrics(found, profile, points, per_exit, latency, config.use) | {"as_stored": _as_stored(profile, config.criterion)}
-    _write_run(run_dir, config, metrics, profile, latency, found)
+    _write_run(run_dir, config, metrics, profile, _sweep_latency(latency, lite_latency), found)
     new_meta = _calibrated_meta(source.meta, source.path, config, points[config.use], evidence[config.use])
     bundle.write_bundle(out, None, new_meta, config.exist_ok, model_file=source.path / source.meta["model_file"], evidence=evidence[config.use])
     return EvaluateResult(out, run_dir, metrics, Path(metrics["plot"]), source.path, implicit)
+
+
+def _sweep_latency(keras: dict, lite: dict) -> dict:
+    """Per exit, the latency the plot's curve is drawn with: LiteRT's where every exit was timed there."""
+    if keras and all(name in lite for name in keras):
+        return {name: {"p50": lite[name]["litert_p50_ms"]} for name in keras}
+    return keras
 
 
 def _size(meta) -> int:
@@ -99,7 +106,7 @@ def _profile(config: EvaluateConfig, source, model, found: Photos) -> Profile:
     confidences, correct = _exit_evidence(model, meta, found.paths, found.labels, config.criterion)
     baselines = _baselines(config, source, meta, found, _size(meta)) if found.labels is not None else {}
     references = {"final": correct[-1]} | {name: values["correct"] for name, values in baselines.items()}
-    calibrate, report = policy.split(len(found.paths), config.calibrate_split, config.seed)
+    calibrate, report = policy.split(len(found.paths), config.threshold_share, config.seed)
     return Profile(meta, outputs, confidences, correct, references, baselines, calibrate, report, bundle.stage_costs(meta))
 
 
@@ -139,8 +146,8 @@ def _write_run(run_dir: Path, config: EvaluateConfig, metrics: dict, profile: Pr
 def _check(config: EvaluateConfig) -> None:
     if not config.data:
         raise UserError("--data is required: a folder of labelled photos (one sub-folder per class) or of unlabelled photos")
-    if not 0 < config.calibrate_split < 1:
-        raise UserError("--calibrate-split must be in (0, 1)")
+    if not 0 < config.threshold_share < 1:
+        raise UserError("--threshold-share must be in (0, 1)")
     if config.use not in OPERATING_POINTS:
         raise UserError(f"--use must be one of {', '.join(OPERATING_POINTS)}")
     if config.criterion not in ("maxprob", "entropy"):
@@ -206,7 +213,7 @@ def _operating_points(config, profile: Profile, model) -> tuple[dict[str, dict],
         wanted |= {name: (reference, {"kind": "at_least", "z": z}) for name, reference in (("match-generic", "generic"), ("match-restricted", "restricted"))}
     evidence = {name: policy.Evidence(profile.confidences[:, calibrate], profile.correct[:, calibrate], profile.references[reference][calibrate])
                 for name, (reference, _) in wanted.items()}
-    if config.calibrate_on:
+    if config.unlabelled:
         evidence["label-free"] = _label_free_evidence(config, model, profile.meta)
         wanted["label-free"] = ("final", keep)
     points = {name: _point(profile, name, reference, constraint, evidence[name]) for name, (reference, constraint) in wanted.items()}
@@ -253,7 +260,7 @@ def _point(profile: Profile, name: str, reference_name: str, constraint: dict, e
 
 def _label_free_evidence(config, model, meta) -> policy.Evidence:
     """Held-out unlabelled photos: agreement of each exit with the final exit, as a phone would."""
-    held = photos.scan_unlabelled(Path(config.calibrate_on))
+    held = photos.scan_unlabelled(Path(config.unlabelled))
     confidences, agree = _exit_evidence(model, meta, held.paths, None, config.criterion)
     return policy.Evidence(confidences, agree, agree[-1])
 
@@ -343,7 +350,8 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 def _calibrated_meta(meta, source: Path, config, point: dict, evidence: policy.Evidence) -> dict[str, Any]:
     thresholds = tuple(None if t >= policy.NEVER else t for t in point["thresholds"])
     used = [e["name"] for e, t in zip(meta["exits"], thresholds) if t is not None]
-    reason = f"{', '.join(used) or 'no exit'} on: {point['cut']:.2f}x fewer MACs on the report split, {point['drop_points']:+.2f} pts against {point['reference']}"
+    reason = (f"{', '.join(used) or 'no exit'} on: predicted {point['cut']:.2f}× fewer MFLOPs than the plain model on the report split, "
+              f"{-point['drop_points']:+.2f} pts against {point['reference']}")
     chosen = bundle.ExitPolicy(
         thresholds, "evaluate", config.use, evidence.photos, point["constraint"], criterion=config.criterion, reason=reason,
         predicted={"unit": "MACs", "cut_on_report": point["cut"], "accuracy_on_report": point["accuracy"], "reference": point["reference"]},

@@ -43,7 +43,7 @@ class Losses:
     """The training signal baked into `train`: `ee personalise`'s settings."""
 
     learning_rate: float = 1e-3
-    threshold: float = 0.9
+    pseudo_label_confidence: float = 0.9
     temperature: float = 2.0
     distill_weight: float = 1.0
     pseudo_weight: float = 1.0
@@ -321,14 +321,14 @@ class _Signatures:
 def _terms(logits: dict, teacher, labels, losses: Losses):
     """One head's loss terms (ssl's functions, as `ee personalise` trains) and its mask rate."""
     tf = compat.tf()
-    fixmatch, mask_rate = ssl.fixmatch_loss(logits["weak"], logits["strong"], losses.threshold)
+    fixmatch, mask_rate = ssl.fixmatch_loss(logits["weak"], logits["strong"], losses.pseudo_label_confidence)
     labelled_rows = tf.reduce_sum(labels)
     # Labels are one-hot rows, a zero row where a slot holds no labelled photo: the mask lives in the
     # labels, so the mean runs over the labelled photos only, as ssl.cross_entropy's does.
     supervised = tf.reduce_sum(tf.nn.softmax_cross_entropy_with_logits(labels=labels, logits=logits["labelled"])) / tf.maximum(labelled_rows, 1.0)
     return {
         "distill": ssl.distillation_loss(logits["weak"], teacher, losses.temperature),
-        "pseudo": ssl.pseudo_label_loss(logits["strong"], teacher, losses.threshold)[0],
+        "pseudo": ssl.pseudo_label_loss(logits["strong"], teacher, losses.pseudo_label_confidence)[0],
         "fixmatch": fixmatch,
         "supervised": supervised,
     }, mask_rate
@@ -371,7 +371,9 @@ def _personalise_settings(meta):
     """The settings of the `ee personalise` that made the bundle, else its defaults."""
     made = [step["config"] for step in meta.get("provenance", []) if step.get("command") == "personalise"]
     wanted = {*Losses.__dataclass_fields__, "batch"}
-    return PersonaliseConfig(**{key: value for key, value in (made[-1] if made else {}).items() if key in wanted})
+    renamed = {"threshold": "pseudo_label_confidence"}  # bundles made before the option's rename
+    given = {renamed.get(key, key): value for key, value in (made[-1] if made else {}).items()}
+    return PersonaliseConfig(**{key: value for key, value in given.items() if key in wanted})
 
 
 def describe(path) -> dict[str, Any]:

@@ -242,7 +242,7 @@ def _check_numbers(config: PersonaliseConfig) -> None:
         (config.epochs >= 0, "--epochs must be 0 or more"),
         (config.batch >= 2, "--batch must be at least 2"),
         (0 <= config.holdout < 1, "--holdout must be in [0, 1)"),
-        (0 < config.threshold <= 1, "--threshold must be in (0, 1]"),
+        (0 < config.pseudo_label_confidence <= 1, "--pseudo-label-confidence must be in (0, 1]"),
         (0 < config.class_share < 1, "--class-share must be in (0, 1)"),
         (config.max_drop >= 0, "--max-drop must be 0 or more (points of agreement with the final exit)"),
         (config.exit_teacher in EXIT_TEACHERS, f"--exit-teacher must be one of {', '.join(EXIT_TEACHERS)}"),
@@ -495,9 +495,9 @@ def _make_step(tails, optimizer, personal, config: PersonaliseConfig):
             strong = tail(inputs["strong"][index], training=True)
             terms = {
                 "distill": ssl.distillation_loss(weak, teacher, config.temperature),
-                "pseudo": ssl.pseudo_label_loss(strong, teacher, config.threshold)[0],
+                "pseudo": ssl.pseudo_label_loss(strong, teacher, config.pseudo_label_confidence)[0],
             }
-            terms["fixmatch"], mask_rate = ssl.fixmatch_loss(weak, strong, config.threshold)
+            terms["fixmatch"], mask_rate = ssl.fixmatch_loss(weak, strong, config.pseudo_label_confidence)
             if "labelled" in inputs:
                 terms["supervised"] = ssl.cross_entropy(tail(inputs["labelled"][index], training=True), inputs["labels"])
             weights = {"distill": config.distill_weight, "pseudo": config.pseudo_weight, "fixmatch": config.fixmatch_weight, "supervised": config.supervised_weight}
@@ -547,7 +547,7 @@ def _label_free_policy(evidence: policy.Evidence | None, meta, config: Personali
         return bundle.ExitPolicy((None,) * len(exits), "personalise", "keep (label-free)", photo_count, constraint, reason=reason)
     choice = policy.cheapest_cascade(evidence, policy.constraint_from(constraint), bundle.stage_costs(meta))
     used = [e["name"] for e, t in zip(exits, choice.thresholds) if t < policy.NEVER]
-    reason = (f"{', '.join(used)} on: {choice.speedup:.2f}x fewer MACs expected on {photo_count} held-out photos" if used
+    reason = (f"{', '.join(used)} on: predicted {choice.speedup:.2f}× fewer MFLOPs than the plain model, on {photo_count} held-out photos (label-free)" if used
               else f"no exit lets enough of {photo_count} held-out photos out early to pay for its head")
     return bundle.ExitPolicy.from_choice(choice, set_by="personalise", operating_point="keep (label-free)", photos=photo_count,
                                          constraint=constraint, reason=reason)

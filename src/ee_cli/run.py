@@ -15,11 +15,11 @@ from ee_cli.errors import UserError
 
 
 def run_cascade(config: RunConfig) -> dict[str, Any]:
-    if not config.tflite or not config.data:
-        raise UserError("--tflite DIR and --data DIR are required")
-    if config.threads < 1 or (config.limit is not None and config.limit < 1) or config.profile_runs < 1:
-        raise UserError("--threads, --limit and --profile-runs must be at least 1")
-    folder, threads = Path(config.tflite), config.threads
+    if not config.export or not config.data:
+        raise UserError("--export DIR and --data DIR are required")
+    if config.threads < 1 or (config.limit is not None and config.limit < 1) or config.timed_runs < 1:
+        raise UserError("--threads, --limit and --timed-runs must be at least 1")
+    folder, threads = Path(config.export), config.threads
     photos.check_folder(Path(config.data))  # the user's own mistake first, before the export is read
     manifest = litert.read_manifest(folder)
     classes = manifest["classes"]
@@ -29,9 +29,10 @@ def run_cascade(config: RunConfig) -> dict[str, Any]:
     names = manifest["cascade"]["stops_after"]
     predictions = np.array([p.argmax() for p in cascade.probabilities])
     report = {
-        "tflite": str(folder),
+        "export": str(folder),
         "quant": manifest["quant"],
         "threads": threads,
+        "timed_runs": config.timed_runs,
         "photos": len(images),
         "histogram": {name: int(np.sum(cascade.exit_index == i)) for i, name in enumerate(names)},
         "cascade_ms": _stats(cascade.seconds),
@@ -39,7 +40,7 @@ def run_cascade(config: RunConfig) -> dict[str, Any]:
         "accuracy": None,
     }
     report["speedup"] = report["full_ms"]["mean"] / report["cascade_ms"]["mean"]
-    report["profile"] = stage_profile(engine, full, images[0], manifest, report, config.profile_runs)
+    report["profile"] = stage_profile(engine, full, images[0], manifest, report, config.timed_runs)
     if labels is not None:
         outside = {name: int(np.sum(labels == name)) for name in sorted(set(labels) - set(classes))}
         report["photos_of_classes_outside_the_export"] = outside  # counted as wrong
