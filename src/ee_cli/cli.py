@@ -188,6 +188,7 @@ def personalise(
     data: Annotated[Optional[str], option("data", PersonaliseConfig)] = None,
     labelled: Annotated[Optional[str], option("labelled", PersonaliseConfig)] = None,
     bundle: Annotated[Optional[str], option("bundle", PersonaliseConfig)] = None,
+    method: Annotated[Optional[str], option("method", PersonaliseConfig, panel="Personalisation")] = None,
     adapt_bn: Annotated[Optional[str], option("adapt_bn", PersonaliseConfig, panel="Personalisation")] = None,
     personal_classes: Annotated[Optional[str], option("personal_classes", PersonaliseConfig, panel="Personalisation")] = None,
     class_share: Annotated[Optional[float], option("class_share", PersonaliseConfig, panel="Personalisation")] = None,
@@ -224,11 +225,11 @@ def personalise(
         result = _with_progress(run_personalise, PersonaliseConfig, "personalise", config, flags, as_json)
     if as_json:
         return _echo_json(result)
-    from ee_cli.render import personalise_report
+    from ee_cli.render import baseline_report, personalise_report
 
     console = _console()
     console.print(_source_line("Personalised", result))
-    console.print(personalise_report(result.meta, result.metrics))
+    console.print(personalise_report(result.meta, result.metrics) if result.metrics.get("method", "ee") == "ee" else baseline_report(result.metrics))
     console.print(f"Bundle written to [bold]{result.bundle_path}[/]; run details in {result.run_dir}")
     console.print("Next: [bold cyan]ee export --tflite[/]  (or first, with labelled photos: [bold cyan]ee evaluate --data ./labelled_photos[/] to re-choose the thresholds)")
 

@@ -76,6 +76,7 @@ class PersonaliseConfig:
     out: str | None = None
     exist_ok: bool = False
     seed: int = 0
+    method: str = "ee"  # ee | source | bn | tent | eata (lame: the benchmark applies it at test time)
     adapt_bn: str = "auto"  # N | auto | 0
     personal_classes: str = "auto"  # auto | all | a,b,c
     class_share: float = 0.10  # auto: a class is personal when it has this share of the estimated class mix

@@ -41,6 +41,7 @@ HELP: dict[str, str] = {
     "list_graft_points": "List every graft point with its share of the MFLOPs, mark where --exits would go, and write nothing.",
     "head": "Exit head: light (average-pool to a 4x4 grid -> dense -> dense; cheap to cache and train) or conv (2 convs -> pool -> dense, as drawn in the paper).",
     # Personalisation
+    "method": "ee (early BatchNorm statistics, classes and exits on a frozen backbone), or a label-free baseline to compare against: source (the generic model), bn (every BatchNorm layer's statistics), tent, eata (entropy minimisation of the BatchNorm scales and offsets). lame corrects each test batch's outputs and writes no model: the benchmark runs it.",
     "adapt_bn": "Re-estimate the first N BatchNorm layers' statistics on the photos: N, auto (as deep as the generic model's confident predictions hold, at most half) or 0.",
     "personal_classes": "auto (labelled classes, else those with >= --class-share of the class mix estimated from the photos), all, or a,b,c.",
     "class_share": "Share of the class mix (estimated by EM from the adapted model's probabilities) a class needs to count as personal.",

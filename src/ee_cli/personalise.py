@@ -4,6 +4,7 @@ train the exit heads (frozen backbone), switch on the exits that are good enough
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from ee_cli import adapt, bundle, cache, compat, inference, photos, policy, runs, schemas, ssl
+from ee_cli import adapt, baselines, bundle, cache, compat, inference, photos, policy, runs, schemas, ssl
 from ee_cli.config import PersonaliseConfig, as_dict
 from ee_cli.errors import UserError
 from ee_cli.personal_model import GENERIC_OUTPUT, PersonalHead, build_personal_model, generic_output
@@ -114,6 +115,8 @@ def personalise(config: PersonaliseConfig, progress: Progress | None = None) -> 
     bundle.check_output(out, config.exist_ok)
     meta = source.meta
     found = Found(photos.scan_unlabelled(Path(config.data)), photos.scan_labelled(Path(config.labelled), meta["classes"]) if config.labelled else None)
+    if config.method != "ee":
+        return _baseline(config, source, source_implicit, found, run_dir, out, progress)
     adapted = adapt_step(config, source, found, progress)
     compat.seed_everything(config.seed)
     personal_model, heads = build_personal_model(adapted.model, meta.get("output_classes") or meta["classes"], meta["classes"], adapted.personal)
@@ -133,6 +136,39 @@ def personalise(config: PersonaliseConfig, progress: Progress | None = None) -> 
     return PersonaliseResult(out, run_dir, new_meta, metrics, source.path, source_implicit)
 
 
+def _baseline(config: PersonaliseConfig, source, implicit: bool, found: Found, run_dir: Path, out: Path, progress: Progress) -> PersonaliseResult:
+    """A label-free baseline's bundle (`--method`): the source model with its BatchNorm layers
+    adapted as the method does, its exits as they were, switched off."""
+    started = time.perf_counter()
+    model, steps = source.load_model(), None
+    if config.method in ("tent", "eata"):
+        order = np.random.default_rng([config.seed, 17]).permutation(len(found.unlabelled))
+        shuffled = [found.unlabelled.paths[i] for i in order]
+        progress(f"{config.method}: one epoch of entropy minimisation", 0.0, f"{len(shuffled)} photos")
+        steps = baselines.minimise_entropy(model, generic_output(model), photos.decoded_batches(shuffled, _size(source.meta), config.batch), config.method, config.seed)
+    layers = [layer.name for layer in adapt.backbone_batchnorms(model)]
+    if config.method != "source":
+        every = dataclasses.replace(config, adapt_bn=str(len(layers)), personal_classes="all")
+        model = adapt_step(every, source, found, progress, model=model).model
+    metrics = {"method": config.method, "changes_backbone": baselines.CHANGES_BACKBONE[config.method],
+               "photos": {"unlabelled": len(found.unlabelled), "skipped": dict(found.unlabelled.skipped)},
+               "adapted_bn": {"layers": layers if config.method != "source" else [], "of": len(layers)},
+               "entropy_steps": dataclasses.asdict(steps) if steps else None, "seconds": round(time.perf_counter() - started, 2)}
+    why = f"--method {config.method} adapts the backbone's BatchNorm layers only: the exits are the input bundle's, off"
+    off = bundle.ExitPolicy((None,) * len(source.meta["exits"]), "personalise", f"{config.method} (baseline)", 0, {}, reason=why)
+    kept = {k: v for k, v in source.meta.items() if k not in ("format_version", "model_file", "model_format")}
+    new_meta = bundle.with_exit_policy(kept | {
+        "method": {"name": config.method, "changes_backbone": metrics["changes_backbone"]},
+        "adapted_bn": {"layers": metrics["adapted_bn"]["layers"], "photos": len(found.unlabelled)},
+        "personal_photos": {"data": str(Path(config.data).resolve()), "labelled": None},
+        "provenance": [*source.meta["provenance"], bundle.provenance("personalise", as_dict(config), source.path)],
+    }, off)
+    runs.write_json(run_dir / "metrics.json", metrics)
+    bundle.write_bundle(out, model, new_meta, config.exist_ok)
+    runs.write_json(run_dir / "state.json", {"status": "done", "bundle": str(out)})
+    return PersonaliseResult(out, run_dir, new_meta, metrics, source.path, implicit)
+
+
 def _size(meta) -> int:
     return int(meta["input"]["shape"][0])
 
@@ -145,13 +181,14 @@ def _split(job: Job) -> dict[str, list[str]]:
     return {"train": [str(job.paths[i]) for i in train], "holdout": [str(job.paths[i]) for i in holdout]}
 
 
-def adapt_step(config: PersonaliseConfig, source, found: Found, progress: Progress | None = None) -> Adapted:
+def adapt_step(config: PersonaliseConfig, source, found: Found, progress: Progress | None = None, model=None) -> Adapted:
     """The person's early-BatchNorm statistics (forward passes only), then their classes: the
-    "BN only" model, before any head trains (the benchmark reports it as a baseline)."""
+    "BN only" model, before any head trains (the benchmark reports it as a baseline). `model`:
+    the source bundle's model, already loaded (and changed, by an entropy baseline)."""
     progress = progress or (lambda stage, fraction, info: None)
     meta, size = source.meta, _size(source.meta)
     compat.seed_everything(config.seed)
-    model = source.load_model()
+    model = model if model is not None else source.load_model()
     layers = adapt.backbone_batchnorms(model)
     count = adapt.resolve_adapt_count(config.adapt_bn, len(layers))
     generic_statistics = adapt.statistics_of(layers)
@@ -248,6 +285,9 @@ def _check_numbers(config: PersonaliseConfig) -> None:
         (config.exit_teacher in EXIT_TEACHERS, f"--exit-teacher must be one of {', '.join(EXIT_TEACHERS)}"),
         (config.temperature > 0, "--temperature must be positive"),
         (config.engine in ("tensorflow", "litert"), "--engine must be tensorflow or litert"),
+        (config.method in baselines.METHODS, f"--method must be one of {', '.join(baselines.METHODS)}"),
+        (config.method != "lame", "--method lame corrects each test batch's outputs and changes no model, so it has no bundle to write: the benchmark applies it at test time (python -m bench.run)"),
+        (config.method == "ee" or config.engine == "tensorflow", "--engine litert trains ee's exits; the baselines run in TensorFlow"),
         (config.cache or config.engine == "tensorflow", "--no-cache compares TensorFlow paths; the LiteRT engine trains from its cache"),
     ]
     for ok, message in checks:

@@ -94,6 +94,20 @@ def personalise_report(meta: dict[str, Any], metrics: dict[str, Any]):
     return Group(*lines, table, f"Exit policy ({chosen['operating_point']}): {chosen['reason']}")
 
 
+def baseline_report(metrics: dict[str, Any]):
+    """`ee personalise --method NAME` for a label-free baseline: what it changed, at what cost."""
+    from rich.console import Group
+
+    lines = [f"Method: {metrics['method']} (a label-free baseline; the backbone {'changed' if metrics['changes_backbone'] else 'unchanged'})",
+             f"Photos: {metrics['photos']['unlabelled']} unlabelled; BatchNorm statistics re-estimated in {len(metrics['adapted_bn']['layers'])} of {metrics['adapted_bn']['of']} layers"]
+    steps = metrics.get("entropy_steps")
+    if steps:
+        lines.append(f"Entropy minimisation: {steps['steps']} steps on {steps['photos_used']} photos ({steps['backward_passes']} backward passes through the backbone); "
+                     f"mean entropy {steps['mean_entropy_first']:.3f} -> {steps['mean_entropy_last']:.3f} nats")
+    lines.append(f"Took {metrics['seconds']:.1f} s; the exits are the input bundle's, off (ee evaluate can set thresholds)")
+    return Group(*lines)
+
+
 def evaluate_report(metrics: dict[str, Any]):
     from rich.console import Group
     from rich.table import Table
