@@ -11,6 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import copy_workspace, one_line_error, personalised_user, prepared_workspace, run_ee
@@ -214,3 +215,99 @@ def test_the_known_classes_are_tf_keras_layers_but_never_lambda():
     known = trust.tf_keras_classes()
     assert {"Conv2D", "BatchNormalization", "Dense", "GlorotUniform", "L2"} <= known
     assert "Lambda" not in known
+
+
+# What already held when the boundary was drawn, kept that way.
+
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG whose header claims width x height (a decompression bomb's first bytes), no pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
+
+
+def test_a_messy_folder_from_elsewhere_is_read_with_every_skip_counted(tmp_path):
+    from PIL import Image
+
+    from ee_cli import photos
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    colour = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    readable = {
+        "cmyk.jpg": Image.fromarray(colour).convert("CMYK"),
+        "one_pixel.png": Image.fromarray(colour[:1, :1]),
+        "wide.png": Image.fromarray(np.resize(colour, (2, 4000, 3))),
+        "anim.gif": Image.fromarray(colour).convert("P"),
+        "photo.webp": Image.fromarray(colour),
+        "café_été.png": Image.fromarray(colour),
+        "deep16.png": Image.fromarray(np.full((40, 40), 40000, np.uint16)),
+    }
+    for name, image in readable.items():
+        image.save(root / name)
+    (root / "empty.jpg").write_bytes(b"")
+    (root / "notes.jpg").write_text("text named like a photo")
+    (root / "folder.jpg").mkdir()
+    (root / "loop").symlink_to(root, target_is_directory=True)
+    Image.fromarray(colour).save(root / "whole.jpg")
+    (root / "cut.jpg").write_bytes((root / "whole.jpg").read_bytes()[:200])
+    _png_header_only(root / "huge.png", 20000, 20000)  # 400 Mpixel
+    found = photos.scan_unlabelled(root)
+    names = {path.name for path in found.paths}
+    assert set(readable) | {"whole.jpg"} <= names and not names & {"empty.jpg", "notes.jpg", "cut.jpg", "huge.png"}
+    assert found.skipped_total == 4, found.skipped
+    pixels = photos.load_array(list(found.paths), 32)
+    assert pixels.shape == (len(found.paths), 32, 32, 3)
+
+
+def test_two_personalise_commands_on_one_out_one_wins_and_the_bundle_is_whole(workspace):
+    import subprocess
+    import sys
+
+    from conftest import coloured_photos, narrow_resnet9
+
+    from ee_cli.attach import attach
+    from ee_cli.config import AttachConfig
+
+    attach(AttachConfig(backbone=narrow_resnet9(workspace), out="B", classes="r,g,b,x,y"))
+    coloured_photos(workspace / "photos", 48)
+    command = [sys.executable, "-m", "ee_cli", "personalise", "--bundle", "B", "--data", "photos", "--out", "P", "--personal-classes", "r,g,b",
+               "--epochs", "2", "--batch", "16", "--quiet"]
+    runs = [subprocess.Popen(command, cwd=workspace, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(run.wait(timeout=240), run.stderr.read()) for run in runs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    loser = next(err for code, err in results if code == 2)
+    assert len([line for line in loser.splitlines() if line.strip()]) == 1 and "P" in loser
+    assert bundle_is_whole(workspace / "P")
+
+
+def bundle_is_whole(path: Path) -> bool:
+    from ee_cli import bundle
+
+    return bundle.read_bundle(path).load_model() is not None and not list(path.parent.glob(".P.*.partial"))
+
+
+def test_kill_9_during_export_leaves_no_half_written_folder(exported):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    command = [sys.executable, "-m", "ee_cli", "export", "--tflite", "--bundle", "C", "--quant", "int8_full", "--calibration", "photos", "--out", "K", "--quiet"]
+    victim = subprocess.Popen(command, cwd=exported, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list(exported.glob(".K.*.partial/*.tflite")):
+        time.sleep(0.05)
+    assert list(exported.glob(".K.*.partial/*.tflite")), "the export never started writing"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (exported / "K").exists()
+    again = subprocess.run(command, cwd=exported, capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (exported / "K" / "manifest.json").is_file()
