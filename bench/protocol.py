@@ -1,9 +1,11 @@
 """One user of the benchmark protocol (../shared/design.md), measured end to end.
 
-A user is (split, scenario, seed), the seed its own: k classes and a personal condition, unlabelled
-photos from CIFAR-10's train split, 10 labelled photos per class set aside, test photos from the
-test split. On the same photos, in one process: the generic model; the generic model restricted to
-the user's true classes (free); early-BN statistics only with inferred classes (no training);
+A user is one of the field's users (`datasets.field_users`): k classes and one CIFAR-10-C corruption
+at one severity (or none), every photo — unlabelled, 10 labelled per class, test — from CIFAR-10's
+test split, disjoint, drawn with the user's own seed. On the same photos, in one process: the
+generic model; the generic model restricted to the user's true classes (free); the label-free
+baselines researchers compare against (`ee personalise --method source|bn|tent|eata`, and LAME on
+the generic model's test batches); early-BN statistics only with inferred classes (no training);
 `ee personalise` at 0 and 10 labels per class; whole-network FixMatch fine-tuning at 0 labels;
 and, at 0 labels, the exported TFLite cascade's latency in LiteRT beside the plain model's at two
 operating points calibrated by `ee evaluate` on half of the test photos and measured on the other
@@ -43,27 +45,33 @@ class Scenario:
 
 
 # Dev users tune defaults and designs; test users are run only to report. Every user has a seed of
-# its own, so its classes and photos are drawn independently of every other user's; the test users'
-# seeds were never used before, and two of their conditions no dev user meets.
-DEV_SCENARIOS = (Scenario(2, "low_light"), Scenario(3, "colour_cast"), Scenario(5, "blur"), Scenario(2, "jpeg"), Scenario(3, "rotation"))
-TEST_SCENARIOS = (Scenario(3, "noise"), Scenario(2, "haze"), Scenario(3, "low_light"), Scenario(5, "colour_cast"), Scenario(2, "blur"),
-                  Scenario(4, "jpeg"), Scenario(4, "rotation"))
+# its own (dev from 100, test from 200: datasets.field_users), so its classes, corruption and photos
+# are drawn independently of every other user's.
 LABEL_FREE = "label-free"  # the exits as `ee personalise` left them: thresholds from its own hold-out, no labels
-SPLITS = {"dev": (DEV_SCENARIOS, 100), "test": (TEST_SCENARIOS, 200)}  # split -> (scenarios, first seed)
+SPLITS = ("dev", "test")
+METHODS = ("source", "bn", "tent", "eata", "lame")  # the label-free baselines, run beside ee on every user
 
 
 @dataclasses.dataclass(frozen=True)
 class User:
     split: str
-    scenario: Scenario
-    seed: int
+    spec: Any  # datasets.field_users.Spec: classes, corruption, severity, seed
+
+    @property
+    def seed(self) -> int:
+        return self.spec.seed
+
+    @property
+    def scenario(self) -> Scenario:
+        condition = f"{self.spec.corruption}-{self.spec.severity}" if self.spec.corruption else "none"
+        return Scenario(len(self.spec.classes), condition)
 
 
 def users(split: str, per_scenario: int) -> list[User]:
-    """`per_scenario` users of each of the split's scenarios, each with its own seed."""
-    scenarios, first_seed = SPLITS[split]
-    return [User(split, scenario, first_seed + repeat * len(scenarios) + index) for index, scenario in enumerate(scenarios)
-            for repeat in range(per_scenario)]
+    """The split's field users, `per_scenario` of each kind (k-class corrupted, all-class corrupted), each with its own seed."""
+    from datasets import field_users
+
+    return [User(split, spec) for spec in field_users.specs(split, personal=6 * per_scenario, all_classes=2 * per_scenario)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +86,7 @@ class Settings:
     whole_network_epochs: int | None = None  # fewer than `epochs`: timed on these, its seconds scaled up (no accuracy)
     quant: tuple[str, ...] = ("none", "int8_full")  # export modes timed in LiteRT
     points: tuple[str, ...] = (LABEL_FREE, "match-restricted", "keep")  # operating points timed in LiteRT (also: match-generic)
+    methods: tuple[str, ...] = METHODS  # the label-free baselines run beside ee
     latency_threads: int = 1
     export_photos: int = 200  # calibration and validation photos per export
     costs: bool = True  # LiteRT latency, whole-network fine-tuning and the bounds (make bench: test users only)
@@ -138,18 +147,16 @@ def load_data(source: str) -> dict:
 
 
 def user_photos(job: UserJob):
-    """The user's photos, drawn from their seed and written as a person has them under work/photos:
-    (user, folders, every class name of the data set)."""
-    from datasets import scenarios
+    """The user's photos, drawn from their seed (all from the test split) and written as a person has
+    them under work/photos: (user, folders, every class name of the data set)."""
+    from datasets import field_users, scenarios
 
     settings, work = job.settings, Path(job.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     data = load_data(job.data)
     names = tuple(data["names"])
-    scenario = job.user.scenario
-    user = scenarios.make_user(data, job.seed, k=scenario.k, condition=scenario.condition, unlabelled=settings.unlabelled,
-                               labelled_per_class=max(settings.labels), names=names)
-    user = _fewer_test_photos(user, settings.test_per_class, job.seed)
+    user = field_users.make_field_user(data, job.user.spec, settings.unlabelled, max(settings.labels), settings.test_per_class)
+    user = dataclasses.replace(user, names=names)
     return user, scenarios.write_user(user, work / "photos"), names
 
 
@@ -163,6 +170,7 @@ def run_user(job: UserJob) -> dict[str, Any]:
     with inside(work):
         attached = attach_generic(job, names)
         row |= _baselines(attached, user)
+        row["methods"] = _methods(job, user, folders, attached)
         for labels in settings.labels:
             row[f"labels_{labels}"] = _personalised(job, user, folders, attached, labels, names)
     if "labels_0" in row:
@@ -170,10 +178,6 @@ def run_user(job: UserJob) -> dict[str, Any]:
     return row
 
 
-def _fewer_test_photos(user, per_class: int, seed: int):
-    rng = np.random.default_rng([seed, 77])
-    keep = np.sort(np.concatenate([rng.permutation(np.flatnonzero(user.test_y == c))[:per_class] for c in user.classes]))
-    return dataclasses.replace(user, test=user.test[keep], test_y=user.test_y[keep])
 
 
 @contextmanager
@@ -222,6 +226,52 @@ def _baselines(attached: Path, user) -> dict[str, Any]:
 
     logits = predict(bundle.read_bundle(attached).load_model(), "final", user.test)
     return {"generic": float(np.mean(logits.argmax(1) == user.test_y)), "restricted": restricted_accuracy(logits, user.classes, user.test_y)}
+
+
+def _methods(job: UserJob, user, folders: dict, attached: Path) -> dict[str, Any]:
+    """Each label-free baseline as a researcher runs it (`ee personalise --method NAME`, defaults), scored
+    over every class, as the TTA papers score it; LAME on the generic model's test batches."""
+    from ee_cli import bundle
+    from ee_cli.config import PersonaliseConfig
+    from ee_cli.personalise import personalise
+
+    found: dict[str, Any] = {}
+    for method in [m for m in job.settings.methods if m != "lame"]:
+        started = time.perf_counter()
+        result = personalise(PersonaliseConfig(data=str(folders["unlabelled"]), bundle=str(attached), method=method, out=f"method-{method}", seed=job.seed, quiet=True))
+        seconds = time.perf_counter() - started
+        logits = predict(bundle.read_bundle(result.bundle_path).load_model(), "final", user.test)
+        steps = result.metrics.get("entropy_steps") or {}
+        found[method] = {"accuracy": float(np.mean(logits.argmax(1) == user.test_y)), "seconds": seconds,
+                         "backward_passes": steps.get("backward_passes", 0), "changes_backbone": result.metrics["changes_backbone"]}
+    if "lame" in job.settings.methods:
+        started = time.perf_counter()
+        accuracy = lame_accuracy(bundle.read_bundle(attached).load_model(), user.test, user.test_y, job.seed)
+        found["lame"] = {"accuracy": accuracy, "seconds": time.perf_counter() - started, "backward_passes": 0, "changes_backbone": False}
+    return found
+
+
+LAME_BATCH = 128  # test photos per batch LAME corrects together (the TTA benchmark's default batch)
+
+
+def lame_accuracy(model, images: np.ndarray, truth: np.ndarray, seed: int) -> float:
+    """LAME on the model's outputs over shuffled test batches; its features: the classifier's input."""
+    from ee_cli import baselines
+    from ee_cli.personal_model import generic_classifier
+
+    classifier = generic_classifier(model)
+    inbound = classifier._inbound_nodes[0].inbound_layers
+    features = inbound[0] if isinstance(inbound, list) else inbound
+    outputs = predict_outputs(model, ["final", features.name], images)
+    order = np.random.default_rng([seed, 5]).permutation(len(images))
+    right = 0
+    for start in range(0, len(order), LAME_BATCH):
+        part = order[start : start + LAME_BATCH]
+        logits = outputs["final"][part]
+        probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probabilities /= probabilities.sum(axis=1, keepdims=True)
+        right += int(np.sum(baselines.lame_probabilities(probabilities, outputs[features.name][part]).argmax(1) == truth[part]))
+    return right / len(images)
 
 
 def _bn_only(generic_logits: np.ndarray, result, personal: list[int], user) -> dict[str, Any]:

@@ -189,6 +189,35 @@ def scenario_table(rows: list[dict], labels: tuple[int, ...], modes: tuple[str, 
     return "\n".join(lines)
 
 
+def methods_table(rows: list[dict]) -> str:
+    """The label-free baselines beside ee on the same users: accuracy over every class (as the TTA
+    papers score it) and the gain over the free baseline (the generic model restricted to the true
+    classes: it needs them), median beside mean and interval; then each user's row."""
+    methods = [m for m in ("source", "bn", "tent", "eata", "lame") if any(m in r.get("methods", {}) for r in rows)]
+    if not methods:
+        return ""
+    entries = [(m, lambda r, m=m: r["methods"][m]["accuracy"]) for m in methods] + [("ee (0 labels, final exit)", lambda r: r["labels_0"]["accuracy"]["final"])]
+    lines = ["| method | accuracy, % (median) | gain over the free baseline, pts: mean [95 % CI] (median; worst … best) | users below the generic model | backward passes per user |",
+             "|---|---|---|---|---|"]
+    for name, pick in entries:
+        accuracy = stats(_values(rows, lambda r, pick=pick: 100 * pick(r)))
+        gain = stats(_values(rows, lambda r, pick=pick: 100 * (pick(r) - r["restricted"])))
+        below = int(np.sum(_values(rows, lambda r, pick=pick: pick(r) < r["generic"] - 0.01)))
+        passes = _values(rows, lambda r, name=name: r["methods"][name]["backward_passes"]) if name in methods else np.array([])
+        if accuracy is None or gain is None:
+            continue
+        lines.append(f"| {name} | {accuracy['mean']:.1f} ({accuracy['median']:.1f}) | {gain['mean']:+.1f} [{gain['ci95'][0]:+.1f}, {gain['ci95'][1]:+.1f}] "
+                     f"({gain['median']:+.1f}; {gain['worst']:+.1f} … {gain['best']:+.1f}) | {below} of {gain['users']} | "
+                     f"{f'{passes.mean():.0f}' if len(passes) else 'see training ratio'} |")
+    users = ["", "| user | generic | free baseline | " + " | ".join(methods) + " | ee |", "|" + "---|" * (len(methods) + 4)]
+    for r in rows:
+        cells = [f"{100 * r['methods'][m]['accuracy']:.1f}" if m in r.get("methods", {}) else "—" for m in methods]
+        ee = r.get("labels_0", {}).get("accuracy", {}).get("final")
+        users.append(f"| {r['scenario']} (seed {r['seed']}) | {100 * r['generic']:.1f} | {100 * r['restricted']:.1f} | " + " | ".join(cells)
+                     + f" | {'—' if ee is None else f'{100 * ee:.1f}'} |")
+    return "\n".join(lines + users)
+
+
 def _depths(rows: list[dict]) -> str:
     """Each user's BatchNorm depth as `ee personalise --adapt-bn auto` chose it, of the layers it had."""
     chosen = [f"{r['bn_only']['adapted_layers']}/{r['bn_only']['of']}" for r in rows if "of" in r.get("bn_only", {})]

@@ -33,7 +33,7 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--lite1", type=Path, default=None, help="the lite1 model file (default ~/.cache/ee/models/cifar_lite1.h5)")
     parser.add_argument("--users", default="dev,test", help="which users: dev (tune on these), test (report only), or both")
     parser.add_argument("--per-scenario", type=int, default=1, help="users per scenario, each with its own seed and photos")
-    parser.add_argument("--scenarios", default="all", help="comma-separated names like k2-low_light, or all")
+    parser.add_argument("--scenarios", default="all", help="comma-separated names like k2-fog-3 (k classes, corruption, severity), or all")
     parser.add_argument("--unlabelled", type=int, default=500)
     parser.add_argument("--labels", default="0,10", help="labelled photos per class, per setting")
     parser.add_argument("--test-per-class", type=int, default=300)
@@ -205,8 +205,11 @@ def _commit() -> str | None:
 def _split_tables(split: str, rows: list[dict], found: dict, settings) -> str:
     from bench import report
 
+    methods = report.methods_table(rows)
     return "\n".join([f"**{SPLIT_TITLES[split]}.** {len(rows)} users.", "", report.headline_table(found, settings.labels, settings.quant, settings.points), "",
-                      "Per scenario, mean ± std over its users (accuracy in %):", "", report.scenario_table(rows, settings.labels, settings.quant, settings.points)])
+                      "Per scenario, mean ± std over its users (accuracy in %):", "", report.scenario_table(rows, settings.labels, settings.quant, settings.points),
+                      *(["", "The label-free baselines beside `ee`, on the same users and photos (accuracy over every class, as the TTA papers score it; "
+                         "the free baseline needs the true classes):", "", methods] if methods else [])])
 
 
 def _update_readme(readme: Path, results: dict, tables: str, stem: Path, plot: Path) -> None:

@@ -22,17 +22,16 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.protocol import predict_outputs
+from bench.protocol import lame_accuracy, predict_outputs
 from datasets import cifar10, corruptions, field_users
 from datasets.scenarios import write_user
-from ee_cli import baselines, bundle
+from ee_cli import bundle
 from ee_cli.attach import attach
 from ee_cli.config import AttachConfig, PersonaliseConfig
 from ee_cli.personalise import personalise
 from ee_cli.runs import write_json
 
 METHODS = ("source", "bn", "tent", "eata")
-LAME_BATCH = 128
 
 
 def dev_users() -> list[field_users.Spec]:
@@ -44,27 +43,6 @@ def dev_users() -> list[field_users.Spec]:
         classes = tuple(sorted(int(c) for c in rng.choice(10, size=int(rng.integers(2, 6)), replace=False)))
         shifted.append(field_users.Spec(f"check-label-shift-k{len(classes)}", 170 + j, classes, None, None))
     return corrupted + shifted
-
-
-def lame_accuracy(model, images: np.ndarray, truth: np.ndarray, seed: int) -> tuple[float, float]:
-    """Source accuracy and LAME's on the same shuffled test batches."""
-    inbound = model.get_layer("predictions")._inbound_nodes[0].inbound_layers
-    features_layer = inbound[0] if isinstance(inbound, list) else inbound  # the classifier's input
-    outputs = predict_outputs(model, ["final", features_layer.name], images)
-    order = np.random.default_rng([seed, 5]).permutation(len(images))
-    source_right, lame_right = 0, 0
-    for start in range(0, len(order), LAME_BATCH):
-        part = order[start : start + LAME_BATCH]
-        probabilities = softmax(outputs["final"][part])
-        corrected = baselines.lame_probabilities(probabilities, outputs[features_layer.name][part])
-        source_right += int(np.sum(probabilities.argmax(1) == truth[part]))
-        lame_right += int(np.sum(corrected.argmax(1) == truth[part]))
-    return source_right / len(images), lame_right / len(images)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
 
 
 def run(generic: Path, work: Path, limit: int | None = None) -> dict:
@@ -85,8 +63,7 @@ def run(generic: Path, work: Path, limit: int | None = None) -> dict:
             logits = predict_outputs(model, ["final"], user.test)["final"]
             row["error"][method] = round(100 * float(np.mean(logits.argmax(1) != user.test_y)), 2)
             if method == "source":
-                _, lame = lame_accuracy(model, user.test, user.test_y, spec.seed)
-                row["error"]["lame"] = round(100 * (1 - lame), 2)
+                row["error"]["lame"] = round(100 * (1 - lame_accuracy(model, user.test, user.test_y, spec.seed)), 2)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return summarise(rows)
