@@ -138,6 +138,18 @@ def personalised_user(root: Path, photo_count: int, batch: int) -> None:
     labelled_folder(root / "test", ["r", "g", "b"], per_class=20)
 
 
+def exported_user(root: Path) -> None:
+    """In `root`: personalised_user's folders and P, C (P calibrated by `ee evaluate`: exits on) and E
+    (C's float cascade export, the bundle's thresholds as recorded)."""
+    from ee_cli.config import EvaluateConfig, ExportConfig
+    from ee_cli.evaluate import evaluate
+    from ee_cli.export import export
+
+    personalised_user(root, photo_count=120, batch=16)
+    evaluate(EvaluateConfig(data="test", bundle="P", out="C", timed_runs=1, max_drop=100.0))
+    export(ExportConfig(bundle="C", out="E", quant="none", calibration="photos", policy="recorded", quiet=True))
+
+
 @pytest.fixture
 def attached(workspace):
     """Bundle B: exits grafted onto the narrow ResNet-9, classes r,g,b,x,y."""

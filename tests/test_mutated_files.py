@@ -13,12 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import personalised_user, prepared_workspace
+from conftest import exported_user, prepared_workspace
 from ee_cli import bundle
-from ee_cli.config import EvaluateConfig, ExportConfig
 from ee_cli.errors import UserError
-from ee_cli.evaluate import evaluate
-from ee_cli.export import export
 
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats() | st.text(max_size=12),
@@ -54,22 +51,29 @@ def mutated(document, path, edit: str, value):
     return copy
 
 
+def each_edit_of(document, examples: int):
+    """A decorator: run the check on `examples` single edits of `document` (a place, delete or replace, a value)."""
+    places = list(paths(document))
+
+    def decorate(check):
+        drawn = given(place=st.sampled_from(places), edit=EDITS, value=JSON_VALUES)(check)
+        return settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))(drawn)
+
+    return decorate
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A calibrated bundle (exits on) and its float cascade export."""
     with prepared_workspace(tmp_path_factory, "mutations") as root:
-        personalised_user(root, photo_count=120, batch=16)
-        evaluate(EvaluateConfig(data="test", bundle="P", out="C", timed_runs=1, max_drop=100.0))
-        export(ExportConfig(bundle="C", out="E", quant="none", calibration="photos", policy="recorded", quiet=True))
+        exported_user(root)
     return root
 
 
 def _bundle_property(files: Path, tmp_path_factory, examples: int):
     original = json.loads((files / "C" / "ee.json").read_text())
-    places = list(paths(original))
 
-    @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-    @given(place=st.sampled_from(places), edit=EDITS, value=JSON_VALUES)
+    @each_edit_of(original, examples)
     def check(place, edit, value):
         folder = tmp_path_factory.mktemp("bundle")
         os.link(files / "C" / "model.h5", folder / "model.h5")
@@ -93,10 +97,8 @@ def _bundle_property(files: Path, tmp_path_factory, examples: int):
 
 def _manifest_property(files: Path, tmp_path_factory, cli, examples: int):
     original = json.loads((files / "E" / "manifest.json").read_text())
-    places = list(paths(original))
 
-    @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-    @given(place=st.sampled_from(places), edit=EDITS, value=JSON_VALUES)
+    @each_edit_of(original, examples)
     def check(place, edit, value):
         folder = tmp_path_factory.mktemp("export")
         for path in (files / "E").glob("*.tflite"):

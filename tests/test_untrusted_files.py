@@ -14,11 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import copy_workspace, one_line_error, personalised_user, prepared_workspace, run_ee
+from conftest import copy_workspace, one_line_error, exported_user, prepared_workspace, run_ee
 from ee_cli import trust
-from ee_cli.config import EvaluateConfig, ExportConfig
-from ee_cli.evaluate import evaluate
-from ee_cli.export import export
 
 MARKER = "marker.txt"
 
@@ -45,9 +42,7 @@ def evil_model(folder: Path, name: str = "evil.h5") -> Path:
 def exported_template(tmp_path_factory):
     """P (personalised), C (calibrated: exits on) and E (its float cascade export)."""
     with prepared_workspace(tmp_path_factory, "untrusted") as root:
-        personalised_user(root, photo_count=120, batch=16)
-        evaluate(EvaluateConfig(data="test", bundle="P", out="C", timed_runs=1, max_drop=100.0))
-        export(ExportConfig(bundle="C", out="E", quant="none", calibration="photos", policy="recorded", quiet=True))
+        exported_user(root)
     return root
 
 

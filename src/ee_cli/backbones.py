@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ee_cli import compat, trust
-from ee_cli.errors import UserError
+from ee_cli.errors import UserError, first_line
 
 PREPROCESS_LAYER = "ee_preprocess"
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
@@ -125,7 +125,7 @@ def _reference_with_weights(name: str, constructor, weights: str, num_classes: i
         try:
             return constructor(include_top=True, weights=weights, classes=num_classes, classifier_activation=None)
         except (ValueError, OSError) as error:
-            raise UserError(f"--weights {weights}: not a {name} weights file with {num_classes} classes ({_first_line(error)})") from None
+            raise UserError(f"--weights {weights}: not a {name} weights file with {num_classes} classes ({first_line(error)})") from None
     previous_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(15)
     try:
@@ -135,7 +135,7 @@ def _reference_with_weights(name: str, constructor, weights: str, num_classes: i
         raise UserError(
             f"cannot download ImageNet weights for {name} (no internet?): "
             "use --weights none for random weights, or --weights PATH for a local weights file "
-            f"[{_first_line(error)}]"
+            f"[{first_line(error)}]"
         ) from None
     finally:
         socket.setdefaulttimeout(previous_timeout)
@@ -157,11 +157,6 @@ def copy_weights_in_order(source, target) -> None:
         to_layer.set_weights(values)
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0][:200] if text else type(error).__name__
-
-
 def _cifar_resnet(weights: str, size: int, num_classes: int) -> Backbone:
     """A half-width ResNet-9 (32-64-128-256 channels) for 32x32 photos, 8 BatchNorm layers."""
     _check_size(size)
@@ -174,7 +169,7 @@ def _cifar_resnet(weights: str, size: int, num_classes: int) -> Backbone:
         try:
             model.load_weights(weights)
         except (ValueError, OSError) as error:
-            raise UserError(f"--weights {weights}: not a {CIFAR_RESNET} weights file with {num_classes} classes ({_first_line(error)})") from None
+            raise UserError(f"--weights {weights}: not a {CIFAR_RESNET} weights file with {num_classes} classes ({first_line(error)})") from None
     return Backbone(model, CIFAR_RESNET, "ee", weights, "scale to [-1, 1]", num_classes)
 
 
@@ -213,7 +208,7 @@ def load_model_file(path: Path, trust_code: bool = False) -> Backbone:
     try:
         model = keras.models.load_model(path, compile=False, safe_mode=not trust_code)
     except Exception as error:  # h5py, zip, protobuf and Keras errors all mean the same thing here
-        raise UserError(f"cannot load model file {path}: {_first_line(error)}") from None
+        raise UserError(f"cannot load model file {path}: {first_line(error)}") from None
     if not isinstance(model, keras.Model) or not hasattr(model, "_nodes_by_depth"):
         raise UserError(f"{path} is not a Functional or Sequential tf_keras model; subclassed models can't be grafted")
     nested = [layer.name for layer in model.layers if isinstance(layer, keras.Model)]

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ee_cli import compat, policy, runs, schemas, trust
-from ee_cli.errors import UserError
+from ee_cli.errors import UserError, first_line
 from ee_cli.runs import write_json
 
 FORMAT_VERSION = schemas.BUNDLE_VERSION
@@ -39,7 +39,7 @@ class Bundle:
         try:
             return compat.keras().models.load_model(self.path / self.meta["model_file"], compile=False)
         except Exception as error:  # h5py and Keras errors alike: the file is damaged past its configuration
-            raise UserError(f"{self.path / self.meta['model_file']} cannot be loaded: {str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__}") from None
+            raise UserError(f"{self.path / self.meta['model_file']} cannot be loaded: {first_line(error)}") from None
 
     def evidence(self) -> policy.Evidence | None:
         path = self.path / EVIDENCE_FILE
@@ -122,18 +122,27 @@ def read_bundle(path: Path, trust_code: bool = False) -> Bundle:
 
 
 def _check_outputs(config: dict[str, Any], meta: dict[str, Any], model_path: Path) -> None:
-    """The model's outputs are the ones ee.json describes, in its order."""
+    """The model is the one ee.json describes: its outputs in order, its input size, its class counts."""
     expected = head_outputs(meta) + ([meta["generic_output"]] if meta.get("generic_output") else [])
-    layers = (config.get("config") or {}).get("output_layers") if isinstance(config, dict) else None
+    graph = config.get("config") if isinstance(config.get("config"), dict) else {}
+    layers = graph.get("output_layers")
     found = [entry[0] for entry in layers] if isinstance(layers, list) and all(isinstance(e, list) and e for e in layers) else None
     if found != expected:
         raise UserError(f"{model_path} does not match {META_FILE}: its outputs are {found}, {META_FILE} describes {expected}")
-    inputs = [layer for layer in config["config"].get("layers", []) if isinstance(layer, dict) and layer.get("class_name") == "InputLayer"]
+    _check_input(graph, meta, model_path)
+    _check_classes(config, found, meta, model_path)
+
+
+def _check_input(graph: dict[str, Any], meta: dict[str, Any], model_path: Path) -> None:
+    inputs = [layer for layer in graph.get("layers", []) if isinstance(layer, dict) and layer.get("class_name") == "InputLayer"]
     shape = (inputs[0].get("config") or {}).get("batch_input_shape") if len(inputs) == 1 else None
     if isinstance(shape, list) and shape[1:] != meta["input"]["shape"]:
         raise UserError(f"{model_path} does not match {META_FILE}: the model takes {shape[1:]}, {META_FILE} says {meta['input']['shape']}")
+
+
+def _check_classes(config: dict[str, Any], outputs: list[str], meta: dict[str, Any], model_path: Path) -> None:
     personal, every = len(meta.get("output_classes") or meta["classes"]), len(meta["classes"])
-    for name in found:
+    for name in outputs:
         units = _output_units(config, name)
         wanted = every if name == meta.get("generic_output") else personal
         if units is not None and units != wanted:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from ee_cli import compat, schemas
-from ee_cli.errors import UserError
+from ee_cli.errors import UserError, first_line
 
 MANIFEST_FILE = "manifest.json"
 PLAIN_FILE = "final.tflite"  # the plain model, beside the cascade in every export
@@ -118,7 +118,7 @@ def interpreter(path: Path, threads: int):
             loaded = compat.litert_interpreter_class()(model_path=str(path), num_threads=threads)
             loaded.allocate_tensors()
     except (ValueError, RuntimeError) as error:
-        raise UserError(f"{path} is not a valid .tflite model ({_first_line(error)})") from None
+        raise UserError(f"{path} is not a valid .tflite model ({first_line(error)})") from None
     return loaded
 
 
@@ -141,11 +141,6 @@ def check_plain(loaded, path: Path) -> None:
     signatures = loaded.get_signature_list()
     if "probabilities" not in signatures.get("serving_default", {}).get("outputs", []):
         raise UserError(f"{path} is not an ee plain model: no serving_default signature with a probabilities output")
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0][:200] if lines else type(error).__name__
 
 
 @dataclass

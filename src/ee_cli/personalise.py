@@ -15,7 +15,7 @@ import numpy as np
 
 from ee_cli import adapt, baselines, bundle, cache, compat, inference, photos, policy, runs, schemas, ssl
 from ee_cli.config import PersonaliseConfig, as_dict
-from ee_cli.errors import UserError
+from ee_cli.errors import UserError, first_line
 from ee_cli.personal_model import GENERIC_OUTPUT, PersonalHead, build_personal_model, generic_output
 from ee_cli.stepping import Stepping
 
@@ -421,7 +421,7 @@ def train_heads(tails, batches, job: Job, config: PersonaliseConfig, run_dir: Pa
         try:
             checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
         except (tf.errors.OpError, ValueError, AssertionError) as error:
-            raise UserError(f"--resume: the checkpoint in {run_dir} cannot be restored ({str(error).splitlines()[0][:160]}); start a new run without --resume") from None
+            raise UserError(f"--resume: the checkpoint in {run_dir} cannot be restored ({first_line(error, 160)}); start a new run without --resume") from None
         history = schemas.read_json(history_path) if history_path.is_file() else []
         if not isinstance(history, list):
             raise UserError(f"{history_path} is damaged: start a new run without --resume")
