@@ -41,7 +41,7 @@ def dev_users() -> list[field_users.Spec]:
     for j in range(4):
         rng = np.random.default_rng([170 + j, 2019])
         classes = tuple(sorted(int(c) for c in rng.choice(10, size=int(rng.integers(2, 6)), replace=False)))
-        shifted.append(field_users.Spec(f"check-label-shift-k{len(classes)}", 170 + j, classes, None, None))
+        shifted.append(field_users.Spec(f"check-label-shift-k{len(classes)}-seed{170 + j}", 170 + j, classes, None, None))
     return corrupted + shifted
 
 
