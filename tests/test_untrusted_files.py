@@ -294,7 +294,7 @@ def test_kill_9_during_export_leaves_no_half_written_folder(exported):
     import sys
     import time
 
-    command = [sys.executable, "-m", "ee_cli", "export", "--tflite", "--bundle", "C", "--quant", "int8_full", "--calibration", "photos", "--out", "K", "--quiet"]
+    command = [sys.executable, "-m", "ee_cli", "export", "--tflite", "--bundle", "C", "--quant", "none", "--calibration", "photos", "--out", "K", "--quiet"]
     victim = subprocess.Popen(command, cwd=exported, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not list(exported.glob(".K.*.partial/*.tflite")):
