@@ -36,7 +36,7 @@ def main(evaluate_path: str, float_path: str, int8_path: str) -> None:
         shares = run["profile"]["latency_share"]
         first = next(iter(shares))
         console.print(f"{mode} cascade in LiteRT: {100 * run['accuracy']:.1f}% on all {run['photos']} test photos, "
-                      f"{run['speedup']:.2f}x the plain model's speed; photos leaving at each exit: {run['histogram']}; "
+                      f"measured speed-up {run['speedup']:.2f}× against the plain model (LiteRT wall time); photos leaving at each exit: {run['histogram']}; "
                       f"{first} costs {100 * shares[first]:.0f}% of the plain model's latency at {100 * run['profile']['mflops_share'][first]:.0f}% of its MFLOPs")
     console.print(f"Plot: {metrics.get('plot', 'see the evaluate run folder under build/demo/runs/')}")
 
