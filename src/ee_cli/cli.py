@@ -18,22 +18,22 @@ from ee_cli.errors import UserError
 from ee_cli.options import option
 
 
-
-class _Group(typer.core.TyperGroup):
-    def get_help_option(self, ctx):
-        return _untyped(super().get_help_option(ctx))
-
-
-class _Command(typer.core.TyperCommand):
-    def get_help_option(self, ctx):
-        return _untyped(super().get_help_option(ctx))
-
-
-def _untyped(option):
+class _HelpFlag:
     """--help is an on/off flag: show no `<bool>` after it."""
-    if option is not None:
-        option.metavar = ""
-    return option
+
+    def get_help_option(self, ctx):
+        found = super().get_help_option(ctx)
+        if found is not None:
+            found.metavar = ""
+        return found
+
+
+class _Group(_HelpFlag, typer.core.TyperGroup):
+    pass
+
+
+class _Command(_HelpFlag, typer.core.TyperCommand):
+    pass
 
 
 app = typer.Typer(

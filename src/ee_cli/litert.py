@@ -125,13 +125,14 @@ def interpreter(path: Path, threads: int):
 def check_stages(loaded, path: Path, expected: list[str]) -> None:
     """The cascade file has the stages its manifest names, each ending in probabilities (and
     handing features on, but for the last)."""
-    keys = list(loaded.get_signature_list())
+    signatures = loaded.get_signature_list()
+    keys = list(signatures)
     if len(keys) > 1 and not all(re.fullmatch(r"\w+_[0-9]+", key) for key in keys):
         raise UserError(f"{path}: its stages must be numbered signatures (stage_0, stage_1, ...), not {sorted(keys)}")
     if sorted(keys) != sorted(expected):
         raise UserError(f"{path} does not match its manifest: signatures {sorted(keys)}, the manifest names {sorted(expected)}")
     for index, key in enumerate(stage_keys(loaded)):
-        outputs = set(loaded.get_signature_list()[key]["outputs"])
+        outputs = set(signatures[key]["outputs"])
         wanted = {"probabilities"} | ({"features"} if index < len(keys) - 1 else set())
         if not wanted <= outputs:
             raise UserError(f"{path}: stage {key} lacks the output(s) {', '.join(sorted(wanted - outputs))}")

@@ -101,10 +101,14 @@ def option(name: str, config_class: type | None = None, panel: str | None = None
     config dataclass holds (when it says more than 'not set'), `<path>` for folders and files, and
     no type label on on/off flags."""
     text = _with_default(HELP[name], _default_clause(name, config_class))
-    flag = "--json" if name == "as_json" else "--" + name.replace("_", "-")
-    names = (flag, *([SHORT[name]] if name in SHORT else []))
+    names = (flag_of(name), *([SHORT[name]] if name in SHORT else []))
     metavar = "" if name in FLAGS else ("<path>" if name in PATH_OPTIONS else None)
     return typer.Option(*names, help=text.replace("[", "\\["), rich_help_panel=panel or _panel(name), metavar=metavar, **extra)
+
+
+def flag_of(name: str) -> str:
+    """The command-line spelling of config field `name`."""
+    return "--json" if name == "as_json" else "--" + name.replace("_", "-")
 
 
 def _panel(name: str) -> str:
@@ -146,6 +150,5 @@ def reference_table() -> str:
                 clause = _default_clause(name, getattr(config, class_name)).strip(" ()").removeprefix("default ")
                 takes.append(f"{command}" + (f" ({clause})" if clause else ""))
         if takes:
-            flag = "--json" if name == "as_json" else "--" + name.replace("_", "-")
-            rows.append(f"| `{flag}` | {', '.join(takes)} | {text.replace('|', '&#124;')} |")
+            rows.append(f"| `{flag_of(name)}` | {', '.join(takes)} | {text.replace('|', '&#124;')} |")
     return "\n".join(["| option | commands (default) | meaning |", "|---|---|---|", *rows])

@@ -174,7 +174,7 @@ def export_report(manifest: dict[str, Any]):
     recorded = (cascade["policy"].get("from_bundle") or {}).get("thresholds") or []
     off_here = [e["name"] for e, t in zip(manifest["exits"], recorded) if t is not None and e["name"] not in cascade["stops_after"]]
     lines = [f"Cascade: {len(cascade['signatures'])} stages, stopping after {', '.join(cascade['stops_after'])}; weights {cascade['weights']}",
-             *([f"Dropped here, though on in the bundle: {', '.join(off_here)} (measured in LiteRT, {'they cost' if len(off_here) > 1 else 'it costs'} more than {'they save' if len(off_here) > 1 else 'it saves'}; --policy recorded keeps the bundle's exits)"] if off_here else []),
+             *([f"Dropped here, though on in the bundle: {', '.join(off_here)} (in measured LiteRT time each costs more than it saves; --policy recorded keeps the bundle's exits)"] if off_here else []),
              f"Exit policy: {cascade['policy']['reason']}",
              "Validation: passed" if validation["passed"] else f"Validation FAILED: {validation['failure']}"]
     return Group(files, checks, *lines)
@@ -201,7 +201,7 @@ def run_report(report: dict[str, Any]):
         if outside:
             lines.append(f"Note: {sum(outside.values())} photos of {', '.join(outside)} (not among the export's classes) count as wrong")
     profile = report["profile"]
-    stages = Table(title=f"Latency profile on one photo (medians of {report.get('timed_runs', 'the')} timed calls)",
+    stages = Table(title=f"Latency profile on one photo (medians of {report['timed_runs']} timed calls)",
                    caption=f"stage ms: that stage's signature call alone · to this exit: the engine run until a photo leaves there · "
                            f"share: of the plain model's {profile['plain_ms']:.3f} ms (over 100 % at an exit: stopping there costs more than the plain model) · "
                            "MFLOPs share: of the plain model's compute")

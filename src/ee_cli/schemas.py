@@ -2,8 +2,9 @@
 
 Each file carries `format_version`; a schema per version says what a reader may rely on (types,
 ranges, which keys must be there). Keys a schema does not name are allowed, so a newer ee can add
-fields without breaking an older reader of the same version. Cross-field rules JSON Schema cannot
-say (as many thresholds as exits, personal classes among the classes) live in `cross_check_*`.
+fields without breaking an older reader of the same version. Rules between fields that JSON Schema
+cannot say (as many thresholds as exits, personal classes among the classes) follow each schema in
+`check_bundle_meta` and `check_manifest`.
 """
 
 from __future__ import annotations
@@ -164,11 +165,22 @@ def _short(message: str, limit: int = 160) -> str:
 
 def check_bundle_meta(meta: Any, path: Path) -> None:
     """`ee.json` against its version's schema and the rules between its fields."""
-    version = meta.get("format_version") if isinstance(meta, dict) else None
-    if isinstance(version, int) and not isinstance(version, bool) and version > BUNDLE_VERSION:
-        raise UserError(f"{path} has bundle format {version}; this ee reads up to {BUNDLE_VERSION}: upgrade ee")
+    _refuse_newer(meta, "bundle", BUNDLE_VERSION, path, unversioned=None)
     validate(meta, BUNDLE_V1, path)
     _cross_check_bundle(meta, path)
+
+
+def _refuse_newer(document: Any, kind: str, readable: int, path: Path, unversioned: int | None) -> None:
+    """A file written by a newer ee is refused by name (its schema would only say 'malformed')."""
+    version = document.get("format_version", unversioned) if isinstance(document, dict) else None
+    if isinstance(version, int) and not isinstance(version, bool) and version > readable:
+        raise UserError(f"{path} has {kind} format {version}; this ee reads up to {readable}: upgrade ee")
+
+
+def _refuse_first(problems: list[tuple[bool, str]], path: Path) -> None:
+    for broken, what in problems:
+        if broken:
+            raise UserError(f"{path} is malformed: {what}")
 
 
 def _cross_check_bundle(meta: dict, path: Path) -> None:
@@ -184,16 +196,12 @@ def _cross_check_bundle(meta: dict, path: Path) -> None:
     chosen = meta.get("policy")
     if chosen is not None:
         problems.append((len(chosen["thresholds"]) != len(names), f"policy.thresholds has {len(chosen['thresholds'])} values for {len(names)} exits"))
-    for broken, what in problems:
-        if broken:
-            raise UserError(f"{path} is malformed: {what}")
+    _refuse_first(problems, path)
 
 
 def check_manifest(manifest: Any, path: Path) -> None:
     """`manifest.json` against its version's schema and the rules between its fields."""
-    version = manifest.get("format_version", 1) if isinstance(manifest, dict) else None
-    if isinstance(version, int) and not isinstance(version, bool) and version > MANIFEST_VERSION:
-        raise UserError(f"{path} has export format {version}; this ee reads up to {MANIFEST_VERSION}: upgrade ee")
+    _refuse_newer(manifest, "export", MANIFEST_VERSION, path, unversioned=1)  # exports before format_version are format 1
     validate(manifest, MANIFEST_V1, path)
     cascade = manifest["cascade"]
     stops, exits = cascade["stops_after"], {e["name"] for e in manifest["exits"]}
@@ -203,6 +211,4 @@ def check_manifest(manifest: Any, path: Path) -> None:
         (len(cascade["signatures"]) != len(stops), f"cascade.signatures has {len(cascade['signatures'])} stages for {len(stops)} stops"),
         (cascade["file"] not in manifest["files"], f"cascade.file {cascade['file']} is not among files"),
     ]
-    for broken, what in problems:
-        if broken:
-            raise UserError(f"{path} is malformed: {what}")
+    _refuse_first(problems, path)
