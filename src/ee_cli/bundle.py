@@ -201,7 +201,7 @@ def write_bundle(out: Path, model, meta: dict[str, Any], exist_ok: bool, model_f
     """Write `model` (or link/copy an existing `model_file`, unchanged), `ee.json` and the exit
     policy's evidence, atomically."""
     check_output(out, exist_ok)
-    with runs.staged_folder(out) as staging:
+    with runs.staged_folder(out, exist_ok) as staging:
         if model_file is not None:
             _link_or_copy(model_file, staging / MODEL_FILE)
         else:

@@ -87,7 +87,7 @@ def export(config: ExportConfig, progress=None) -> ExportResult:
 
         progress("Quantisation-aware training of the heads", 0.0, f"{config.qat_steps} steps")
         exported = quantisation_aware_heads(model, meta, chosen.calibration, config.qat_steps, seed=config.seed)
-    with runs.staged_folder(out) as staging:
+    with runs.staged_folder(out, config.exist_ok) as staging:
         written = _write_tflite(staging, source, exported, chosen, config, progress)
         progress("Validating in LiteRT", 0.0, "")
         validation_report = validate(model, staging / "multi_exit.tflite", chosen, meta, config)

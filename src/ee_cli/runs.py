@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+from ee_cli.errors import UserError
 
 DEFAULT_ROOT = Path("runs")
 
@@ -39,15 +42,17 @@ def write_json(path: Path, data: Any) -> None:
 
 
 @contextlib.contextmanager
-def staged_folder(out: Path) -> Iterator[Path]:
+def staged_folder(out: Path, exist_ok: bool) -> Iterator[Path]:
     """Fill a temporary folder beside `out`, then move it into place in one rename (replacing an
-    old `out`); on any failure nothing is left behind and an old `out` is untouched."""
+    old `out` only with `exist_ok`); on any failure nothing is left behind and an old `out` is
+    untouched. Another command that wrote `out` meanwhile wins: without `exist_ok` this one then
+    ends in a UserError."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private; outputs are ordinary folders
         yield staging
-        _move_into_place(staging, out)
+        _move_into_place(staging, out, exist_ok)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -59,9 +64,14 @@ def _umask() -> int:
     return current
 
 
-def _move_into_place(staging: Path, out: Path) -> None:
-    if not out.exists():
-        staging.rename(out)
+def _move_into_place(staging: Path, out: Path, exist_ok: bool) -> None:
+    if not exist_ok or not out.exists():
+        try:
+            staging.rename(out)  # refuses a non-empty folder: no check-then-rename race
+        except OSError as error:
+            if error.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR):
+                raise
+            raise UserError(f"{out} was written by another command meanwhile: choose another --out, or pass --exist-ok to replace it") from None
         return
     retired = out.with_name(f".{out.name}.replaced-{os.getpid()}")
     out.rename(retired)
