@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test demo bench clean mutation nightly
+.PHONY: install test demo bench bench-full clean mutation nightly
 
 GENERIC := $(HOME)/.cache/ee/models/cifar_resnet9.h5
 LITE1 := $(HOME)/.cache/ee/models/cifar_lite1.h5
@@ -45,6 +45,10 @@ $(LITE1): | install
 
 bench: install $(GENERIC) $(LITE1)
 	PYTHONPATH=. $(BIN)/python -m bench.run --generic $(GENERIC) --lite1 $(LITE1) --workers $(BENCH_WORKERS) $(BENCH_ARGS)
+
+# Every CIFAR-10-C corruption at both severities (47 users per split and model): hours, not minutes.
+bench-full: install $(GENERIC) $(LITE1)
+	PYTHONPATH=. $(BIN)/python -m bench.run --grid --generic $(GENERIC) --lite1 $(LITE1) --workers $(BENCH_WORKERS) $(BENCH_ARGS)
 
 clean:
 	rm -rf build bundles runs .pytest_cache mutants

@@ -67,11 +67,13 @@ class User:
         return Scenario(len(self.spec.classes), condition)
 
 
-def users(split: str, per_scenario: int) -> list[User]:
-    """The split's field users, `per_scenario` of each kind (k-class corrupted, all-class corrupted), each with its own seed."""
+def users(split: str, per_scenario: int, grid: bool = False) -> list[User]:
+    """The split's field users, `per_scenario` of each kind (k-class corrupted, all-class corrupted),
+    or with `grid` one per corruption and severity; each with its own seed."""
     from datasets import field_users
 
-    return [User(split, spec) for spec in field_users.specs(split, personal=6 * per_scenario, all_classes=2 * per_scenario)]
+    specs = field_users.grid_specs(split) if grid else field_users.specs(split, personal=6 * per_scenario, all_classes=2 * per_scenario)
+    return [User(split, spec) for spec in specs]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,23 +233,21 @@ def _baselines(attached: Path, user) -> dict[str, Any]:
 def _methods(job: UserJob, user, folders: dict, attached: Path) -> dict[str, Any]:
     """Each label-free baseline as a researcher runs it (`ee personalise --method NAME`, defaults), scored
     over every class, as the TTA papers score it; LAME on the generic model's test batches."""
+    from bench import command
     from ee_cli import bundle
-    from ee_cli.config import PersonaliseConfig
-    from ee_cli.personalise import personalise
 
     found: dict[str, Any] = {}
     for method in [m for m in job.settings.methods if m != "lame"]:
-        started = time.perf_counter()
-        result = personalise(PersonaliseConfig(data=str(folders["unlabelled"]), bundle=str(attached), method=method, out=f"method-{method}", seed=job.seed, quiet=True))
-        seconds = time.perf_counter() - started
-        logits = predict(bundle.read_bundle(result.bundle_path).load_model(), "final", user.test)
-        steps = result.metrics.get("entropy_steps") or {}
-        found[method] = {"accuracy": float(np.mean(logits.argmax(1) == user.test_y)), "seconds": seconds,
-                         "backward_passes": steps.get("backward_passes", 0), "changes_backbone": result.metrics["changes_backbone"]}
-    if "lame" in job.settings.methods:
+        options = {"data": str(folders["unlabelled"]), "bundle": str(attached), "method": method, "out": f"method-{method}", "seed": job.seed}
+        ran = command.personalise(options, own_process=job.settings.costs)
+        logits = predict(bundle.read_bundle(ran.result.bundle_path).load_model(), "final", user.test)
+        steps = ran.result.metrics.get("entropy_steps") or {}
+        found[method] = {"accuracy": float(np.mean(logits.argmax(1) == user.test_y)), "seconds": ran.seconds, "peak_rss_mib": ran.peak_rss_mib,
+                         "backward_passes": steps.get("backward_passes", 0), "changes_backbone": ran.result.metrics["changes_backbone"]}
+    if "lame" in job.settings.methods:  # applied at test time by the benchmark: no command, no RSS of its own
         started = time.perf_counter()
         accuracy = lame_accuracy(bundle.read_bundle(attached).load_model(), user.test, user.test_y, job.seed)
-        found["lame"] = {"accuracy": accuracy, "seconds": time.perf_counter() - started, "backward_passes": 0, "changes_backbone": False}
+        found["lame"] = {"accuracy": accuracy, "seconds": time.perf_counter() - started, "peak_rss_mib": None, "backward_passes": 0, "changes_backbone": False}
     return found
 
 
@@ -286,9 +286,8 @@ def _bn_only(generic_logits: np.ndarray, result, personal: list[int], user) -> d
 def _personalised(job: UserJob, user, folders: dict, attached: Path, labels: int, names) -> dict[str, Any]:
     from ee_cli import bundle
 
-    started = time.perf_counter()
-    result = personalise_user(job, folders, attached, labels)
-    seconds = time.perf_counter() - started
+    ran = personalise_user(job, folders, attached, labels)
+    result, seconds = ran.result, ran.seconds
     personal = [names.index(name) for name in result.meta["personal_classes"]]
     model = bundle.read_bundle(result.bundle_path).load_model()
     logits = predict_outputs(model, [*bundle.head_outputs(result.meta), "generic"], user.test)
@@ -303,6 +302,7 @@ def _personalised(job: UserJob, user, folders: dict, attached: Path, labels: int
         # train = the feature cache's build plus head training: what whole-network fine-tuning replaces
         "seconds": {"command": seconds, "train": result.metrics["train_seconds"], "cache_build": (result.metrics["cache"] or {}).get("build_seconds"),
                     "phases": result.metrics["phases_seconds"]},
+        "peak_rss_mib": ran.peak_rss_mib,
     }
     if labels == 0:
         figures["bn_only"] = _bn_only(logits["generic"], result, personal, user)
@@ -330,12 +330,13 @@ def personalise_bounds(job: UserJob, user, result, trained_on: np.ndarray) -> di
 
 
 def personalise_user(job: UserJob, folders: dict, attached: Path, labels: int):
-    """`ee personalise` with its defaults on the user's photo folder (and labelled folder, if `labels`)."""
-    from ee_cli.config import PersonaliseConfig
-    from ee_cli.personalise import personalise
+    """`ee personalise` with its defaults on the user's photo folder (and labelled folder, if `labels`),
+    as a command of its own where costs are measured (its peak RSS then measured too)."""
+    from bench import command
 
-    return personalise(PersonaliseConfig(data=str(folders["unlabelled"]), labelled=str(folders["labelled"]) if labels else None,
-                                         bundle=str(attached), out=f"personal-L{labels}", epochs=job.settings.epochs, seed=job.seed, quiet=True))
+    options = {"data": str(folders["unlabelled"]), "labelled": str(folders["labelled"]) if labels else None, "bundle": str(attached),
+               "out": f"personal-L{labels}", "epochs": job.settings.epochs, "seed": job.seed}
+    return command.personalise(options, own_process=job.settings.costs)
 
 
 def trained_photos(result) -> np.ndarray:

@@ -1,6 +1,6 @@
 """`make bench`: the paper's three claims measured on CIFAR-10 users, in one run.
 
-    python -m bench.run [--models resnet9,lite1] [--users dev,test] [--costs test] [--per-scenario 1] [--workers N | --ray-address ADDR] [--smoke]
+    python -m bench.run [--models resnet9,lite1] [--users dev,test] [--costs test] [--per-scenario 1 | --grid] [--workers N | --ray-address ADDR] [--smoke]
 
 Writes bench/results/<date>.json (every user's figures, the summary, the settings), the plots
 beside it, and the tables into bench/README.md between its markers: per generic model, test users
@@ -33,6 +33,8 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--lite1", type=Path, default=None, help="the lite1 model file (default ~/.cache/ee/models/cifar_lite1.h5)")
     parser.add_argument("--users", default="dev,test", help="which users: dev (tune on these), test (report only), or both")
     parser.add_argument("--per-scenario", type=int, default=1, help="users per scenario, each with its own seed and photos")
+    parser.add_argument("--grid", action="store_true", help="every corruption at both severities (30 k-class users and 15 all-class ones per split: make bench-full) "
+                        "instead of a sample of them")
     parser.add_argument("--scenarios", default="all", help="comma-separated names like k2-fog-3 (k classes, corruption, severity), or all")
     parser.add_argument("--unlabelled", type=int, default=500)
     parser.add_argument("--labels", default="0,10", help="labelled photos per class, per setting")
@@ -62,7 +64,7 @@ def jobs_for(args, work: Path, generic: dict[str, str]) -> list:
     splits = args.users.split(",")
     if not splits or not set(splits) <= set(SPLITS):
         _user_error(f"--users takes dev, test or dev,test, not {args.users!r}")
-    chosen = [user for split in splits for user in users(split, args.per_scenario)]
+    chosen = [user for split in splits for user in users(split, args.per_scenario, grid=args.grid)]
     wanted = chosen if args.scenarios == "all" else [user for user in chosen if user.scenario.name in args.scenarios.split(",")]
     if not wanted:
         names = sorted({user.scenario.name for user in chosen})
@@ -175,7 +177,7 @@ def write_results(args, jobs, rows, seconds) -> dict:
         parts.append(_split_tables(split, group, summary[model][split], settings[model]))
     tables = "\n\n".join(parts)
     results = {
-        "date": date.today().isoformat(), "commit": args.commit, "smoke": args.smoke, "seconds": seconds, "generic_models": {job.model: job.generic for job in jobs},
+        "date": date.today().isoformat(), "commit": args.commit, "smoke": args.smoke, "seconds": seconds, "generic_models": {job.model: identity(job.generic) for job in jobs},
         "data": jobs[0].data, "settings": {model: {k: v for k, v in asdict(found).items() if k != "costs"} for model, found in settings.items()},
         "costs_measured_on": args.costs, "users_chosen": args.users, "per_scenario": args.per_scenario, "workers": args.workers,
         "ray_address": args.ray_address, "threads": args.threads, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
@@ -189,6 +191,18 @@ def write_results(args, jobs, rows, seconds) -> dict:
         _update_readme(readme, results, tables, stem, plot)
     print(tables + f"\n\nresults: {stem}\nplot: {plot}\n{len(rows)} users in {seconds / 60:.1f} min")
     return results
+
+
+def identity(model_file: str) -> dict:
+    """Which generic model the figures came from: its path, sha256 and clean test accuracy (from the
+    report its maker wrote beside it, `models.train_cifar` / `models.train_lite`)."""
+    import hashlib
+
+    path = Path(model_file)
+    beside = path.with_suffix(".json")
+    made = json.loads(beside.read_text()) if beside.is_file() else {}
+    return {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "clean_test_accuracy": made.get("test_accuracy"),
+            "accuracy_from": str(beside) if made else None}
 
 
 def _commit() -> str | None:
@@ -205,11 +219,18 @@ def _commit() -> str | None:
 def _split_tables(split: str, rows: list[dict], found: dict, settings) -> str:
     from bench import report
 
-    methods = report.methods_table(rows)
+    methods, corruptions = report.methods_table(rows), report.corruption_table(rows)
+    points = report.points_table(rows, settings.points, settings.quant)
     return "\n".join([f"**{SPLIT_TITLES[split]}.** {len(rows)} users.", "", report.headline_table(found, settings.labels, settings.quant, settings.points), "",
                       "Per scenario, mean ± std over its users (accuracy in %):", "", report.scenario_table(rows, settings.labels, settings.quant, settings.points),
                       *(["", "The label-free baselines beside `ee`, on the same users and photos (accuracy over every class, as the TTA papers score it; "
-                         "the free baseline needs the true classes):", "", methods] if methods else [])])
+                         "the free baseline needs the true classes; wall time and peak RSS of the command as typed, in a process of its own, where costs "
+                         "are measured):", "", methods] if methods else []),
+                      *(["", "Mean error (%) per corruption and severity, over the corrupted users with it (their count in brackets), as the TTA "
+                         "benchmarks tabulate it; `ee` scores over the classes it inferred:", "", corruptions] if corruptions else []),
+                      *(["", "Each user at each operating point, on the half of the test photos `ee evaluate` did not calibrate on "
+                         f"(label-free first: it is what the three lines deploy); `{report.BELOW_GENERIC}` marks a cascade under the generic model:", "",
+                         points] if points else [])])
 
 
 def _update_readme(readme: Path, results: dict, tables: str, stem: Path, plot: Path) -> None:
@@ -219,11 +240,14 @@ def _update_readme(readme: Path, results: dict, tables: str, stem: Path, plot: P
         + (f" (whole network timed on {found['whole_network_epochs']} and scaled)" if found.get("whole_network_epochs") else "")
         for model, found in results["settings"].items())
     threads = next(iter(results["settings"].values()))["latency_threads"]
+    models = "; ".join(f"{model}: `{Path(found['path']).name}`, sha256 `{found['sha256'][:12]}…`"
+                       + (f", {100 * found['clean_test_accuracy']:.2f} % on the clean test split" if found["clean_test_accuracy"] is not None else "")
+                       for model, found in results["generic_models"].items())
     body = "\n".join([
         BEGIN,
         f"Measured {results['date']} on this machine ({results['machine']['cpus']} CPUs), {len(results['users'])} users in {results['seconds'] / 60:.1f} min "
         f"(`{_shown(stem)}`), users {results['users_chosen']} ({results['per_scenario']} per scenario), {results['threads']} TensorFlow "
-        f"thread(s) per user, LiteRT latency on {threads} thread. {per_model}.",
+        f"thread(s) per user, LiteRT latency on {threads} thread. {per_model}. Generic models: {models}.",
         "", tables, "", f"![accuracy and latency]({_shown(plot, readme.parent)})", END,
     ])
     text = readme.read_text() if readme.exists() else f"# Benchmark\n\n{BEGIN}\n{END}\n"

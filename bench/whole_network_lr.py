@@ -39,7 +39,7 @@ def main(argv=None) -> dict[float, float]:
             job = UserJob(str(args.generic), "cifar10", user_spec, settings, str(Path(scratch) / str(user_spec.seed)))
             user, folders, names = user_photos(job)
             with inside(Path(job.work)):  # run folders are relative to it
-                result = personalise_user(job, folders, attach_generic(job, names), 0)
+                result = personalise_user(job, folders, attach_generic(job, names), 0).result
                 trained_on, views = trained_photos(result), result.metrics["cache"]["views"]
             personal = [names.index(name) for name in result.meta["personal_classes"]]
             for rate in LEARNING_RATES:  # one personalisation per user: every rate trains on its photos and views

@@ -48,12 +48,32 @@ def specs(split: str, personal: int = 6, all_classes: int = 2) -> list[Spec]:
             severity = 5 if index >= personal else SEVERITIES[int(rng.integers(len(SEVERITIES)))]
         else:
             corruption, severity = None, None
-        k = 10 if every else int(rng.integers(2, 6))
-        classes = tuple(sorted(int(c) for c in rng.choice(10, size=k, replace=False)))
-        kind = "all-classes" if every and corruption else "clean" if every else "personal" if corruption else "label-shift"
-        label = f"{kind}-k{k}" + (f"-{corruption}-{severity}" if corruption else "")
-        found.append(Spec(f"{split}{index}-{label}", seed, classes, corruption, severity))
+        found.append(_spec(f"{split}{index}", seed, rng, corruption, severity, every))
     return found
+
+
+GRID_SEED_OFFSET = 50  # grid users' seeds start here within their split's range, apart from the sampled users'
+
+
+def grid_specs(split: str) -> list[Spec]:
+    """The full CIFAR-10-C grid of a split: a k-class user for every corruption at each severity
+    (k drawn from the user's seed), an all-class user for every corruption at severity 5, then one
+    label-shift-only and one clean user."""
+    cells = [(c, s, False) for c in corruptions.CORRUPTIONS for s in SEVERITIES] + [(c, 5, True) for c in corruptions.CORRUPTIONS]
+    cells += [(None, None, False), (None, None, True)]
+    found = []
+    for index, (corruption, severity, every) in enumerate(cells):
+        seed = SPLIT_SEEDS[split] + GRID_SEED_OFFSET + index
+        found.append(_spec(f"{split}-grid{index}", seed, np.random.default_rng([seed, 2019]), corruption, severity, every))
+    return found
+
+
+def _spec(prefix: str, seed: int, rng: np.random.Generator, corruption: str | None, severity: int | None, every: bool) -> Spec:
+    """The user's k and classes, drawn from `rng` (the user's own, after any corruption draws)."""
+    k = 10 if every else int(rng.integers(2, 6))
+    classes = tuple(sorted(int(c) for c in rng.choice(10, size=k, replace=False)))
+    kind = "all-classes" if every and corruption else "clean" if every else "personal" if corruption else "label-shift"
+    return Spec(f"{prefix}-{kind}-k{k}" + (f"-{corruption}-{severity}" if corruption else ""), seed, classes, corruption, severity)
 
 
 def make_field_user(data: dict, spec: Spec, unlabelled: int = 500, labelled_per_class: int = 0, test_per_class: int = 200) -> User:

@@ -60,3 +60,14 @@ def test_each_split_has_every_kind_of_user_and_the_splits_never_share_a_seed():
         assert kinds.count("personal") == 6 and kinds.count("all") == 2 and "label" in kinds and "clean" in kinds
         assert all(s.severity in (3, 5) for s in users if s.corruption) and all(len(s.classes) == 10 for s in users if "all-classes" in s.name)
         assert all(2 <= len(s.classes) <= 5 for s in users if "personal" in s.name or "label-shift" in s.name)
+
+
+def test_the_grid_holds_every_corruption_at_both_severities_apart_from_the_sampled_users():
+    for split in field_users.SPLIT_SEEDS:
+        grid = field_users.grid_specs(split)
+        personal = {(s.corruption, s.severity) for s in grid if s.corruption and len(s.classes) < 10}
+        assert personal == {(c, v) for c in corruptions.CORRUPTIONS for v in field_users.SEVERITIES}
+        assert {s.corruption for s in grid if len(s.classes) == 10 and s.corruption} == set(corruptions.CORRUPTIONS)
+        assert sum(s.corruption is None for s in grid) == 2
+        assert not {s.seed for s in grid} & {s.seed for s in field_users.specs(split)}
+    assert not {s.seed for s in field_users.grid_specs("dev")} & {s.seed for s in field_users.grid_specs("test")}
