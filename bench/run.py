@@ -76,9 +76,11 @@ def jobs_for(args, work: Path, generic: dict[str, str]) -> list:
     costs = args.costs.split(",")
     if not set(costs) <= set(SPLITS):
         _user_error(f"--costs takes test, dev or dev,test, not {args.costs!r}")
-    return [UserJob(path, data, user, replace(settings_for(GENERIC_MODELS[name], settings), costs=user.split in costs),
+    position = {user: [u for u in chosen if u.split == user.split].index(user) for user in wanted}
+    jobs = [UserJob(path, data, user, replace(settings_for(GENERIC_MODELS[name], settings), costs=user.split in costs),
                     str(work / f"{name}-{user.split}-{user.scenario.name}-seed{user.seed}"), name)
-            for name, path in generic.items() for user in wanted]
+            for name, path in generic.items() for user in wanted if GENERIC_MODELS[name].runs(position[user], args.grid or args.scenarios != "all")]
+    return sorted(jobs, key=lambda job: (job.model != "lite1", not job.settings.costs))  # the longest first: workers end together
 
 
 def smoke_defaults(args) -> None:
