@@ -283,9 +283,12 @@ def lame_accuracy(model, images: np.ndarray, truth: np.ndarray, seed: int) -> fl
 
 def _bn_only(generic_logits: np.ndarray, result, personal: list[int], user) -> dict[str, Any]:
     """BN statistics only + inferred classes: `ee personalise`'s own first step at 0 labels, read off
-    its bundle (the generic output of the adapted backbone, restricted to the classes it inferred)."""
+    its bundle (the generic output of the adapted backbone, restricted to the classes it inferred and
+    shifted by their prior: where its final exit starts)."""
     adapted = result.metrics["adapted_bn"]
-    return {"accuracy": restricted_accuracy(generic_logits, personal, user.test_y), "adapted_layers": len(adapted["layers"]),
+    shift = np.asarray((result.meta.get("class_prior") or {}).get("logit_shift") or np.zeros(len(personal)))
+    accuracy = float(np.mean(np.asarray(personal)[(generic_logits[:, personal] + shift).argmax(1)] == user.test_y))
+    return {"accuracy": accuracy, "adapted_layers": len(adapted["layers"]),
             "of": adapted["of"], "depths_tried": adapted["tried"], "note": adapted["note"],
             "inferred_classes": [user.names[c] for c in personal], "classes_exact": sorted(personal) == sorted(user.classes)}
 
@@ -306,6 +309,7 @@ def _personalised(job: UserJob, user, folders: dict, attached: Path, labels: int
         "largest_share": {"estimated_mix": max(result.metrics["class_shares"].values()),
                           "final_predictions": float(np.bincount(logits["final"].argmax(1)).max() / len(user.test))},
         "exits_enabled": [e["name"] for e in result.meta["exits"] if e["enabled"]],
+        "do_no_harm": result.metrics["holdout"].get("do_no_harm"),  # the label-free check's figures, and why it kept the start if it did
         # train = the feature cache's build plus head training: what whole-network fine-tuning replaces
         "seconds": {"command": seconds, "train": result.metrics["train_seconds"], "cache_build": (result.metrics["cache"] or {}).get("build_seconds"),
                     "phases": result.metrics["phases_seconds"]},

@@ -19,7 +19,7 @@ BREAKS = [
     ("resume-new-run-folder", "src/ee_cli/personalise.py", "    if config.resume:\n        for candidate", "    if config.resume and False:\n        for candidate", "tests/test_personalise_runs.py tests/test_personalise.py"),
     ("max-drop-ignored", "src/ee_cli/personalise.py", 'constraint = {"kind": "max_drop", "drop": config.max_drop / 100, "z": config.margin_z}', 'constraint = {"kind": "max_drop", "drop": 0.005, "z": config.margin_z}', "tests/test_wiring.py tests/test_personalise.py"),
     ("infer-one-class", "src/ee_cli/adapt.py", "if len(chosen) < 2:", "if len(chosen) < 1:", "tests/test_wiring.py tests/test_personalise.py"),
-    ("class-share-0.05", "src/ee_cli/config.py", "class_share: float = 0.10", "class_share: float = 0.05", "tests/test_wiring.py tests/test_personalise.py"),
+    ("class-share-0.1", "src/ee_cli/config.py", "class_share: float = 0.2", "class_share: float = 0.1", "tests/test_wiring.py tests/test_personalise.py"),
     ("config-valueerror", "src/ee_cli/config.py", 'raise UserError(f"config file {path} does not exist") from None', 'raise ValueError(f"config file {path} does not exist") from None', "tests/test_wiring.py tests/test_personalise.py"),
 ]
 only = sys.argv[1:]

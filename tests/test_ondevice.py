@@ -194,11 +194,12 @@ def test_a_litert_step_is_the_tensorflow_engines_step(trained, tmp_path):
     teacher = rng.normal(0, 3, (16, 5)).astype(np.float32)
     feed = {f"{h.name}_{kind}": values[i].reshape(16, -1) for i, h in enumerate(heads) for kind, values in (("weak", weak), ("strong", strong))}
     feed |= {f"{h.name}_labelled": np.zeros((1, feed[f"{h.name}_weak"].shape[1]), np.float32) for h in heads}
-    np.savez(tmp_path / "feed.npz", teacher=teacher[:, :3], labels=np.zeros((1, 3), np.float32), **feed)
+    shift = np.array([0.5, -1.0, 0.2], np.float32)  # a class prior: the LiteRT features signature adds it to the teacher it caches
+    np.savez(tmp_path / "feed.npz", teacher=teacher[:, :3] + shift, labels=np.zeros((1, 3), np.float32), **feed)
     report = _litert("steps", _run_dir(trained) / ondevice.FILE, tmp_path / "feed.npz", tmp_path / "after.npz")
     optimizer = keras.optimizers.Adam(1e-3)
     optimizer.build([v for tail in tails for v in tail.trainable_variables])
-    step = _make_step(tails, optimizer, tf.constant([0, 1, 2]), PersonaliseConfig())
+    step = _make_step(tails, optimizer, tf.constant([0, 1, 2]), PersonaliseConfig(), shift)
     losses = [float(step({"weak": weak, "strong": strong, "teacher": teacher})["loss"]) for _ in range(3)]
     # The first loss agrees to float precision; after an Adam step the few weights whose gradients
     # are at rounding size (see below) move the narrow heads' loss by a few 1e-4.
@@ -256,15 +257,17 @@ def test_export_trainable_writes_personalise_tflite_and_documents_its_signatures
     # ondevice.build): the artefact it converted stands in for a second 20-second conversion.
     built = []
 
-    def convert_once(personal_model, heads, personal, bn_layers, shapes, losses):
-        built.append((personal, bn_layers, shapes, losses))
+    def convert_once(personal_model, heads, personal, bn_layers, shapes, losses, teacher_shift):
+        built.append((personal, bn_layers, shapes, losses, teacher_shift))
         return (_run_dir(trained) / ondevice.FILE).read_bytes()
 
     monkeypatch.setattr(ondevice, "build", convert_once)
     source = bundle.read_bundle(trained / "P")
     entry = ondevice.write_trainable(source.load_model(), source.meta, tmp_path)
     assert (tmp_path / ondevice.FILE).stat().st_size == entry["bytes"] and entry["classes"] == ["r", "g", "b"]
-    personal, bn_layers, shapes, losses = built[0]
+    personal, bn_layers, shapes, losses, teacher_shift = built[0]
+    prior = source.meta.get("class_prior")
+    assert teacher_shift == (prior["logit_shift"] if prior else None)  # the teacher P's heads trained against
     assert personal == [0, 1, 2] and bn_layers == entry["adapted_bn_layers"] == source.meta["adapted_bn"]["layers"]
     assert shapes.batch == 16 and losses == ondevice.Losses.of(PersonaliseConfig())  # the settings P was personalised with
     assert set(entry["signatures"]) == set(ondevice.MEANINGS) and not [op for op in entry["ops"] if "Flex" in op]

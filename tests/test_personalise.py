@@ -139,6 +139,30 @@ def test_class_inference_keeps_classes_above_the_share():
     assert adapt.infer_classes(shares, 0.15) == [0, 1, 2]
 
 
+def test_the_class_prior_keeps_a_fifth_of_an_even_share_and_shifts_the_kept_logits_by_the_mix():
+    shares = np.array([0.45, 0.30, 0.16, 0.05, 0.03, 0.01])  # an even share is 1/6: the cut at 0.2 of it is 0.033
+    prior = adapt.class_prior(shares, 0.2)
+    assert prior.classes == [0, 1, 2, 3]  # 0.05 is kept (reachable, shifted down), 0.03 and 0.01 are ruled out
+    np.testing.assert_allclose(prior.logit_shift, np.log(6 * shares[:4]), rtol=1e-6)
+    assert prior.logit_shift[3] < 0 < prior.logit_shift[0]  # a class kept on little evidence draws few photos
+    np.testing.assert_allclose(adapt.class_prior(shares, 0.2, temperature=2.0).logit_shift, 2 * np.log(6 * shares[:4]), rtol=1e-6)
+    # A 1,000-class model: a person's "dog" spread over 100 breeds at 0.8 % each stays reachable, the rest of ImageNet does not.
+    fine = np.full(1000, 1e-4)  # after normalising: 0.011 % each, under a fifth of an even share (0.02 %)
+    fine[:100] = 0.008
+    assert adapt.class_prior(fine / fine.sum(), 0.2).classes == list(range(100))
+
+
+def test_a_temperature_before_em_changes_an_over_confident_models_estimate():
+    # Two classes, 50/50; the model is sure of every photo but calls a third of class 1 class 2, just as surely.
+    truth = np.repeat([0, 1], 60)
+    called = truth.copy()
+    called[60:80] = 2
+    over_confident = _confident_logits(called) * 3  # ~100 % on the top class
+    plain, calibrated = adapt.class_shares(over_confident), adapt.class_shares(over_confident, temperature=8.0)
+    assert not np.allclose(plain, calibrated)
+    assert calibrated[2] < plain[2]  # softer probabilities share class 2's photos back out
+
+
 def test_a_systematic_confusion_is_not_counted_as_a_class():
     # 12 % of the photos have class 2 on top, but only just, with class 0 close behind: they are
     # class-0 photos the model confuses. EM over the probabilities gives class 2 no share at all.
@@ -257,8 +281,9 @@ def test_kept_confident_counts_only_the_sure_predictions_and_needs_32_of_them():
     assert adapt.kept_confident(_confident_logits(np.full(100, 2)), unsure_half) == 0.0
     few_sure = np.concatenate([_confident_logits(np.zeros(31, int)), _confident_logits(np.ones(69, int), sure=False)])
     assert adapt.kept_confident(_confident_logits(np.full(100, 2)), few_sure) is None  # 31 sure photos: nothing to keep
-    # ... so adapting goes as deep as it may, however much it changes.
-    assert adapt.auto_depth(lambda d: few_sure if d == 0 else _confident_logits(np.arange(100) % 3), [1, 2])[::2] == (2, None)
+    # ... so nothing says a deeper adaptation keeps what the photos show: auto stays at the shallowest depth, and says so.
+    depth, _, note = adapt.auto_depth(lambda d: few_sure if d == 0 else _confident_logits(np.arange(100) % 3), [1, 2])
+    assert depth == 1 and note.startswith("the generic model is sure of fewer than 32 photos") and note.endswith("kept 1")
     assert adapt.auto_depths(8) == [1, 2, 3, 4] and adapt.auto_depths(64) == [8, 16, 24, 32] and adapt.auto_depths(1) == [1] and adapt.auto_depths(0) == []
 
 
@@ -268,3 +293,19 @@ def test_auto_adapts_past_overturned_predictions_when_the_generic_model_saw_one_
     three_classes = _confident_logits(np.arange(100) % 3)  # overturns two thirds of the sure predictions
     depth, shares, note = adapt.auto_depth(lambda d: everything_class_0 if d < 2 else three_classes, [1, 2, 3])
     assert (depth, note) == (3, None) and shares == pytest.approx(adapt.class_shares(three_classes))
+
+
+def test_inferred_classes_start_the_final_exit_as_the_generic_model_shifted_by_their_prior(workspace, attached):
+    """Wiring: the class prior adapt.class_prior computes is the one the final exit starts from and ee.json records."""
+    coloured_photos(workspace / "photos", 40)
+    result = personalise(PersonaliseConfig(data="photos", bundle=str(attached), out="P", epochs=0, adapt_bn="0", seed=0, quiet=True))
+    prior = result.meta["class_prior"]
+    assert prior["classes"] == result.meta["personal_classes"] and len(prior["logit_shift"]) == len(prior["classes"])
+    classes = len(result.meta["classes"])
+    np.testing.assert_allclose(prior["logit_shift"], np.log(np.maximum(classes * np.array(prior["estimated_mix"]), 1e-6)), atol=1e-3)
+    model = bundle.read_bundle(result.bundle_path).load_model()
+    pixels = photos.resized(np.stack([np.full((32, 32, 3), c, np.uint8) for c in (0, 90, 200)]), 32).astype(np.float32)
+    final, generic = (np.asarray(x) for x in model(pixels, training=False)[-2:])
+    personal = [result.meta["classes"].index(name) for name in prior["classes"]]
+    np.testing.assert_allclose(final, generic[:, personal] + np.array(prior["logit_shift"]), atol=1e-4)
+    assert result.metrics["holdout"]["do_no_harm"]["harm"] is None  # no training: the final exit is its start

@@ -17,7 +17,7 @@ from ee_cli.cli import app
 
 COMMANDS = typer.main.get_command(app).commands
 DEFAULT = re.compile(r" \(default [^()]*\)")
-CONFIG_FIELDS_WITHOUT_OPTION = {"cache"}  # set by --no-cache
+CONFIG_FIELDS_WITHOUT_OPTION = {"cache", "class_prior"}  # set by --no-cache, --no-class-prior
 
 
 def _options(command) -> dict[str, object]:

@@ -126,17 +126,18 @@ def test_max_drop_reaches_the_label_free_thresholds():
 
 
 def test_the_default_class_share_leaves_out_a_class_just_under_it():
-    """Break: `PersonaliseConfig.class_share` default 0.10 -> 0.05."""
+    """Break: `PersonaliseConfig.class_share` default 0.2 -> 0.1 (of an even share: 5 % -> 2.5 % for four classes)."""
     names = ["cat", "dog", "frog", "ship"]
-    shares = np.array([0.55, 0.36, 0.07, 0.02])
-    assert _personal_classes(PersonaliseConfig(), names, shares, None) == [0, 1]
-    assert _personal_classes(PersonaliseConfig(), names, np.array([0.5, 0.3, 0.12, 0.08]), None) == [0, 1, 2]
+    classes, shift = _personal_classes(PersonaliseConfig(), names, np.array([0.55, 0.36, 0.055, 0.035]), None)
+    assert classes == [0, 1, 2] and shift[2] < 0 < shift[0]
+    assert _personal_classes(PersonaliseConfig(), names, np.array([0.5, 0.3, 0.12, 0.08]), None)[0] == [0, 1, 2, 3]
+    assert _personal_classes(PersonaliseConfig(class_prior=False), names, np.array([0.5, 0.3, 0.12, 0.08]), None)[1] is None
 
 
 def test_one_class_above_the_share_still_gives_two():
     """Break: `infer_classes` accepts a single class above the cut (`< 2` -> `< 1`)."""
     assert adapt.infer_classes(np.array([0.7, 0.2, 0.1]), 0.5) == [0, 1]
-    assert _personal_classes(PersonaliseConfig(), ["a", "b", "c"], np.array([0.93, 0.05, 0.02]), None) == [0, 1]
+    assert _personal_classes(PersonaliseConfig(), ["a", "b", "c"], np.array([0.985, 0.01, 0.005]), None)[0] == [0, 1]
 
 
 # --- config files ---------------------------------------------------------------------------------

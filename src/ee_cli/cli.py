@@ -192,6 +192,8 @@ def personalise(
     adapt_bn: Annotated[Optional[str], option("adapt_bn", PersonaliseConfig, panel="Personalisation")] = None,
     personal_classes: Annotated[Optional[str], option("personal_classes", PersonaliseConfig, panel="Personalisation")] = None,
     class_share: Annotated[Optional[float], option("class_share", PersonaliseConfig, panel="Personalisation")] = None,
+    no_class_prior: Annotated[bool, option("no_class_prior", PersonaliseConfig, panel="Personalisation")] = False,
+    prior_temperature: Annotated[Optional[float], option("prior_temperature", PersonaliseConfig, panel="Personalisation")] = None,
     views: Annotated[Optional[int], option("views", PersonaliseConfig, panel="Training")] = None,
     epochs: Annotated[Optional[int], option("epochs", PersonaliseConfig, panel="Training")] = None,
     batch: Annotated[Optional[int], option("batch", PersonaliseConfig, panel="Training")] = None,
@@ -218,7 +220,7 @@ def personalise(
     as_json: Annotated[bool, option("as_json", PersonaliseConfig)] = False,
 ) -> None:
     """Step 2: adapt a bundle to one person's photos, mostly unlabelled: BatchNorm statistics, classes, exit heads and their thresholds (backbone frozen)."""
-    flags = _flags(locals(), leave_out=("no_cache",)) | {"cache": False if no_cache else None}
+    flags = _flags(locals(), leave_out=("no_cache", "no_class_prior")) | {"cache": False if no_cache else None, "class_prior": False if no_class_prior else None}
     with user_errors():
         from ee_cli.personalise import personalise as run_personalise
 

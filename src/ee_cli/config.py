@@ -79,7 +79,9 @@ class PersonaliseConfig:
     method: str = "ee"  # ee | source | bn | tent | eata (lame: the benchmark applies it at test time)
     adapt_bn: str = "auto"  # N | auto | 0
     personal_classes: str = "auto"  # auto | all | a,b,c
-    class_share: float = 0.10  # auto: a class is personal when it has this share of the estimated class mix
+    class_share: float = 0.2  # auto: a class stays personal at this fraction of an even share (1/classes) of the estimated mix
+    class_prior: bool = True  # auto: shift the kept classes' logits by the estimated mix (EM's label-shift correction)
+    prior_temperature: float = 1.0  # divides the generic logits before the mix is estimated (calibration)
     views: int = 1  # weak/strong view pairs cached per photo
     epochs: int = 30
     batch: int = 64

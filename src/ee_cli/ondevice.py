@@ -110,10 +110,11 @@ class Shapes:
     classes: int
 
 
-def build(personal_model, heads, personal: list[int], bn_layers: list[str], shapes: Shapes, losses: Losses) -> bytes:
-    """Convert the personal model's frozen float prefix and trainable heads into one .tflite file."""
+def build(personal_model, heads, personal: list[int], bn_layers: list[str], shapes: Shapes, losses: Losses, teacher_shift=None) -> bytes:
+    """Convert the personal model's frozen float prefix and trainable heads into one .tflite file;
+    `teacher_shift` (the class prior over `personal`) is added to the teacher's logits."""
     tf = compat.tf()
-    signatures = _Signatures(personal_model, heads, personal, bn_layers, shapes, losses)
+    signatures = _Signatures(personal_model, heads, personal, bn_layers, shapes, losses, teacher_shift)
     functions = signatures.functions()
     converter = tf.lite.TFLiteConverter.from_concrete_functions([f.get_concrete_function() for f in functions], signatures.module)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
@@ -142,11 +143,12 @@ def _signature(tf, function, name: str, specs: list):
 class _Signatures:
     """The tf.functions of the artefact over one tf.Module that tracks every variable."""
 
-    def __init__(self, personal_model, heads, personal: list[int], bn_layers: list[str], shapes: Shapes, losses: Losses):
+    def __init__(self, personal_model, heads, personal: list[int], bn_layers: list[str], shapes: Shapes, losses: Losses, teacher_shift=None):
         tf, keras = compat.tf(), compat.keras()
         self.tf, self.shapes, self.losses = tf, shapes, losses
         self.heads = trainable_heads(heads)
         self.personal = tf.constant(personal, tf.int32)
+        self.teacher_shift = tf.constant(np.zeros(len(personal)) if teacher_shift is None else teacher_shift, tf.float32)
         self.module = tf.Module()
         generic = personal_model.get_layer(GENERIC_OUTPUT).output
         self.module.prefix = keras.Model(personal_model.inputs, [h.cache_tensor for h in heads] + [generic])
@@ -173,7 +175,7 @@ class _Signatures:
         tf = self.tf
         outputs = self.module.prefix(images, training=False)
         flat = [tf.reshape(x, [-1, head.features]) for x, head in zip(outputs[:-1], self.heads)]
-        return [*flat, tf.gather(outputs[-1], self.personal, axis=1)]
+        return [*flat, tf.gather(outputs[-1], self.personal, axis=1) + self.teacher_shift]
 
     def _logits(self, weights: list, index: int, features, trainable: bool = False):
         """Head `index` on its features, with `weights` (every head's tensors, in variable order)."""
@@ -361,7 +363,9 @@ def write_trainable(model, meta: dict[str, Any], folder) -> dict[str, Any]:
     adapted = (meta.get("adapted_bn") or {}).get("layers") or [layer.name for layer in layers[: adapt.resolve_adapt_count("auto", len(layers))]]
     shapes = Shapes(settings.batch, settings.batch, int(meta["input"]["shape"][0]), len(personal))
     path = Path(folder) / FILE
-    path.write_bytes(build(personal_model, heads, personal, adapted, shapes, Losses.of(settings)))
+    prior = meta.get("class_prior")  # the teacher the bundle's heads were trained against
+    shift = prior["logit_shift"] if prior and prior["classes"] == list(output) else None
+    path.write_bytes(build(personal_model, heads, personal, adapted, shapes, Losses.of(settings), shift))
     return {"file": FILE, "bytes": path.stat().st_size, "classes": list(output), "batch": shapes.batch,
             "losses": vars(Losses.of(settings)), "adapted_bn_layers": adapted, "ops": sorted(operator_names(path.read_bytes())),
             "signatures": describe(path)}

@@ -43,8 +43,10 @@ HELP: dict[str, str] = {
     # Personalisation
     "method": "ee (early BatchNorm statistics, classes and exits on a frozen backbone), or a label-free baseline to compare against: source (the generic model), bn (every BatchNorm layer's statistics), tent, eata (entropy minimisation of the BatchNorm scales and offsets). lame corrects each test batch's outputs and writes no model: the benchmark runs it.",
     "adapt_bn": "Re-estimate the first N BatchNorm layers' statistics on the photos: N, auto (as deep as the generic model's confident predictions hold, at most half) or 0.",
-    "personal_classes": "auto (labelled classes, else those with >= --class-share of the class mix estimated from the photos), all, or a,b,c.",
-    "class_share": "Share of the class mix (estimated by EM from the adapted model's probabilities) a class needs to count as personal.",
+    "personal_classes": "auto (labelled classes, else every class the photos' estimated class mix does not rule out: see --class-share), all, or a,b,c.",
+    "class_share": "auto: a class stays in the person's set when its share of the class mix (estimated by EM from the adapted model's probabilities) is at least this fraction of an even share (1/classes), so the cut scales from 10 to 1,000 classes.",
+    "no_class_prior": "Restrict the outputs to the inferred classes only, without shifting them by the estimated class mix (EM's label-shift correction, on by default: a class kept wrongly then draws few photos).",
+    "prior_temperature": "Divide the generic model's logits by this before the class mix is estimated (calibrates an over-confident model).",
     "views": "Weak/strong view pairs cached per photo.",
     "epochs": "Epochs over the cached features.",
     "batch": "Batch size.",
@@ -87,7 +89,7 @@ HELP: dict[str, str] = {
     "as_json": "Print the result as JSON instead of tables.",
 }
 
-FLAGS = {"exist_ok", "trust_model_code", "list_graft_points", "no_cache", "resume", "qat", "trainable", "quiet", "as_json", "tflite"}
+FLAGS = {"exist_ok", "trust_model_code", "list_graft_points", "no_cache", "no_class_prior", "resume", "qat", "trainable", "quiet", "as_json", "tflite"}
 SHORT = {"quiet": "-q"}
 PANELS = {
     "Photos": {"data", "labelled", "bundle", "export", "unlabelled", "generic_bundle", "calibration", "validate", "calibration_photos", "validation_photos", "limit"},
@@ -134,7 +136,7 @@ def _with_default(text: str, clause: str) -> str:
 
 
 COMMAND_CONFIGS = {"attach": "AttachConfig", "personalise": "PersonaliseConfig", "evaluate": "EvaluateConfig", "export": "ExportConfig", "run": "RunConfig"}
-CLI_ONLY = {"list_graft_points": "attach", "no_cache": "personalise", "tflite": "export", "config": "*", "as_json": "*"}  # flags no config field holds
+CLI_ONLY = {"list_graft_points": "attach", "no_cache": "personalise", "no_class_prior": "personalise", "tflite": "export", "config": "*", "as_json": "*"}  # flags no config field holds
 
 
 def reference_table() -> str:

@@ -58,13 +58,14 @@ def generic_classifier(model):
     return _inbound_layer(_output_layer(model, generic_output(model)))
 
 
-def build_personal_model(model, output_classes: list[str], class_names: list[str], personal: list[int]):
+def build_personal_model(model, output_classes: list[str], class_names: list[str], personal: list[int], logit_shift=None):
     """Return (personal model, heads in output order: exits then final).
 
     `output_classes` are the classes the source model's exits predict (all classes for an attached
     bundle, the earlier personal classes for a personalised one); `personal` indexes `class_names`.
     New logits layers copy the columns of classes the old ones knew; the final exit starts as the
-    generic classifier restricted to the personal classes.
+    generic classifier restricted to the personal classes, its logits shifted by `logit_shift` (the
+    class prior over `personal`) where one is given.
     """
     keras = compat.keras()
     classifier = generic_classifier(model)
@@ -84,7 +85,8 @@ def build_personal_model(model, output_classes: list[str], class_names: list[str
         built.append(PersonalHead(name, cache_tensor, [*tail, logits, keras.layers.Activation("linear", name=name)]))
     final_logits = keras.layers.Dense(len(personal), name=f"{FINAL_OUTPUT}_logits")
     final_logits.build(classifier.input_shape)
-    final_logits.set_weights([teacher_kernel[:, personal], teacher_bias[personal]])
+    shift = np.zeros(len(personal), np.float32) if logit_shift is None else np.asarray(logit_shift, np.float32)
+    final_logits.set_weights([teacher_kernel[:, personal], teacher_bias[personal] + shift])
     old_final = _find(model, f"{FINAL_OUTPUT}_logits")
     if old_final is not None:  # continuing from a personalised bundle
         _copy_columns(old_final, final_logits, output_classes, wanted)

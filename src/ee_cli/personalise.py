@@ -13,9 +13,10 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from ee_cli import adapt, baselines, bundle, cache, compat, inference, photos, policy, runs, schemas, ssl
+from ee_cli import adapt, baselines, bundle, cache, compat, inference, photos, policy, runs, safety, schemas, ssl
 from ee_cli.config import PersonaliseConfig, as_dict
 from ee_cli.errors import UserError, first_line
+from ee_cli.graft import FINAL_OUTPUT
 from ee_cli.personal_model import GENERIC_OUTPUT, PersonalHead, build_personal_model, generic_output
 from ee_cli.stepping import Stepping
 
@@ -70,6 +71,7 @@ class Adapted:
     note: str | None = None  # said when `auto` stopped short of its deepest depth
     tried: tuple[int, ...] = ()  # the depths whose generic predictions were computed, in order
     passes: float = 0.0  # the BatchNorm and class-mix passes, in whole passes' MACs (stepping.Stepping.passes)
+    logit_shift: np.ndarray | None = None  # over `personal`: the class prior's shift of the generic logits (None: restricted only)
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,7 @@ class Job:
     roles: Roles
     personal: np.ndarray  # the personal classes, as indices into the bundle's classes
     adapted_layers: tuple[str, ...] = ()  # the BatchNorm layers adapt_step set to the person's statistics
+    teacher_shift: np.ndarray | None = None  # added to the generic teacher's logits over `personal` (the class prior)
 
     @property
     def size(self) -> int:
@@ -119,14 +122,22 @@ def personalise(config: PersonaliseConfig, progress: Progress | None = None) -> 
         return _baseline(config, source, source_implicit, found, run_dir, out, progress)
     adapted = adapt_step(config, source, found, progress)
     compat.seed_everything(config.seed)
-    personal_model, heads = build_personal_model(adapted.model, meta.get("output_classes") or meta["classes"], meta["classes"], adapted.personal)
+    personal_model, heads = build_personal_model(adapted.model, meta.get("output_classes") or meta["classes"], meta["classes"], adapted.personal,
+                                                 adapted.logit_shift)
     job = Job(personal_model, heads, found.paths, _roles(len(found.unlabelled), found.labelled, adapted.personal, config), np.array(adapted.personal),
-              tuple(adapted.layers))
+              tuple(adapted.layers), adapted.logit_shift)
+    start = personal_model.get_layer(f"{FINAL_OUTPUT}_logits").get_weights()
     trained = _train(config, job, run_dir, progress)
     started = time.perf_counter()
-    scores, evidence = _holdout_evidence(job)
+    scores, evidence, verdict = _holdout_evidence(job)
     scores["seconds"] = round(time.perf_counter() - started, 2)
-    outcome = Outcome(found, adapted, trained, scores, _label_free_policy(evidence, meta, config))
+    if verdict is not None and verdict.harm:  # do no harm: the model it started from ships instead, exits off
+        personal_model.get_layer(f"{FINAL_OUTPUT}_logits").set_weights(start)
+        evidence, chosen = None, _kept_start_policy(meta, verdict)
+    else:
+        chosen = _label_free_policy(evidence, meta, config)
+    scores["do_no_harm"] = None if verdict is None else dataclasses.asdict(verdict)
+    outcome = Outcome(found, adapted, trained, scores, chosen)
     metrics = _metrics(config, meta["classes"], outcome)
     new_meta = _personalised_meta(meta, source.path, config, outcome)
     runs.write_json(run_dir / "metrics.json", metrics)
@@ -217,11 +228,13 @@ def adapt_step(config: PersonaliseConfig, source, found: Found, progress: Progre
             count, shares, note = adapt.auto_depth(logits_at, adapt.auto_depths(len(layers)))
         else:
             shares, note = adapt.class_shares(logits_at(count)), None
+        if config.prior_temperature != 1.0:  # the mix of the depth kept, re-estimated from calibrated probabilities
+            shares = adapt.class_shares(stepping.read(count), temperature=config.prior_temperature)
     adapt.set_statistics(layers, adapted, generic_statistics, count)
-    personal = _personal_classes(config, meta["classes"], shares, found.labelled)
+    personal, shift = _personal_classes(config, meta["classes"], shares, found.labelled)
     progress("Adapting BatchNorm statistics", 1.0, f"{count} layers; personal classes: {', '.join(meta['classes'][i] for i in personal)}")
     return Adapted(model, [layer.name for layer in layers[:count]], len(layers), seconds["batchnorm"], shares, personal, seconds["classes"], note, tuple(tried),
-                   sum(stepping.passes))
+                   sum(stepping.passes), shift)
 
 
 def _train(config: PersonaliseConfig, job: Job, run_dir: Path, progress: Progress) -> Trained:
@@ -280,7 +293,8 @@ def _check_numbers(config: PersonaliseConfig) -> None:
         (config.batch >= 2, "--batch must be at least 2"),
         (0 <= config.holdout < 1, "--holdout must be in [0, 1)"),
         (0 < config.pseudo_label_confidence <= 1, "--pseudo-label-confidence must be in (0, 1]"),
-        (0 < config.class_share < 1, "--class-share must be in (0, 1)"),
+        (0 < config.class_share <= 1, "--class-share must be in (0, 1]"),
+        (config.prior_temperature > 0, "--prior-temperature must be positive"),
         (config.max_drop >= 0, "--max-drop must be 0 or more (points of agreement with the final exit)"),
         (config.exit_teacher in EXIT_TEACHERS, f"--exit-teacher must be one of {', '.join(EXIT_TEACHERS)}"),
         (config.temperature > 0, "--temperature must be positive"),
@@ -331,19 +345,22 @@ def _planned_output(run_dir: Path, source: Path) -> Path:
     return out
 
 
-def _personal_classes(config, class_names: list[str], shares: np.ndarray, labelled) -> list[int]:
+def _personal_classes(config, class_names: list[str], shares: np.ndarray, labelled) -> tuple[list[int], np.ndarray | None]:
+    """The personal classes, and the class prior's logit shift where they were inferred (None where
+    the user's labels or --personal-classes fix the set outright)."""
     spec = config.personal_classes
     if spec == "all":
-        return list(range(len(class_names)))
+        return list(range(len(class_names))), None
     if spec == "auto":
         if labelled is not None:
-            return sorted(set(labelled.labels))
-        return adapt.infer_classes(shares, config.class_share)
+            return sorted(set(labelled.labels)), None
+        prior = adapt.class_prior(shares, config.class_share, config.prior_temperature)
+        return prior.classes, prior.logit_shift if config.class_prior else None
     names = [name.strip() for name in spec.split(",") if name.strip()]
     unknown = [name for name in names if name not in class_names]
     if unknown or len(names) < 2:
         raise UserError(f"--personal-classes: give auto, all, or at least 2 of the bundle's classes (unknown: {', '.join(unknown) or 'none'})")
-    return sorted(class_names.index(name) for name in names)
+    return sorted(class_names.index(name) for name in names), None
 
 
 def _roles(unlabelled_count: int, labelled, personal: list[int], config: PersonaliseConfig) -> Roles:
@@ -428,7 +445,7 @@ def train_heads(tails, batches, job: Job, config: PersonaliseConfig, run_dir: Pa
         history = history[: int(epoch_done.numpy())]
     personal_tensor = tf.constant(job.personal, tf.int32)
     roles = job.roles
-    step = _make_step(tails, optimizer, personal_tensor, config)
+    step = _make_step(tails, optimizer, personal_tensor, config, job.teacher_shift)
     steps_per_epoch = max(1, len(roles.train_unlabelled) // config.batch)
     log_scalars = _scalar_logger(run_dir / "tensorboard")
     held_out_agreement = _held_out_agreement(tails, batches, roles, config.seed)
@@ -518,13 +535,14 @@ def _summary(sums: dict[str, float], steps: int) -> str:
     return f"loss {loss:.3f} · mask rate {mask:.2f}"
 
 
-def _make_step(tails, optimizer, personal, config: PersonaliseConfig):
+def _make_step(tails, optimizer, personal, config: PersonaliseConfig, teacher_shift: np.ndarray | None):
     tf = compat.tf()
     names = [tail.name.removesuffix("_tail") for tail in tails]
     variables = [v for tail in tails for v in tail.trainable_variables]
+    shift = 0.0 if teacher_shift is None else tf.constant(teacher_shift, tf.float32)  # the class prior, in the teacher's logits
 
     def losses(inputs):
-        generic = tf.gather(tf.convert_to_tensor(inputs["teacher"]), personal, axis=1)
+        generic = tf.gather(tf.convert_to_tensor(inputs["teacher"]), personal, axis=1) + shift
         exits_teacher = generic
         if config.exit_teacher == "final":  # the personalised final exit as it trains (it starts as `generic`)
             exits_teacher = tf.stop_gradient(tails[-1](inputs["weak"][-1], training=False))
@@ -559,20 +577,29 @@ def _make_step(tails, optimizer, personal, config: PersonaliseConfig):
 
 def _holdout_evidence(job: Job):
     """Per exit, on held-out photos: accuracy where labels exist, else agreement with the
-    personalised final exit; and the per-photo evidence exit thresholds are chosen from."""
+    personalised final exit; the per-photo evidence exit thresholds are chosen from; and the
+    do-no-harm verdict on the final exit against the model it started from (safety.judge)."""
     personal_model, heads, roles = job.personal_model, job.heads, job.roles
     labelled = len(roles.holdout_labelled) > 0
     indices = roles.holdout_labelled if labelled else roles.holdout_unlabelled
     if len(indices) == 0:
-        return {"kind": "none", "photos": 0, "scores": {}}, None
-    logits = inference.outputs_of(personal_model, [h.name for h in heads], [job.paths[i] for i in indices], job.size)
+        return {"kind": "none", "photos": 0, "scores": {}}, None, None
+    *logits, generic = inference.outputs_of(personal_model, [h.name for h in heads] + [GENERIC_OUTPUT], [job.paths[i] for i in indices], job.size)
+    start = generic[:, job.personal] + (0.0 if job.teacher_shift is None else job.teacher_shift)
+    verdict = safety.judge(logits[-1].argmax(1), start.argmax(1))
     truth = roles.labels[indices] if labelled else logits[-1].argmax(1)
     correct = np.stack([(l.argmax(1) == truth) for l in logits]).astype(np.int8)
     probabilities = [compat.tf().nn.softmax(l).numpy() for l in logits[:-1]]
     evidence = policy.Evidence(np.stack([policy.confidence(p) for p in probabilities]).reshape(len(logits) - 1, -1), correct, correct[-1])
     scores = {head.name: round(float(correct[k].mean()), 4) for k, head in enumerate(heads)}
     kind = "accuracy" if labelled else "agreement with the personalised final exit"
-    return {"kind": kind, "photos": int(len(indices)), "scores": scores}, evidence
+    return {"kind": kind, "photos": int(len(indices)), "scores": scores}, evidence, verdict
+
+
+def _kept_start_policy(meta, verdict: safety.Verdict) -> bundle.ExitPolicy:
+    reason = (f"do no harm: {verdict.harm}, so the bundle keeps the generic classifier with the person's BatchNorm statistics "
+              "and class prior, every exit off")
+    return bundle.ExitPolicy((None,) * len(meta["exits"]), "personalise", "kept start (label-free)", verdict.photos, {}, reason=reason)
 
 
 def _label_free_policy(evidence: policy.Evidence | None, meta, config: PersonaliseConfig) -> bundle.ExitPolicy:
@@ -600,6 +627,14 @@ def _merge_skips(unlabelled, labelled) -> dict[str, int]:
     return merged
 
 
+def _class_prior_meta(config, names: list[str], adapted: Adapted) -> dict[str, Any] | None:
+    """The class set's evidence and the prior the final exit and the teacher were shifted by."""
+    if adapted.logit_shift is None:
+        return None
+    return {"classes": names, "logit_shift": [round(float(v), 5) for v in adapted.logit_shift], "min_share_of_even": config.class_share,
+            "temperature": config.prior_temperature, "estimated_mix": [round(float(adapted.shares[i]), 5) for i in adapted.personal]}
+
+
 def _personalised_meta(meta, source: Path, config, outcome: Outcome) -> dict[str, Any]:
     adapted, scores = outcome.adapted, outcome.scores
     names = [meta["classes"][i] for i in adapted.personal]
@@ -611,6 +646,7 @@ def _personalised_meta(meta, source: Path, config, outcome: Outcome) -> dict[str
         "output_classes": names,
         "generic_output": GENERIC_OUTPUT,
         "adapted_bn": {"layers": adapted.layers, "photos": len(outcome.found.unlabelled)},
+        "class_prior": _class_prior_meta(config, names, adapted),
         "exits": exits,
         "final": final,
         "holdout": {"kind": scores["kind"], "photos": scores["photos"]},

@@ -60,10 +60,13 @@ def personalise_report(meta: dict[str, Any], metrics: dict[str, Any]):
         f"Photos: {photos['unlabelled']} unlabelled, {photos['labelled']} labelled; skipped: {skipped}",
         f"BatchNorm statistics re-estimated on {adapted['photos']} photos: {len(adapted['layers'])} of {adapted['of']} layers",
         f"Predicted class shares: {shares}",
-        f"Personal classes: {', '.join(metrics['personal_classes'])}",
+        f"Personal classes: {', '.join(metrics['personal_classes'])}" + (" (outputs shifted by the estimated mix)" if meta.get("class_prior") else ""),
     ]
     if adapted.get("note"):
         lines.insert(2, f"Note: {adapted['note']}")
+    kept_start = (metrics["holdout"].get("do_no_harm") or {}).get("harm")
+    if kept_start:
+        lines.append(f"Do no harm: {kept_start}; the bundle keeps the generic classifier with these statistics and classes, every exit off")
     if metrics["cache"]:
         lines.append(f"Feature cache: {metrics['cache']['bytes'] / 1e6:.1f} MB, built in {metrics['cache']['build_seconds']:.1f} s; heads trained in {metrics['train_seconds']:.1f} s")
     holdout = metrics["holdout"]

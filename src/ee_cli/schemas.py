@@ -70,6 +70,17 @@ BUNDLE_V1 = {
             "properties": {"name": {"const": "final"}, "cumulative_macs": _COUNT, "cumulative_mflops": {"type": "number", "minimum": 0}},
         },
         "adapted_bn": {"type": "object", "properties": {"layers": {"type": "array", "items": _NAME}}},
+        "class_prior": {
+            "anyOf": [
+                {"type": "null"},
+                {
+                    "type": "object",
+                    "required": ["classes", "logit_shift"],
+                    "properties": {"classes": {"type": "array", "items": _NAME, "minItems": 1, "uniqueItems": True},
+                                   "logit_shift": {"type": "array", "items": {"type": "number"}}},
+                },
+            ]
+        },
         "personal_photos": {"type": "object", "properties": {"data": {"type": ["string", "null"]}, "labelled": {"type": ["string", "null"]}}},
         "policy": {
             "anyOf": [
@@ -193,6 +204,10 @@ def _cross_check_bundle(meta: dict, path: Path) -> None:
         (not set(meta.get("personal_classes") or []) <= classes, "personal_classes must be among classes"),
         (not set(meta.get("output_classes") or []) <= classes, "output_classes must be among classes"),
     ]
+    prior = meta.get("class_prior")
+    if prior is not None:
+        problems.append((len(prior["logit_shift"]) != len(prior["classes"]), "class_prior.logit_shift needs one value per class"))
+        problems.append((not set(prior["classes"]) <= classes, "class_prior.classes must be among classes"))
     chosen = meta.get("policy")
     if chosen is not None:
         problems.append((len(chosen["thresholds"]) != len(names), f"policy.thresholds has {len(chosen['thresholds'])} values for {len(names)} exits"))
