@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import QUICK, coloured_photos
+from conftest import QUICK, coloured_photos, labelled_folder
 from ee_cli import bundle, compat, inference, photos, policy
 from ee_cli.config import PersonaliseConfig
 from ee_cli.personalise import _roles, personalise
@@ -117,6 +117,19 @@ def test_label_free_thresholds_are_chosen_on_held_out_photos_by_default(workspac
     assert all(e["threshold"] is None and not e["enabled"] for e in cleared["exits"])
     assert cleared["policy"]["set_by"] == "personalise" and cleared["policy"]["photos"] == 8
     assert not (workspace / "P2" / bundle.EVIDENCE_FILE).exists()
+
+
+def test_a_few_labels_never_leave_the_thresholds_without_held_out_photos(workspace, attached, cli):
+    """Labelled and unlabelled held-out photos are evidence together (10 labels per class used to
+    leave 6 held-out photos, under the floor, and every exit off)."""
+    coloured_photos(workspace / "photos", 160)
+    labelled_folder(workspace / "labelled", ["r", "g", "b"], per_class=10)
+    result = cli("personalise", "--data", "photos", "--labelled", "labelled", "--out", "P", *QUICK)
+    assert result.exit_code == 0, result.output
+    chosen = json.loads((workspace / "P" / "ee.json").read_text())["policy"]
+    assert chosen["photos"] == 32 + 6 and "need at least" not in chosen["reason"]
+    evidence = bundle.read_bundle(workspace / "P").evidence()
+    assert evidence.confidences.shape == (3, 38)
 
 
 def test_label_free_evidence_is_each_exits_agreement_with_the_final_exit(workspace, attached, cli):

@@ -576,23 +576,27 @@ def _make_step(tails, optimizer, personal, config: PersonaliseConfig, teacher_sh
 
 
 def _holdout_evidence(job: Job):
-    """Per exit, on held-out photos: accuracy where labels exist, else agreement with the
-    personalised final exit; the per-photo evidence exit thresholds are chosen from; and the
-    do-no-harm verdict on the final exit against the model it started from (safety.judge)."""
+    """Per exit, on every held-out photo: accuracy where a label exists, agreement with the
+    personalised final exit elsewhere (labelled and unlabelled photos are evidence together, so a
+    few labels never leave the thresholds too few photos); the per-photo evidence exit thresholds
+    are chosen from; and the do-no-harm verdict on the final exit against the model it started from
+    (safety.judge)."""
     personal_model, heads, roles = job.personal_model, job.heads, job.roles
-    labelled = len(roles.holdout_labelled) > 0
-    indices = roles.holdout_labelled if labelled else roles.holdout_unlabelled
+    indices = np.concatenate([roles.holdout_labelled, roles.holdout_unlabelled]).astype(int)
     if len(indices) == 0:
         return {"kind": "none", "photos": 0, "scores": {}}, None, None
     *logits, generic = inference.outputs_of(personal_model, [h.name for h in heads] + [GENERIC_OUTPUT], [job.paths[i] for i in indices], job.size)
     start = generic[:, job.personal] + (0.0 if job.teacher_shift is None else job.teacher_shift)
     verdict = safety.judge(logits[-1].argmax(1), start.argmax(1))
-    truth = roles.labels[indices] if labelled else logits[-1].argmax(1)
+    labels = roles.labels[indices]
+    truth = np.where(labels >= 0, labels, logits[-1].argmax(1))
     correct = np.stack([(l.argmax(1) == truth) for l in logits]).astype(np.int8)
     probabilities = [compat.tf().nn.softmax(l).numpy() for l in logits[:-1]]
     evidence = policy.Evidence(np.stack([policy.confidence(p) for p in probabilities]).reshape(len(logits) - 1, -1), correct, correct[-1])
     scores = {head.name: round(float(correct[k].mean()), 4) for k, head in enumerate(heads)}
-    kind = "accuracy" if labelled else "agreement with the personalised final exit"
+    labelled = int(np.sum(labels >= 0))
+    kind = ("agreement with the personalised final exit" if not labelled else "accuracy" if labelled == len(indices)
+            else f"accuracy on {labelled} labelled photos, agreement with the personalised final exit on {len(indices) - labelled} others")
     return {"kind": kind, "photos": int(len(indices)), "scores": scores}, evidence, verdict
 
 
