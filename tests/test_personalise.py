@@ -302,7 +302,7 @@ def test_inferred_classes_start_the_final_exit_as_the_generic_model_shifted_by_t
     prior = result.meta["class_prior"]
     assert prior["classes"] == result.meta["personal_classes"] and len(prior["logit_shift"]) == len(prior["classes"])
     classes = len(result.meta["classes"])
-    np.testing.assert_allclose(prior["logit_shift"], np.log(np.maximum(classes * np.array(prior["estimated_mix"]), 1e-6)), atol=1e-3)
+    np.testing.assert_allclose(prior["logit_shift"], prior["temperature"] * np.log(np.maximum(classes * np.array(prior["estimated_mix"]), 1e-6)), atol=1e-3)
     model = bundle.read_bundle(result.bundle_path).load_model()
     pixels = photos.resized(np.stack([np.full((32, 32, 3), c, np.uint8) for c in (0, 90, 200)]), 32).astype(np.float32)
     final, generic = (np.asarray(x) for x in model(pixels, training=False)[-2:])

@@ -81,7 +81,7 @@ class PersonaliseConfig:
     personal_classes: str = "auto"  # auto | all | a,b,c
     class_share: float = 0.2  # auto: a class stays personal at this fraction of an even share (1/classes) of the estimated mix
     class_prior: bool = True  # auto: shift the kept classes' logits by the estimated mix (EM's label-shift correction)
-    prior_temperature: float = 1.0  # divides the generic logits before the mix is estimated (calibration)
+    prior_temperature: float = 1.5  # divides the generic logits before the mix is estimated (calibration; dev users: bench.class_set_study)
     views: int = 1  # weak/strong view pairs cached per photo
     epochs: int = 30
     batch: int = 64

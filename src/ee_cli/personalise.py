@@ -211,6 +211,8 @@ def adapt_step(config: PersonaliseConfig, source, found: Found, progress: Progre
         paths, batch = found.unlabelled.paths, photos.inference_batch(size, model.count_params())
         stepping = Stepping(model, generic_output(model), lambda: photos.decoded_batches(paths, size, batch), Path(stones))
 
+        seen: dict[int, np.ndarray] = {}
+
         def logits_at(depth: int) -> np.ndarray:  # statistics are nested: only layers beyond the deepest yet need passes
             if depth > len(adapted):
                 started = time.perf_counter()
@@ -219,7 +221,7 @@ def adapt_step(config: PersonaliseConfig, source, found: Found, progress: Progre
             adapt.set_statistics(layers, adapted, generic_statistics, depth)
             tried.append(depth)
             started = time.perf_counter()
-            logits = stepping.read(depth)
+            logits = seen[depth] = stepping.read(depth)
             seconds["classes"] += time.perf_counter() - started
             progress("Adapting BatchNorm statistics", min(1.0, depth / max(count, 1)), f"{depth} of {len(layers)} layers")
             return logits
@@ -228,8 +230,8 @@ def adapt_step(config: PersonaliseConfig, source, found: Found, progress: Progre
             count, shares, note = adapt.auto_depth(logits_at, adapt.auto_depths(len(layers)))
         else:
             shares, note = adapt.class_shares(logits_at(count)), None
-        if config.prior_temperature != 1.0:  # the mix of the depth kept, re-estimated from calibrated probabilities
-            shares = adapt.class_shares(stepping.read(count), temperature=config.prior_temperature)
+        if config.prior_temperature != 1.0:  # the mix at the depth kept, re-estimated from calibrated probabilities
+            shares = adapt.class_shares(seen[count], temperature=config.prior_temperature)
     adapt.set_statistics(layers, adapted, generic_statistics, count)
     personal, shift = _personal_classes(config, meta["classes"], shares, found.labelled)
     progress("Adapting BatchNorm statistics", 1.0, f"{count} layers; personal classes: {', '.join(meta['classes'][i] for i in personal)}")
