@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ee_cli.adapt import class_shares, softmax
+from ee_cli.adapt import class_shares
 
 RULES = ("cut@0.10", "cut@0.05", "cut@0.02", "prior", "hybrid@0.05", "hybrid@0.02", "hybrid@0.01")
 TEMPERATURES = (1.0, 1.5, 2.0, 3.0)

@@ -22,6 +22,8 @@ from dataclasses import asdict, replace
 from datetime import date
 from pathlib import Path
 
+from ee_cli import atomic
+
 HERE = Path(__file__).resolve().parent
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
@@ -185,9 +187,7 @@ def write_results(args, jobs, rows, seconds) -> dict:
         "ray_address": args.ray_address, "threads": args.threads, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "summary": summary, "users": rows, "plot": str(plot),
     }
-    temporary = stem.with_suffix(".json.partial")
-    temporary.write_text(json.dumps(results, indent=1) + "\n")
-    temporary.replace(stem)
+    atomic.write_json(stem, results, indent=1)
     readme = args.readme or (None if args.smoke else HERE / "README.md")
     if readme and not args.no_readme:
         _update_readme(readme, results, tables, stem, plot)

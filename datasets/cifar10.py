@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ee_cli import atomic
+
 ARCHIVE_SHA256 = "5dc4dcc09c3c35e9a7894a9a192b607330ff35f54d7a280ff8ee6489b1f085c6"
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -38,9 +40,8 @@ def load(archive: Path | None = None) -> dict[str, np.ndarray]:
         raise FileNotFoundError(f"CIFAR-10 archive not found at {archive} (set EE_CIFAR10)")
     arrays = _decode(archive)
     cached.parent.mkdir(parents=True, exist_ok=True)
-    partial = cached.with_suffix(".partial.npz")
-    np.savez(partial, **arrays)
-    partial.replace(cached)
+    with atomic.replacing(cached) as partial:
+        np.savez(partial, **arrays)
     return arrays
 
 

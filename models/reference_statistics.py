@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from datasets import cifar10
-from ee_cli import adapt, compat, photos
+from ee_cli import adapt, atomic, compat, photos
 
 
 def reexpress(model, images: np.ndarray, batch: int = 16) -> dict:
@@ -86,9 +86,8 @@ def main(argv=None) -> None:
     started = time.perf_counter()
     report = reexpress_checked(model, drawn(data["x_train"], args.photos, args.seed), data["x_test"][:32])
     report |= {"seconds": round(time.perf_counter() - started, 1), "seed": args.seed}
-    partial = args.model.with_name(f"{args.model.stem}.partial.h5")
-    model.save(partial, include_optimizer=False)
-    partial.replace(args.model)
+    with atomic.replacing(args.model) as partial:
+        model.save(partial, include_optimizer=False)
     print(json.dumps(report, indent=2))
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from datasets import cifar10
-from ee_cli import backbones, compat
+from ee_cli import atomic, backbones, compat
 
 DEFAULT_OUT = cifar10.cache_dir() / "models" / "cifar_resnet9.h5"
 
@@ -80,9 +80,8 @@ def train(epochs: int, batch: int, seed: int, out: Path, data: dict | None = Non
     logits = model.predict(data["x_test"].astype("float32"), batch_size=500, verbose=0)
     accuracy = float(np.mean(logits.argmax(1) == data["y_test"]))
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_suffix(".partial.h5")
-    model.save(partial, include_optimizer=False)
-    partial.replace(out)
+    with atomic.replacing(out) as partial:
+        model.save(partial, include_optimizer=False)
     report = {
         "model": str(out),
         "architecture": description or "cifar_resnet9 (half width: 32-64-128-256), 95.26 MMACs at 32x32",

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from datasets import cifar10
-from ee_cli import compat, photos
+from ee_cli import atomic, compat, photos
 from models import efficientnet_lite as lite
 from models import reference_statistics, tune_lite
 
@@ -284,9 +284,8 @@ def cached_maps(maps_model, data: dict, rows: Rows, out: Path, recipe: Recipe, p
     for split, x, chosen in (("train", data["x_train"], rows.train), ("test", data["x_test"], rows.test)):
         found[split] = extract_features(maps_model, x[chosen], recipe.image_size, recipe.batch, parts, split, np.float16)
         phases.done(f"{split}_maps")
-        partial = files[split].with_name(files[split].name + ".partial.npy")
-        np.save(partial, found[split])
-        partial.replace(files[split])
+        with atomic.replacing(files[split]) as partial:
+            np.save(partial, found[split])
     if parts.is_dir():
         shutil.rmtree(parts)
     return found | {"ms_per_photo": ms_per_photo, "cache": list(files.values()), "from_cache": False}
@@ -303,9 +302,8 @@ def _feature_ms_per_photo(features_model, images: np.ndarray, size: int) -> floa
 def save(model, out: Path, recipe: Recipe, sample: np.ndarray) -> float:
     """Write the model (atomically) and its class names; return the reloaded file's largest logit difference on `sample`."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f"{out.stem}.partial.h5")
-    model.save(partial, include_optimizer=False)
-    partial.replace(out)
+    with atomic.replacing(out) as partial:
+        model.save(partial, include_optimizer=False)
     out.with_name(f"{out.stem}.classes.txt").write_text("\n".join(recipe.class_names) + "\n")
     reloaded = compat.keras().models.load_model(out, compile=False)
     pixels = photos.resized(sample, recipe.image_size).astype(np.float32)

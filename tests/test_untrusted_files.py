@@ -309,17 +309,17 @@ def test_kill_9_during_export_leaves_no_half_written_folder(exported):
 
 
 def test_an_out_written_meanwhile_is_never_replaced_without_exist_ok(tmp_path):
-    from ee_cli import runs
+    from ee_cli import atomic
     from ee_cli.errors import UserError
 
     out = tmp_path / "P"
     with pytest.raises(UserError, match="written by another command meanwhile"):
-        with runs.staged_folder(out, exist_ok=False) as staging:
+        with atomic.staged_folder(out, exist_ok=False) as staging:
             (staging / "mine").write_text("loser")
             out.mkdir()
             (out / "theirs").write_text("winner")
     assert [path.name for path in out.iterdir()] == ["theirs"]
     assert not list(tmp_path.glob(".P.*.partial"))
-    with runs.staged_folder(out, exist_ok=True) as staging:
+    with atomic.staged_folder(out, exist_ok=True) as staging:
         (staging / "mine").write_text("replaced on purpose")
     assert [path.name for path in out.iterdir()] == ["mine"]

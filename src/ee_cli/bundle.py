@@ -16,9 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from ee_cli import compat, policy, runs, schemas, trust
+from ee_cli import atomic, compat, policy, schemas, trust
 from ee_cli.errors import UserError, first_line
-from ee_cli.runs import write_json
 
 FORMAT_VERSION = schemas.BUNDLE_VERSION
 MODEL_FILE = "model.h5"
@@ -201,14 +200,14 @@ def write_bundle(out: Path, model, meta: dict[str, Any], exist_ok: bool, model_f
     """Write `model` (or link/copy an existing `model_file`, unchanged), `ee.json` and the exit
     policy's evidence, atomically."""
     check_output(out, exist_ok)
-    with runs.staged_folder(out, exist_ok) as staging:
+    with atomic.staged_folder(out, exist_ok) as staging:
         if model_file is not None:
             _link_or_copy(model_file, staging / MODEL_FILE)
         else:
             model.save(staging / MODEL_FILE, include_optimizer=False, save_format="h5")
         if evidence is not None:
             np.savez_compressed(staging / EVIDENCE_FILE, confidences=evidence.confidences, correct=evidence.correct, reference=evidence.reference)
-        write_json(staging / META_FILE, {"format_version": FORMAT_VERSION, "model_file": MODEL_FILE, "model_format": MODEL_FORMAT, **meta})
+        atomic.write_json(staging / META_FILE, {"format_version": FORMAT_VERSION, "model_file": MODEL_FILE, "model_format": MODEL_FORMAT, **meta})
     record_latest(out, meta.get("provenance", [{}])[-1].get("command", ""))
     return out
 
@@ -222,7 +221,7 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 def record_latest(path: Path, command: str) -> None:
     DEFAULT_ROOT.mkdir(parents=True, exist_ok=True)
-    write_json(LATEST_FILE, {"path": str(path.resolve()), "command": command, "time": now()})
+    atomic.write_json(LATEST_FILE, {"path": str(path.resolve()), "command": command, "time": now()})
 
 
 def provenance(command: str, config: dict[str, Any], source: Path | None) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ee_cli import bundle, compat, flops, inference, litert, photos, policy, runs
+from ee_cli import atomic, bundle, compat, flops, inference, litert, photos, policy, runs
 from ee_cli.config import EvaluateConfig, as_dict
 from ee_cli.errors import UserError
 from ee_cli.personal_model import generic_output
@@ -137,9 +137,9 @@ def _write_run(run_dir: Path, config: EvaluateConfig, metrics: dict, profile: Pr
     metrics["plot"] = str(plot)
     sweep = _shared_threshold_sweep(profile.confidences[:, profile.report], profile.correct[:, profile.report], profile.all_exits(), latency)
     plot_operating_curve(plot, sweep, metrics)
-    runs.write_json(run_dir / "metrics.json", metrics)
-    runs.write_json(run_dir / "config.json", as_dict(config))
-    runs.write_json(run_dir / "split.json", {part: [str(found.paths[i]) for i in indices] for part, indices in (("calibrate", profile.calibrate), ("report", profile.report))})
+    atomic.write_json(run_dir / "metrics.json", metrics)
+    atomic.write_json(run_dir / "config.json", as_dict(config))
+    atomic.write_json(run_dir / "split.json", {part: [str(found.paths[i]) for i in indices] for part, indices in (("calibrate", profile.calibrate), ("report", profile.report))})
     _write_csv(run_dir / "exits.csv", metrics["exits"])
 
 

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ee_cli import bundle, compat, deploy, litert, photos, runs, schemas, stages
+from ee_cli import atomic, bundle, compat, deploy, litert, photos, schemas, stages
 from ee_cli.config import ExportConfig, as_dict
 from ee_cli.errors import UserError
 
@@ -87,7 +87,7 @@ def export(config: ExportConfig, progress=None) -> ExportResult:
 
         progress("Quantisation-aware training of the heads", 0.0, f"{config.qat_steps} steps")
         exported = quantisation_aware_heads(model, meta, chosen.calibration, config.qat_steps, seed=config.seed)
-    with runs.staged_folder(out, config.exist_ok) as staging:
+    with atomic.staged_folder(out, config.exist_ok) as staging:
         written = _write_tflite(staging, source, exported, chosen, config, progress)
         progress("Validating in LiteRT", 0.0, "")
         validation_report = validate(model, staging / "multi_exit.tflite", chosen, meta, config)
@@ -97,7 +97,7 @@ def export(config: ExportConfig, progress=None) -> ExportResult:
             from ee_cli.ondevice import write_trainable
 
             manifest["trainable"] = write_trainable(model, meta, staging)
-        runs.write_json(staging / "manifest.json", manifest)
+        atomic.write_json(staging / "manifest.json", manifest)
     result = ExportResult(out, manifest, source.path, implicit)
     if not validation_report["passed"]:
         raise ValidationFailed(f"export written to {out} but {validation_report['failure']}", result)

@@ -12,7 +12,6 @@ thresholds and writes the bundle as it always does.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ee_cli import augment, cache, compat, litert, ondevice, photos, runs
+from ee_cli import atomic, augment, cache, compat, litert, ondevice, photos
 from ee_cli.errors import UserError
 from ee_cli.personalise import CachedBatches, epoch_plan
 
@@ -44,8 +43,8 @@ def personalise_heads(job, config, run_dir: Path, progress) -> tuple[cache.Featu
         progress("Converting personalise.tflite", 0.0, "builtin ops only")
         shapes = plan_shapes(roles, config.batch, int(personal_model.input_shape[1]), len(personal))
         data = ondevice.build(personal_model, heads, list(personal), list(job.adapted_layers), shapes, ondevice.Losses.of(config), job.teacher_shift)
-        _write_atomically(artefact, data)
-    runs.write_json(run_dir / JOB_FILE, _job(paths, roles, config, [h.name for h in trainable], int(personal_model.input_shape[1])))
+        atomic.write_bytes(artefact, data)
+    atomic.write_json(run_dir / JOB_FILE, _job(paths, roles, config, [h.name for h in trainable], int(personal_model.input_shape[1])))
     run_child(run_dir, progress)
     with np.load(run_dir / STATE_FILE) as state:
         for head in trainable:
@@ -98,12 +97,6 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(data)
-    partial.replace(path)
-
-
 # ---- the child: numpy, Pillow and LiteRT only ----
 
 def main(argv: list[str]) -> int:
@@ -114,7 +107,7 @@ def main(argv: list[str]) -> int:
         print(json.dumps({"stage": stage, "fraction": fraction, "info": info}), flush=True)
 
     report = train(run_dir, job, progress)
-    runs.write_json(run_dir / REPORT_FILE, report)
+    atomic.write_json(run_dir / REPORT_FILE, report)
     return 0
 
 
@@ -183,7 +176,7 @@ def fill_cache(interpreter, directory: Path, job, progress) -> cache.FeatureCach
             _store(arrays, directory, outputs, job, view, indices)
             progress("Caching features in LiteRT", (view + indices[-1] / len(paths)) / job["views"], "")
     seconds = time.perf_counter() - started
-    runs.write_json(directory / "complete.json", {"key": key, "seconds": seconds})
+    atomic.write_json(directory / "complete.json", {"key": key, "seconds": seconds})
     return cache.FeatureCache(directory, job["views"], arrays, seconds)
 
 
@@ -237,9 +230,8 @@ class HeadsInLiteRT:
 
     def save(self, path: Path, epochs_done: int, history: list[dict]) -> None:
         """Weights, Adam's state, the epoch count and the history in one file, replaced atomically."""
-        partial = path.with_name(path.name + ".partial.npz")
-        np.savez(partial, epochs_done=np.array(epochs_done), history=np.array(json.dumps(history)), **self.get_weights())
-        os.replace(partial, path)
+        with atomic.replacing(path) as partial:
+            np.savez(partial, epochs_done=np.array(epochs_done), history=np.array(json.dumps(history)), **self.get_weights())
 
     def restore(self, path: Path) -> tuple[int, list[dict]]:
         if not path.is_file():

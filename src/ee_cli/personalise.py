@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from ee_cli import adapt, baselines, bundle, cache, compat, inference, photos, policy, runs, safety, schemas, ssl
+from ee_cli import adapt, atomic, baselines, bundle, cache, compat, inference, photos, policy, runs, safety, schemas, ssl
 from ee_cli.config import PersonaliseConfig, as_dict
 from ee_cli.errors import UserError, first_line
 from ee_cli.graft import FINAL_OUTPUT
@@ -140,10 +140,10 @@ def personalise(config: PersonaliseConfig, progress: Progress | None = None) -> 
     outcome = Outcome(found, adapted, trained, scores, chosen)
     metrics = _metrics(config, meta["classes"], outcome)
     new_meta = _personalised_meta(meta, source.path, config, outcome)
-    runs.write_json(run_dir / "metrics.json", metrics)
-    runs.write_json(run_dir / "split.json", _split(job))
+    atomic.write_json(run_dir / "metrics.json", metrics)
+    atomic.write_json(run_dir / "split.json", _split(job))
     bundle.write_bundle(out, personal_model, new_meta, config.exist_ok, evidence=evidence if outcome.chosen.predicted else None)
-    runs.write_json(run_dir / "state.json", {"status": "done", "bundle": str(out)})
+    atomic.write_json(run_dir / "state.json", {"status": "done", "bundle": str(out)})
     return PersonaliseResult(out, run_dir, new_meta, metrics, source.path, source_implicit)
 
 
@@ -174,9 +174,9 @@ def _baseline(config: PersonaliseConfig, source, implicit: bool, found: Found, r
         "personal_photos": {"data": str(Path(config.data).resolve()), "labelled": None},
         "provenance": [*source.meta["provenance"], bundle.provenance("personalise", as_dict(config), source.path)],
     }, off)
-    runs.write_json(run_dir / "metrics.json", metrics)
+    atomic.write_json(run_dir / "metrics.json", metrics)
     bundle.write_bundle(out, model, new_meta, config.exist_ok)
-    runs.write_json(run_dir / "state.json", {"status": "done", "bundle": str(out)})
+    atomic.write_json(run_dir / "state.json", {"status": "done", "bundle": str(out)})
     return PersonaliseResult(out, run_dir, new_meta, metrics, source.path, implicit)
 
 
@@ -323,8 +323,8 @@ def _run_dir(config: PersonaliseConfig) -> Path:
                 return candidate
         raise UserError("--resume: no unfinished personalise run in runs/")
     run_dir = runs.new_run_dir("personalise")
-    runs.write_json(run_dir / "config.json", resolved)
-    runs.write_json(run_dir / "state.json", {"status": "running"})
+    atomic.write_json(run_dir / "config.json", resolved)
+    atomic.write_json(run_dir / "state.json", {"status": "running"})
     return run_dir
 
 
@@ -343,7 +343,7 @@ def _planned_output(run_dir: Path, source: Path) -> Path:
         return Path(_run_file(planned, "out"))
     stem = source.name if source.name.endswith("-personal") else f"{source.name}-personal"
     out = bundle.default_output(stem)
-    runs.write_json(planned, {"out": str(out)})
+    atomic.write_json(planned, {"out": str(out)})
     return out
 
 
@@ -467,7 +467,7 @@ def train_heads(tails, batches, job: Job, config: PersonaliseConfig, run_dir: Pa
         history.append({key: round(value / steps_per_epoch, 5) for key, value in sums.items()} | {"epoch": epoch + 1})
         log_scalars(history[-1] | held_out_agreement(epoch), epoch + 1)
         epoch_done.assign(epoch + 1)
-        runs.write_json(history_path, history)
+        atomic.write_json(history_path, history)
         if last_saved is None or time.monotonic() - last_saved >= CHECKPOINT_SECONDS:
             manager.save()
             last_saved = time.monotonic()
