@@ -45,7 +45,7 @@ PERSONALISE = textwrap.dedent(
 )
 
 
-# The TensorFlow engine's own step (personalise._make_step, traced once) timed alone, after warm-up:
+# The TensorFlow engine's own step (training._make_step, traced once) timed alone, after warm-up:
 # its loop time above also pays the tracing and a tf.train.Checkpoint written every epoch.
 TF_STEP = textwrap.dedent(
     """
@@ -55,7 +55,7 @@ TF_STEP = textwrap.dedent(
     from ee_cli import bundle, compat
     from ee_cli.config import PersonaliseConfig
     from ee_cli.personal_model import build_personal_model
-    from ee_cli.personalise import _make_step
+    from ee_cli.training import _make_step
     batch = int(sys.argv[1])
     source = bundle.read_bundle(Path("B"))
     _, heads = build_personal_model(source.load_model(), source.meta["classes"], source.meta["classes"], [0, 1, 2])

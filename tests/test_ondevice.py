@@ -182,7 +182,7 @@ def test_kill_9_between_epochs_then_restart_ends_identical(trained, tmp_path):
 def test_a_litert_step_is_the_tensorflow_engines_step(trained, tmp_path):
     from ee_cli import compat
     from ee_cli.personal_model import build_personal_model
-    from ee_cli.personalise import _make_step
+    from ee_cli.training import _make_step
 
     tf, keras = compat.tf(), compat.keras()
     source = bundle.read_bundle(trained / "B")

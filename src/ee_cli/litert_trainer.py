@@ -22,7 +22,7 @@ import numpy as np
 
 from ee_cli import atomic, augment, cache, compat, litert, ondevice, photos
 from ee_cli.errors import UserError
-from ee_cli.personalise import CachedBatches, epoch_plan
+from ee_cli.training import CachedBatches, epoch_plan
 
 JOB_FILE = "litert_job.json"
 STATE_FILE = "litert_state.npz"
