@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import coloured_photos, narrow_resnet9, one_line_error, prepared_workspace
-from ee_cli import bundle, litert_trainer, ondevice
+from ee_cli import bundle, litert_trainer, ondevice, ssl
 from ee_cli.attach import attach
 from ee_cli.config import AttachConfig, PersonaliseConfig
 from ee_cli.personalise import personalise
@@ -269,7 +269,7 @@ def test_export_trainable_writes_personalise_tflite_and_documents_its_signatures
     prior = source.meta.get("class_prior")
     assert teacher_shift == (prior["logit_shift"] if prior else None)  # the teacher P's heads trained against
     assert personal == [0, 1, 2] and bn_layers == entry["adapted_bn_layers"] == source.meta["adapted_bn"]["layers"]
-    assert shapes.batch == 16 and losses == ondevice.Losses.of(PersonaliseConfig())  # the settings P was personalised with
+    assert shapes.batch == 16 and losses == ssl.Objective.of(PersonaliseConfig())  # the settings P was personalised with
     assert set(entry["signatures"]) == set(ondevice.MEANINGS) and not [op for op in entry["ops"] if "Flex" in op]
     train = entry["signatures"]["train"]
     assert train["inputs"]["teacher"] == {"dtype": "float32", "shape": [16, 3]} and "loss" in train["outputs"]

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ee_cli import atomic, augment, cache, compat, litert, ondevice, photos
+from ee_cli import atomic, augment, cache, compat, litert, ondevice, photos, ssl
 from ee_cli.errors import UserError
 from ee_cli.training import CachedBatches, epoch_plan
 
@@ -42,7 +42,7 @@ def personalise_heads(job, config, run_dir: Path, progress) -> tuple[cache.Featu
     if not artefact.is_file():  # a resumed run keeps the artefact it started with
         progress("Converting personalise.tflite", 0.0, "builtin ops only")
         shapes = plan_shapes(roles, config.batch, int(personal_model.input_shape[1]), len(personal))
-        data = ondevice.build(personal_model, heads, list(personal), list(job.adapted_layers), shapes, ondevice.Losses.of(config), job.teacher_shift)
+        data = ondevice.build(personal_model, heads, list(personal), list(job.adapted_layers), shapes, ssl.Objective.of(config), job.teacher_shift)
         atomic.write_bytes(artefact, data)
     atomic.write_json(run_dir / JOB_FILE, _job(paths, roles, config, [h.name for h in trainable], int(personal_model.input_shape[1])))
     run_child(run_dir, progress)

@@ -3,7 +3,7 @@
 Signatures (keys are the tf.function names; read outputs by name):
 - `features`  pixels + a weak and a strong view table -> each head's pooled, flattened graft-point
   features on both views, and the teacher's logits (the frozen generic classifier, restricted to
-  the personal classes) on the weak view;
+  the personal classes and shifted by their prior) on the weak view;
 - `bn_stats`  pixels -> per adapted BatchNorm layer, the per-channel sum and sum of squares of its
   input (and how many values were summed), under the statistics the file holds now;
 - `set_bn_statistics`  a mean and variance per adapted BatchNorm layer -> stored (the app's running
@@ -15,7 +15,8 @@ Signatures (keys are the tf.function names; read outputs by name):
 
 Measured here (design note): gradients stay within builtins when ReLU has a custom gradient, heads
 are dense layers, and the train signature has a static batch, so no broadcast in the losses needs
-TF's BroadcastGradientArgs; the losses are `ssl`'s own functions. The converter is told to use
+TF's BroadcastGradientArgs; the objective (terms, weights, teachers) is `ssl`'s, the one the
+TensorFlow step uses. The converter is told to use
 TFLITE_BUILTINS only, so a Flex op fails the conversion instead of the phone.
 """
 
@@ -34,26 +35,7 @@ from ee_cli.personal_model import GENERIC_OUTPUT, build_personal_model
 
 FILE = "personalise.tflite"
 TEACHER = "teacher"
-LOSS_TERMS = ("distill", "pseudo", "fixmatch", "supervised")
 ADAM = {"beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7}  # tf_keras' Adam defaults, as `ee personalise` uses
-
-
-@dataclass(frozen=True)
-class Losses:
-    """The training signal baked into `train`: `ee personalise`'s settings."""
-
-    learning_rate: float = 1e-3
-    pseudo_label_confidence: float = 0.9
-    temperature: float = 2.0
-    distill_weight: float = 1.0
-    pseudo_weight: float = 1.0
-    fixmatch_weight: float = 1.0
-    supervised_weight: float = 1.0
-    exit_teacher: str = "generic"
-
-    @classmethod
-    def of(cls, config) -> "Losses":
-        return cls(**{name: getattr(config, name) for name in cls.__dataclass_fields__})
 
 
 @dataclass(frozen=True)
@@ -110,11 +92,11 @@ class Shapes:
     classes: int
 
 
-def build(personal_model, heads, personal: list[int], bn_layers: list[str], shapes: Shapes, losses: Losses, teacher_shift=None) -> bytes:
+def build(personal_model, heads, personal: list[int], bn_layers: list[str], shapes: Shapes, objective: ssl.Objective, teacher_shift=None) -> bytes:
     """Convert the personal model's frozen float prefix and trainable heads into one .tflite file;
     `teacher_shift` (the class prior over `personal`) is added to the teacher's logits."""
     tf = compat.tf()
-    signatures = _Signatures(personal_model, heads, personal, bn_layers, shapes, losses, teacher_shift)
+    signatures = _Signatures(personal_model, heads, personal, bn_layers, shapes, objective, teacher_shift)
     functions = signatures.functions()
     converter = tf.lite.TFLiteConverter.from_concrete_functions([f.get_concrete_function() for f in functions], signatures.module)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
@@ -143,9 +125,9 @@ def _signature(tf, function, name: str, specs: list):
 class _Signatures:
     """The tf.functions of the artefact over one tf.Module that tracks every variable."""
 
-    def __init__(self, personal_model, heads, personal: list[int], bn_layers: list[str], shapes: Shapes, losses: Losses, teacher_shift=None):
+    def __init__(self, personal_model, heads, personal: list[int], bn_layers: list[str], shapes: Shapes, objective: ssl.Objective, teacher_shift=None):
         tf, keras = compat.tf(), compat.keras()
-        self.tf, self.shapes, self.losses = tf, shapes, losses
+        self.tf, self.shapes, self.objective = tf, shapes, objective
         self.heads = trainable_heads(heads)
         self.personal = tf.constant(personal, tf.int32)
         self.teacher_shift = tf.constant(np.zeros(len(personal)) if teacher_shift is None else teacher_shift, tf.float32)
@@ -237,24 +219,25 @@ class _Signatures:
         return _signature(tf, train, "train", self._train_specs())
 
     def _losses(self, batch: dict, weights: list):
-        tf, losses = self.tf, self.losses
         last = len(self.heads) - 1
-        generic = batch[TEACHER]
-        exits_teacher = generic
-        if losses.exit_teacher == "final":  # the personalised final exit as it trains
-            exits_teacher = tf.stop_gradient(self._logits(weights, last, batch[f"{self.heads[last].name}_weak"]))
-        term_weights = {term: getattr(losses, f"{term}_weight") for term in LOSS_TERMS}
+
+        def final_weak():
+            return self._logits(weights, last, batch[f"{self.heads[last].name}_weak"])
+
+        teachers = ssl.teachers(batch[TEACHER], final_weak, len(self.heads), self.objective)
         report, total = {}, 0.0
         for index, head in enumerate(self.heads):
             logits = {kind: self._logits(weights, index, batch[f"{head.name}_{kind}"], trainable=True) for kind in ("weak", "strong", "labelled")}
-            terms, mask_rate = _terms(logits, generic if index == last else exits_teacher, batch["labels"], losses)
-            total += tf.add_n([term_weights[term] * value for term, value in terms.items()])
+            # Labels are one-hot rows, a zero row where a slot holds no labelled photo: the static batch's mask.
+            supervised = ssl.one_hot_cross_entropy(logits["labelled"], batch["labels"])
+            terms, mask_rate = ssl.head_terms(logits["weak"], logits["strong"], teachers[index], self.objective, supervised)
+            total += ssl.weighted_sum(terms, self.objective)
             report |= {f"{head.name}__{term}": value for term, value in terms.items()} | {f"{head.name}__mask_rate": mask_rate}
         return total, report
 
     def _adam(self, weights: list, gradients: list) -> None:
         """tf_keras' Adam update (adam.py, dense gradients), so both engines take the same steps."""
-        tf, rate = self.tf, self.losses.learning_rate
+        tf, rate = self.tf, self.objective.learning_rate
         beta_1, beta_2, epsilon = ADAM["beta_1"], ADAM["beta_2"], ADAM["epsilon"]
         step = self.module.step.read_value() + 1.0
         self.module.step.assign(step)
@@ -320,22 +303,6 @@ class _Signatures:
         return _signature(tf, set_bn_statistics, "set_bn_statistics", specs)
 
 
-def _terms(logits: dict, teacher, labels, losses: Losses):
-    """One head's loss terms (ssl's functions, as `ee personalise` trains) and its mask rate."""
-    tf = compat.tf()
-    fixmatch, mask_rate = ssl.fixmatch_loss(logits["weak"], logits["strong"], losses.pseudo_label_confidence)
-    labelled_rows = tf.reduce_sum(labels)
-    # Labels are one-hot rows, a zero row where a slot holds no labelled photo: the mask lives in the
-    # labels, so the mean runs over the labelled photos only, as ssl.cross_entropy's does.
-    supervised = tf.reduce_sum(tf.nn.softmax_cross_entropy_with_logits(labels=labels, logits=logits["labelled"])) / tf.maximum(labelled_rows, 1.0)
-    return {
-        "distill": ssl.distillation_loss(logits["weak"], teacher, losses.temperature),
-        "pseudo": ssl.pseudo_label_loss(logits["strong"], teacher, losses.pseudo_label_confidence)[0],
-        "fixmatch": fixmatch,
-        "supervised": supervised,
-    }, mask_rate
-
-
 MEANINGS = {
     "features": "pixels (RGB 0..255, any batch) + weak_view and strong_view (one row per photo: augment.VIEW_COLUMNS, "
                 "offsets in pixels) -> <head>_weak / <head>_strong (pooled graft-point features, flattened) and teacher "
@@ -365,16 +332,16 @@ def write_trainable(model, meta: dict[str, Any], folder) -> dict[str, Any]:
     path = Path(folder) / FILE
     prior = meta.get("class_prior")  # the teacher the bundle's heads were trained against
     shift = prior["logit_shift"] if prior and prior["classes"] == list(output) else None
-    path.write_bytes(build(personal_model, heads, personal, adapted, shapes, Losses.of(settings), shift))
+    path.write_bytes(build(personal_model, heads, personal, adapted, shapes, ssl.Objective.of(settings), shift))
     return {"file": FILE, "bytes": path.stat().st_size, "classes": list(output), "batch": shapes.batch,
-            "losses": vars(Losses.of(settings)), "adapted_bn_layers": adapted, "ops": sorted(operator_names(path.read_bytes())),
+            "losses": vars(ssl.Objective.of(settings)), "adapted_bn_layers": adapted, "ops": sorted(operator_names(path.read_bytes())),
             "signatures": describe(path)}
 
 
 def _personalise_settings(meta):
     """The settings of the `ee personalise` that made the bundle, else its defaults."""
     made = [step["config"] for step in meta.get("provenance", []) if step.get("command") == "personalise"]
-    wanted = {*Losses.__dataclass_fields__, "batch"}
+    wanted = {*ssl.Objective.__dataclass_fields__, "batch"}
     renamed = {"threshold": "pseudo_label_confidence"}  # bundles made before the option's rename
     given = {renamed.get(key, key): value for key, value in (made[-1] if made else {}).items()}
     return PersonaliseConfig(**{key: value for key, value in given.items() if key in wanted})

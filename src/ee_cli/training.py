@@ -235,28 +235,18 @@ def _make_step(tails, optimizer, personal, config: PersonaliseConfig, teacher_sh
     tf = compat.tf()
     names = [tail.name.removesuffix("_tail") for tail in tails]
     variables = [v for tail in tails for v in tail.trainable_variables]
+    objective = ssl.Objective.of(config)
     shift = 0.0 if teacher_shift is None else tf.constant(teacher_shift, tf.float32)  # the class prior, in the teacher's logits
 
     def losses(inputs):
         generic = tf.gather(tf.convert_to_tensor(inputs["teacher"]), personal, axis=1) + shift
-        exits_teacher = generic
-        if config.exit_teacher == "final":  # the personalised final exit as it trains (it starts as `generic`)
-            exits_teacher = tf.stop_gradient(tails[-1](inputs["weak"][-1], training=False))
+        teachers = ssl.teachers(generic, lambda: tails[-1](inputs["weak"][-1], training=False), len(tails), objective)
         report, total = {}, 0.0
         for index, (name, tail) in enumerate(zip(names, tails)):
-            teacher = generic if index == len(tails) - 1 else exits_teacher
-            weak = tail(inputs["weak"][index], training=True)
-            strong = tail(inputs["strong"][index], training=True)
-            terms = {
-                "distill": ssl.distillation_loss(weak, teacher, config.temperature),
-                "pseudo": ssl.pseudo_label_loss(strong, teacher, config.pseudo_label_confidence)[0],
-            }
-            terms["fixmatch"], mask_rate = ssl.fixmatch_loss(weak, strong, config.pseudo_label_confidence)
-            if "labelled" in inputs:
-                terms["supervised"] = ssl.cross_entropy(tail(inputs["labelled"][index], training=True), inputs["labels"])
-            weights = {"distill": config.distill_weight, "pseudo": config.pseudo_weight, "fixmatch": config.fixmatch_weight, "supervised": config.supervised_weight}
-            head_loss = tf.add_n([weights[k] * v for k, v in terms.items()])
-            total += head_loss
+            supervised = ssl.cross_entropy(tail(inputs["labelled"][index], training=True), inputs["labels"]) if "labelled" in inputs else None
+            terms, mask_rate = ssl.head_terms(tail(inputs["weak"][index], training=True), tail(inputs["strong"][index], training=True), teachers[index],
+                                              objective, supervised)
+            total += ssl.weighted_sum(terms, objective)
             report |= {f"{name}/{k}": v for k, v in terms.items()} | {f"{name}/mask_rate": mask_rate}
         report["loss"] = total
         return total, report
