@@ -105,7 +105,7 @@ def test_label_free_calibration(workspace, personalised, cli):
         (["--data", "test", "--threshold-share", "1"], "--threshold-share"),
         (["--data", "test", "--use", "fastest"], "--use"),
         (["--data", "test", "--out", "P"], "already exists"),
-        (["--data", "few"], "at least 30 are needed"),
+        (["--data", "few"], "thresholds need at least 30"),
     ],
 )
 def test_user_mistakes_are_one_line(workspace, personalised, cli, args, expected):

@@ -21,12 +21,12 @@ COMPARE = textwrap.dedent(
     import json, sys
     import numpy as np
     from pathlib import Path
-    from ee_cli import litert, photos
+    from ee_cli import litert, photos, policy
     folder, data = Path(sys.argv[1]), Path(sys.argv[2])
     manifest = json.loads((folder / "manifest.json").read_text())
     names = manifest["cascade"]["stops_after"]
     images = photos.load_array(photos.scan_unlabelled(data).paths[:100], 32).astype(np.float32)
-    engine = litert.CascadeEngine.from_file(folder / "cascade.tflite", [2.0] * (len(names) - 1), 1)
+    engine = litert.CascadeEngine.from_file(folder / "cascade.tflite", [policy.NEVER] * (len(names) - 1), 1)
     multi = litert.Runner(litert.interpreter(folder / "multi_exit.tflite", 1), "serving_default")
     diffs, agree = {n: 0.0 for n in names}, {n: 0 for n in names}
     for image in images:

@@ -154,3 +154,16 @@ def test_a_recorded_constraint_spec_gives_the_same_constraint():
     np.testing.assert_array_equal(policy.constraint_from({"kind": "max_drop", "drop": 0.005, "z": 1.645})(mean, se), policy.max_drop(0.005, 1.645)(mean, se))
     np.testing.assert_array_equal(policy.constraint_from({"kind": "at_least", "z": 1.0})(mean, se), [False, False, False])
     np.testing.assert_array_equal(policy.constraint_from({"kind": "at_least", "z": 0.0})(mean, se), [False, False, True])
+
+
+def test_every_command_decides_the_same_way_and_says_why():
+    costs = policy.StageCosts(np.array([10.0, 20.0, 30.0]), np.array([1.0, 1.0]), "ms")
+    spec = {"kind": "max_drop", "drop": 0.0, "z": 0.0}
+    few = policy.Evidence(np.full((2, 29), 0.99), np.ones((3, 29), np.int8), np.ones(29, np.int8))
+    off = policy.decide(few, costs, spec, ["exit_0", "exit_1"], "held-out photos", "fewer ms")
+    assert off.choice is None and off.reason == "29 held-out photos: thresholds need at least 30, so every exit stays off"
+    assert policy.decide(None, costs, spec, ["exit_0", "exit_1"], "held-out photos", "fewer ms").choice is None
+    on = policy.decide(_always_right(2), costs, spec, ["exit_0", "exit_1"], "held-out photos", "fewer ms")
+    assert on.choice.thresholds[0] < policy.NEVER and on.reason.startswith(f"exit_0 on: predicted {60 / 11:.2f}× fewer ms, on ")
+    dear = policy.StageCosts(np.array([50.0, 45.0, 5.0]), np.array([60.0, 60.0]), "ms", plain_cost=100.0)
+    assert policy.decide(_always_right(2), dear, spec, ["exit_0", "exit_1"], "photos", "faster").reason.startswith("no exit lets enough of")

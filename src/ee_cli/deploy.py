@@ -79,12 +79,15 @@ def _rechoose(recorded: bundle.ExitPolicy, evidence: policy.Evidence, candidates
             return Deployment([], [], cascade, _record(recorded, rounds, None, "plain model: no exit is predicted to pay for its cost in LiteRT"))
         profile = measure(cascade, runtime.convert_heads(exits), runtime)
         local = policy.Evidence(evidence.confidences[exits], evidence.correct[[*exits, -1]], evidence.reference)
-        choice = policy.cheapest_cascade(local, policy.constraint_from(recorded.constraint), profile.costs())
-        kept = [exit_ for exit_, t in zip(exits, choice.thresholds) if t < policy.NEVER]
+        decision = policy.decide(local, profile.costs(), recorded.constraint, [f"exit_{i}" for i in exits], "evidence photos (the bundle's)",
+                                 "faster than the plain model in LiteRT (stage costs measured here)")
+        if decision.choice is None:  # a bundle written before the photo floor held its evidence
+            return Deployment([], [], runtime.convert_cascade([]), _record(recorded, rounds, None, f"plain model: {decision.reason}"))
+        kept = [exit_ for exit_, t in zip(exits, decision.choice.thresholds) if t < policy.NEVER]
         rounds.append({"exits": exits, "stage_ms": profile.stage_ms.tolist(), "head_ms": profile.head_ms.tolist(), "plain_ms": profile.plain_ms, "kept": kept})
         if kept == exits:
-            thresholds = [float(t) for t in choice.thresholds]
-            return Deployment(exits, thresholds, cascade, _record(recorded, rounds, choice, f"{len(exits)} exit(s) on: predicted {choice.speedup:.2f}× faster than the plain model in LiteRT (stage costs measured here, on the bundle's {evidence.photos} evidence photos)"))
+            thresholds = [float(t) for t in decision.choice.thresholds]
+            return Deployment(exits, thresholds, cascade, _record(recorded, rounds, decision.choice, decision.reason))
         exits = kept
 
 

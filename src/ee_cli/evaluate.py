@@ -234,9 +234,11 @@ def _as_stored(profile: Profile, criterion: str) -> dict[str, Any] | None:
 
 
 def _point(profile: Profile, name: str, reference_name: str, constraint: dict, evidence: policy.Evidence) -> dict[str, Any]:
-    if evidence.photos < policy.MIN_CALIBRATION_PHOTOS:
-        raise UserError(f"{evidence.photos} photos to calibrate the {name} thresholds on: at least {policy.MIN_CALIBRATION_PHOTOS} are needed")
-    chosen = policy.cheapest_cascade(evidence, policy.constraint_from(constraint), profile.costs)
+    decision = policy.decide(evidence, profile.costs, constraint, [e["name"] for e in profile.meta["exits"]], "photos to calibrate on",
+                             "fewer MFLOPs than the plain model")
+    if decision.choice is None:  # asked for explicitly: too few photos is the user's to fix
+        raise UserError(f"the {name} thresholds: {decision.reason}")
+    chosen = decision.choice
     report, reference = profile.report, profile.references[reference_name]
     taken = policy.exit_taken(profile.confidences[:, report], chosen.thresholds)
     result = policy.outcome(taken, profile.correct[:, report], profile.costs.leaving(chosen.thresholds < policy.NEVER))

@@ -23,7 +23,7 @@ from ee_cli.errors import UserError
 MODES = ("none", "fp16", "dynamic", "int8", "int8_full")
 INT8_MODES = ("int8", "int8_full")
 POLICIES = ("measured", "recorded")
-MIN_CALIBRATION_PHOTOS = 100
+MIN_INT8_CALIBRATION_PHOTOS = 100
 DEFAULT_ROOT = Path("exports")
 
 
@@ -176,8 +176,8 @@ def _photos(config: ExportConfig, meta, size: int) -> ExportPhotos:
         order = np.random.default_rng([config.seed, 5]).permutation(len(found))
         calibration_paths = [found[i] for i in order[: config.calibration_photos]]
         spare = [found[i] for i in order[config.calibration_photos :]]
-        if config.quant in INT8_MODES and len(calibration_paths) < MIN_CALIBRATION_PHOTOS:
-            raise UserError(f"int8 calibration needs at least {MIN_CALIBRATION_PHOTOS} usable photos; {folder} has {len(found)}")
+        if config.quant in INT8_MODES and len(calibration_paths) < MIN_INT8_CALIBRATION_PHOTOS:
+            raise UserError(f"int8 calibration needs at least {MIN_INT8_CALIBRATION_PHOTOS} usable photos; {folder} has {len(found)}")
     labels = None
     if config.validate:
         root = Path(config.validate)

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ee_cli import compat, schemas
+from ee_cli import compat, policy, schemas
 from ee_cli.errors import UserError, first_line
 
 MANIFEST_FILE = "manifest.json"
@@ -95,9 +95,9 @@ def hand_on(features: np.ndarray, produced: dict, wanted: dict) -> np.ndarray:
 
 
 def usable_threshold(threshold: float | None, detail: dict) -> float:
-    """The threshold the engine compares with: never leaving (2.0) for an exit that is off, and at
-    most the highest probability the output's type can hold, so that a calibrated exit can fire."""
-    return 2.0 if threshold is None else min(threshold, highest_probability(detail))
+    """The threshold the engine compares with: policy.NEVER for an exit that is off, and at most the
+    highest probability the output's type can hold, so that a calibrated exit can fire."""
+    return policy.NEVER if threshold is None else min(threshold, highest_probability(detail))
 
 
 def highest_probability(detail: dict) -> float:
@@ -200,7 +200,7 @@ class CascadeEngine:
 
     def leaving_at(self, index: int) -> list[float]:
         """Thresholds that make every photo leave at exit `index` (the engine's own path to it)."""
-        return [2.0] * index + [-1.0] * (len(self.thresholds) - index)
+        return [policy.NEVER] * index + [-1.0] * (len(self.thresholds) - index)
 
     def every_exit(self, pixels: np.ndarray) -> list[np.ndarray]:
         """Run all stages, ignoring thresholds: every exit's probabilities (for checks)."""

@@ -360,18 +360,12 @@ def _label_free_policy(evidence: policy.Evidence | None, meta, config: Personali
     """Thresholds that keep the held-out agreement with the final exit within --max-drop points
     (one-sided margin), choosing the exits that cut the most compute; none below the photo floor."""
     constraint = {"kind": "max_drop", "drop": config.max_drop / 100, "z": config.margin_z}
-    photo_count = evidence.photos if evidence is not None else 0
-    exits = meta["exits"]
-    if photo_count < policy.MIN_CALIBRATION_PHOTOS:
-        reason = (f"{photo_count} held-out photos: thresholds need at least {policy.MIN_CALIBRATION_PHOTOS} "
-                  "(more photos or a larger --holdout), so every exit stays off; `ee evaluate` can set them")
-        return bundle.ExitPolicy((None,) * len(exits), "personalise", "keep (label-free)", photo_count, constraint, reason=reason)
-    choice = policy.cheapest_cascade(evidence, policy.constraint_from(constraint), bundle.stage_costs(meta))
-    used = [e["name"] for e, t in zip(exits, choice.thresholds) if t < policy.NEVER]
-    reason = (f"{', '.join(used)} on: predicted {choice.speedup:.2f}× fewer MFLOPs than the plain model, on {photo_count} held-out photos (label-free)" if used
-              else f"no exit lets enough of {photo_count} held-out photos out early to pay for its head")
-    return bundle.ExitPolicy.from_choice(choice, set_by="personalise", operating_point="keep (label-free)", photos=photo_count,
-                                         constraint=constraint, reason=reason)
+    decision = policy.decide(evidence, bundle.stage_costs(meta), constraint, [e["name"] for e in meta["exits"]], "held-out photos",
+                             "fewer MFLOPs than the plain model (label-free)")
+    fields = {"set_by": "personalise", "operating_point": "keep (label-free)", "photos": evidence.photos if evidence is not None else 0, "constraint": constraint}
+    if decision.choice is None:
+        return bundle.ExitPolicy((None,) * len(meta["exits"]), reason=decision.reason + " (more photos or a larger --holdout; `ee evaluate` can set them)", **fields)
+    return bundle.ExitPolicy.from_choice(decision.choice, reason=decision.reason, **fields)
 
 
 def _merge_skips(unlabelled, labelled) -> dict[str, int]:

@@ -230,3 +230,27 @@ def costs_from_macs(graft_macs: list[int], head_macs: list[int], total_macs: int
     """The MACs cost model: what a policy knows before any runtime has been measured."""
     reached = np.array([*graft_macs, total_macs], float)
     return StageCosts(np.diff(reached, prepend=0.0), np.array(head_macs, float), "MACs")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The exit decision every command makes the same way: the cascade chosen (None: every exit off,
+    too few photos to choose on) and one line saying why."""
+
+    choice: Choice | None
+    reason: str
+
+
+def decide(evidence: Evidence | None, costs: StageCosts, constraint: dict, exit_names: list[str], photos_are: str, gain: str) -> Decision:
+    """The cheapest cascade under `constraint` (a recorded spec, `constraint_from`) and `costs`, on
+    `evidence`; under MIN_CALIBRATION_PHOTOS photos every exit stays off. `photos_are` names the
+    evidence photos ("held-out photos"), `gain` what the speed-up is in ("fewer MFLOPs than the plain
+    model"), both for the reason."""
+    photo_count = evidence.photos if evidence is not None else 0
+    if evidence is None or photo_count < MIN_CALIBRATION_PHOTOS:
+        return Decision(None, f"{photo_count} {photos_are}: thresholds need at least {MIN_CALIBRATION_PHOTOS}, so every exit stays off")
+    choice = cheapest_cascade(evidence, constraint_from(constraint), costs)
+    used = [name for name, t in zip(exit_names, choice.thresholds) if t < NEVER]
+    if not used:
+        return Decision(choice, f"no exit lets enough of {photo_count} {photos_are} out early to pay for its head")
+    return Decision(choice, f"{', '.join(used)} on: predicted {choice.speedup:.2f}× {gain}, on {photo_count} {photos_are}")
