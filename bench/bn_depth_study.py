@@ -64,7 +64,7 @@ def study_user(generic: str, user_spec, args, work: Path) -> list[dict]:
     with inside(work):
         attached = attach_generic(job, names)
     source = bundle.read_bundle(work / attached)
-    model, size = source.load_model(), int(source.meta["input"]["shape"][0])
+    model, size = source.load_model(), bundle.input_size(source.meta)
     layers = adapt.backbone_batchnorms(model)
     depths = [0, *adapt.auto_depths(len(layers))]
     original = adapt.statistics_of(layers)

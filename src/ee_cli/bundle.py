@@ -76,6 +76,16 @@ def exit_policy(meta: dict[str, Any]) -> ExitPolicy | None:
     return ExitPolicy(**{**stored, "thresholds": tuple(stored["thresholds"])})
 
 
+def input_size(meta: dict[str, Any]) -> int:
+    """The side of the square photos the model takes."""
+    return int(meta["input"]["shape"][0])
+
+
+def output_classes(meta: dict[str, Any]) -> list[str]:
+    """The classes the exits predict: the personal ones once personalised, else every class."""
+    return list(meta.get("output_classes") or meta["classes"])
+
+
 def head_outputs(meta: dict[str, Any]) -> list[str]:
     """The model's personal outputs in cascade order: every early exit, then the final exit."""
     return [e["name"] for e in meta["exits"]] + ["final"]
@@ -140,7 +150,7 @@ def _check_input(graph: dict[str, Any], meta: dict[str, Any], model_path: Path) 
 
 
 def _check_classes(config: dict[str, Any], outputs: list[str], meta: dict[str, Any], model_path: Path) -> None:
-    personal, every = len(meta.get("output_classes") or meta["classes"]), len(meta["classes"])
+    personal, every = len(output_classes(meta)), len(meta["classes"])
     for name in outputs:
         units = _output_units(config, name)
         wanted = every if name == meta.get("generic_output") else personal

@@ -77,8 +77,8 @@ def evaluate(config: EvaluateConfig, progress=None) -> EvaluateResult:
     if config.use not in points:
         raise UserError(f"--use {config.use}: that operating point needs {'labelled photos' if config.use.startswith('match') else '--unlabelled'}")
     progress("Measuring latency", 0.0, "")
-    latency = _latency(model, profile.outputs[:-1], _size(source.meta), config.timed_runs)
-    lite_latency = _litert_latency(Path(config.export), profile.outputs, _size(source.meta), config.threads, config.timed_runs) if config.export else {}
+    latency = _latency(model, profile.outputs[:-1], bundle.input_size(source.meta), config.timed_runs)
+    lite_latency = _litert_latency(Path(config.export), profile.outputs, bundle.input_size(source.meta), config.threads, config.timed_runs) if config.export else {}
     progress("Measuring latency", 1.0, "")
     per_exit = [row | lite_latency.get(row["exit"], {}) for row in _per_exit(profile, latency, points[config.use]["thresholds"])]
     run_dir = runs.new_run_dir("evaluate")
@@ -96,15 +96,11 @@ def _sweep_latency(keras: dict, lite: dict) -> dict:
     return keras
 
 
-def _size(meta) -> int:
-    return int(meta["input"]["shape"][0])
-
-
 def _profile(config: EvaluateConfig, source, model, found: Photos) -> Profile:
     meta = source.meta
     outputs = bundle.head_outputs(meta)
     confidences, correct = _exit_evidence(model, meta, found.paths, found.labels, config.criterion)
-    baselines = _baselines(config, source, meta, found, _size(meta)) if found.labels is not None else {}
+    baselines = _baselines(config, source, meta, found, bundle.input_size(meta)) if found.labels is not None else {}
     references = {"final": correct[-1]} | {name: values["correct"] for name, values in baselines.items()}
     calibrate, report = policy.split(len(found.paths), config.threshold_share, config.seed)
     return Profile(meta, outputs, confidences, correct, references, baselines, calibrate, report, bundle.stage_costs(meta))
@@ -271,8 +267,8 @@ def _exit_evidence(model, meta, paths, labels, criterion: str) -> tuple[np.ndarr
     """Per photo: each early exit's confidence, and whether each exit (the final one too) is right,
     against `labels`, or without labels against the final exit's prediction."""
     outputs = bundle.head_outputs(meta)
-    output_classes = np.array(meta.get("output_classes") or meta["classes"])
-    probabilities = _probabilities(model, outputs, paths, _size(meta))
+    output_classes = np.array(bundle.output_classes(meta))
+    probabilities = _probabilities(model, outputs, paths, bundle.input_size(meta))
     predictions = np.stack([output_classes[p.argmax(axis=1)] for p in probabilities])
     truth = labels if labels is not None else predictions[-1]
     correct = (predictions == truth[None, :]).astype(np.int8)

@@ -78,7 +78,7 @@ def export(config: ExportConfig, progress=None) -> ExportResult:
     meta = source.meta
     out = Path(config.out) if config.out else _default_out(source.path.name, config.quant)
     _check_output(out, config.exist_ok)
-    size = int(meta["input"]["shape"][0])
+    size = bundle.input_size(meta)
     chosen = _photos(config, meta, size)
     model = source.load_model()
     exported = model
@@ -301,7 +301,7 @@ def validate(model, path: Path, chosen: ExportPhotos, meta, config: ExportConfig
     keras_probs = [tf.nn.softmax(logits).numpy() for logits in reference.predict(images, batch_size=100, verbose=0)]
     runner = litert.Runner(litert.interpreter(path, config.threads), "serving_default")
     lite = [runner(image[None]) for image in images]
-    classes = np.array(meta.get("output_classes") or meta["classes"])
+    classes = np.array(bundle.output_classes(meta))
     report, failure = {}, None
     for index, name in enumerate(outputs):
         lite_probs = np.concatenate([row[name] for row in lite])
@@ -361,7 +361,7 @@ def _manifest(source: bundle.Bundle, config: ExportConfig, written: Written, sta
             "zero_point": pixels["zero_point"],
             "pixels": "RGB 0..255 (preprocessing is inside the model)",
         },
-        "classes": meta.get("output_classes") or meta["classes"],
+        "classes": bundle.output_classes(meta),
         "exits": [
             {k: e.get(k) for k in ("name", "graft_layer", "relative_depth", "cumulative_mflops")} | {"threshold": used.get(e["name"]), "enabled": e["name"] in used}
             for e in meta["exits"]

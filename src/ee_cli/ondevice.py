@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ee_cli import adapt, augment, compat, litert, ssl
+from ee_cli import adapt, augment, bundle, compat, litert, ssl
 from ee_cli.config import PersonaliseConfig
 from ee_cli.errors import UserError
 from ee_cli.personal_model import GENERIC_OUTPUT, build_personal_model
@@ -322,13 +322,13 @@ MEANINGS = {
 def write_trainable(model, meta: dict[str, Any], folder) -> dict[str, Any]:
     """`ee export --trainable`: personalise.tflite beside the inference files; returns its manifest entry."""
     classes = meta["classes"]
-    output = meta.get("output_classes") or classes
+    output = bundle.output_classes(meta)
     personal = [classes.index(name) for name in output]
     settings = _personalise_settings(meta)
     personal_model, heads = build_personal_model(model, output, classes, personal)
     layers = adapt.backbone_batchnorms(personal_model)
     adapted = (meta.get("adapted_bn") or {}).get("layers") or [layer.name for layer in layers[: adapt.resolve_adapt_count("auto", len(layers))]]
-    shapes = Shapes(settings.batch, settings.batch, int(meta["input"]["shape"][0]), len(personal))
+    shapes = Shapes(settings.batch, settings.batch, bundle.input_size(meta), len(personal))
     path = Path(folder) / FILE
     prior = meta.get("class_prior")  # the teacher the bundle's heads were trained against
     shift = prior["logit_shift"] if prior and prior["classes"] == list(output) else None

@@ -85,7 +85,7 @@ def personalise(config: PersonaliseConfig, progress: Progress | None = None) -> 
         return _baseline(config, source, source_implicit, found, run_dir, out, progress)
     adapted = adapt_step(config, source, found, progress)
     compat.seed_everything(config.seed)
-    personal_model, heads = build_personal_model(adapted.model, meta.get("output_classes") or meta["classes"], meta["classes"], adapted.personal,
+    personal_model, heads = build_personal_model(adapted.model, bundle.output_classes(meta), meta["classes"], adapted.personal,
                                                  adapted.logit_shift)
     job = Job(personal_model, heads, found.paths, _roles(len(found.unlabelled), found.labelled, adapted.personal, config), np.array(adapted.personal),
               tuple(adapted.layers), adapted.logit_shift)
@@ -119,7 +119,7 @@ def _baseline(config: PersonaliseConfig, source, implicit: bool, found: Found, r
         order = np.random.default_rng([config.seed, 17]).permutation(len(found.unlabelled))
         shuffled = [found.unlabelled.paths[i] for i in order]
         progress(f"{config.method}: one epoch of entropy minimisation", 0.0, f"{len(shuffled)} photos")
-        steps = baselines.minimise_entropy(model, generic_output(model), photos.decoded_batches(shuffled, _size(source.meta), config.batch), config.method, config.seed)
+        steps = baselines.minimise_entropy(model, generic_output(model), photos.decoded_batches(shuffled, bundle.input_size(source.meta), config.batch), config.method, config.seed)
     layers = [layer.name for layer in adapt.backbone_batchnorms(model)]
     if config.method != "source":
         every = dataclasses.replace(config, adapt_bn=str(len(layers)), personal_classes="all")
@@ -143,10 +143,6 @@ def _baseline(config: PersonaliseConfig, source, implicit: bool, found: Found, r
     return PersonaliseResult(out, run_dir, new_meta, metrics, source.path, implicit)
 
 
-def _size(meta) -> int:
-    return int(meta["input"]["shape"][0])
-
-
 def _split(job: Job) -> dict[str, list[str]]:
     """Which photos trained the heads and which were held out to choose the exits' thresholds."""
     roles = job.roles
@@ -160,7 +156,7 @@ def adapt_step(config: PersonaliseConfig, source, found: Found, progress: Progre
     "BN only" model, before any head trains (the benchmark reports it as a baseline). `model`:
     the source bundle's model, already loaded (and changed, by an entropy baseline)."""
     progress = progress or (lambda stage, fraction, info: None)
-    meta, size = source.meta, _size(source.meta)
+    meta, size = source.meta, bundle.input_size(source.meta)
     compat.seed_everything(config.seed)
     model = model if model is not None else source.load_model()
     layers = adapt.backbone_batchnorms(model)
