@@ -90,7 +90,7 @@ def personalise(config: PersonaliseConfig, progress: Progress | None = None) -> 
     job = Job(personal_model, heads, found.paths, _roles(len(found.unlabelled), found.labelled, adapted.personal, config), np.array(adapted.personal),
               tuple(adapted.layers), adapted.logit_shift)
     start = personal_model.get_layer(f"{FINAL_OUTPUT}_logits").get_weights()
-    trained = train(config, job, run_dir, progress)
+    trained = _train(config, job, run_dir, progress)
     started = time.perf_counter()
     scores, evidence, verdict = _holdout_evidence(job)
     scores["seconds"] = round(time.perf_counter() - started, 2)
@@ -141,6 +141,16 @@ def _baseline(config: PersonaliseConfig, source, implicit: bool, found: Found, r
     bundle.write_bundle(out, model, new_meta, config.exist_ok)
     atomic.write_json(run_dir / "state.json", {"status": "done", "bundle": str(out)})
     return PersonaliseResult(out, run_dir, new_meta, metrics, source.path, implicit)
+
+
+def _train(config: PersonaliseConfig, job: Job, run_dir: Path, progress: Progress) -> Trained:
+    if config.engine != "litert":
+        return train(config, job, run_dir, progress)
+    from ee_cli.litert_trainer import personalise_heads  # through personalise.tflite in LiteRT, in a child process without TensorFlow
+
+    started = time.perf_counter()
+    features, history = personalise_heads(job, config, run_dir, progress)
+    return Trained(features, history, time.perf_counter() - started)
 
 
 def _split(job: Job) -> dict[str, list[str]]:

@@ -1,7 +1,7 @@
 """Training the exit heads (the personalised final exit's too) on the frozen backbone's features:
 the photos' roles, the batches (from the feature cache, or live), the TensorFlow step and its
-checkpoints, and the dispatch to the LiteRT engine (`--engine litert`), which reads its batches from
-here too. `ee personalise` (personalise.py) prepares the job and reads the trained heads back."""
+checkpoints. The LiteRT engine (`--engine litert`, litert_trainer.py) reads its batches from here
+too. `ee personalise` (personalise.py) prepares the job, picks the engine and reads the heads back."""
 
 from __future__ import annotations
 
@@ -57,13 +57,8 @@ class Trained:
 
 
 def train(config: PersonaliseConfig, job: Job, run_dir: Path, progress: Progress) -> Trained:
-    """The heads (the final exit's too) on the feature cache; or every step live (--no-cache); or in LiteRT."""
+    """The heads (the final exit's too) on the feature cache, or every step live (--no-cache), in TensorFlow."""
     started = time.perf_counter()
-    if config.engine == "litert":  # through personalise.tflite in LiteRT, in a child process without TensorFlow
-        from ee_cli.litert_trainer import personalise_heads
-
-        features, history = personalise_heads(job, config, run_dir, progress)
-        return Trained(features, history, time.perf_counter() - started)
     features = None
     if config.cache and config.epochs > 0:  # with no epochs to train, a cache would be built for nothing
         feature_model = compat.keras().Model(job.personal_model.inputs, [h.cache_tensor for h in job.heads] + [job.personal_model.get_layer(GENERIC_OUTPUT).output])
