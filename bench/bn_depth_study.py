@@ -27,12 +27,12 @@ from pathlib import Path
 import numpy as np
 
 from bench.protocol import restricted_accuracy, users
-from ee_cli.adapt import softmax
+from ee_cli.adaptation.adapt import softmax
 
 HERE = Path(__file__).resolve().parent
 def signals(logits: np.ndarray, unadapted: np.ndarray, class_share: float) -> dict[str, float]:
     """Label-free figures of one depth's generic logits on the unlabelled photos."""
-    from ee_cli import adapt
+    from ee_cli.adaptation import adapt
 
     probabilities = softmax(logits)
     shares = adapt.class_shares(logits)
@@ -55,9 +55,12 @@ def signals(logits: np.ndarray, unadapted: np.ndarray, class_share: float) -> di
 
 def study_user(generic: str, user_spec, args, work: Path) -> list[dict]:
     from bench.protocol import Settings, UserJob, attach_generic, inside, user_photos
-    from ee_cli import adapt, bundle, inference, photos, stepping
-    from ee_cli.config import PersonaliseConfig
-    from ee_cli.personal_model import generic_output
+    from ee_cli.base import photos
+    from ee_cli.graph import inference
+    from ee_cli.files import bundle
+    from ee_cli.adaptation import adapt, stepping
+    from ee_cli.base.config import PersonaliseConfig
+    from ee_cli.graph.personal_model import generic_output
 
     job = UserJob(generic, "cifar10", user_spec, Settings(unlabelled=args.unlabelled, labels=(0,), test_per_class=args.test_per_class), str(work))
     made, folders, names = user_photos(job)
@@ -93,7 +96,7 @@ def study_user(generic: str, user_spec, args, work: Path) -> list[dict]:
 
 def auto_rule(rows: list[dict], unlabelled: int) -> dict:
     """`--adapt-bn auto` (adapt.auto_depth) replayed from a study's recorded signals."""
-    from ee_cli import adapt
+    from ee_cli.adaptation import adapt
 
     unadapted = rows[0]
     judged = unadapted["confident_unadapted_share"] * rows[0].get("unlabelled", unlabelled) >= adapt.MIN_CONFIDENT and unadapted["max_share"] < adapt.COLLAPSED_SHARE

@@ -44,7 +44,8 @@ def method_passes(adaptation_passes: float, views: int, holdout_share: float) ->
 
 def startup(bundle_path: Path, photo_folder: Path) -> int:
     """Everything a command pays before its first pass over the photos: returns how many it decoded."""
-    from ee_cli import bundle, compat, photos
+    from ee_cli.base import compat, photos
+    from ee_cli.files import bundle
 
     compat.tf()
     model = bundle.read_bundle(bundle_path).load_model()

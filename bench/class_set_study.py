@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ee_cli.adapt import class_shares
+from ee_cli.adaptation.adapt import class_shares
 
 RULES = ("cut@0.10", "cut@0.05", "cut@0.02", "prior", "hybrid@0.05", "hybrid@0.02", "hybrid@0.01")
 TEMPERATURES = (1.0, 1.5, 2.0, 3.0)
@@ -80,9 +80,10 @@ def collect(args) -> None:
     import tempfile
 
     from bench.protocol import GENERIC_MODELS, Settings, UserJob, attach_generic, inside, predict, user_photos, users
-    from ee_cli import bundle, photos
-    from ee_cli.config import PersonaliseConfig
-    from ee_cli.personalise import Found, adapt_step
+    from ee_cli.base import photos
+    from ee_cli.files import bundle
+    from ee_cli.base.config import PersonaliseConfig
+    from ee_cli.commands.personalise import Found, adapt_step
 
     args.cache.mkdir(parents=True, exist_ok=True)
     model = next(name for name, found in GENERIC_MODELS.items() if Path(found.path).name == args.generic.name)

@@ -16,7 +16,7 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Measured:
-    result: Any  # ee_cli.personalise.PersonaliseResult
+    result: Any  # ee_cli.commands.personalise.PersonaliseResult
     seconds: float
     peak_rss_mib: float | None  # None: run in the benchmark's own process, where it cannot be told apart
 
@@ -36,8 +36,8 @@ def flags(options: dict[str, Any]) -> list[str]:
 def personalise(options: dict[str, Any], own_process: bool) -> Measured:
     """`ee personalise` with `options` (PersonaliseConfig fields) in the working folder: in a child
     process (`own_process`: its peak RSS measured) or in this one."""
-    from ee_cli.config import PersonaliseConfig
-    from ee_cli.personalise import personalise as run
+    from ee_cli.base.config import PersonaliseConfig
+    from ee_cli.commands.personalise import personalise as run
 
     started = time.perf_counter()
     if not own_process:
@@ -60,8 +60,8 @@ def _child(arguments: list[str]) -> tuple[dict, float]:
 
 
 def _read_back(printed: dict):
-    from ee_cli import bundle
-    from ee_cli.personalise import PersonaliseResult
+    from ee_cli.files import bundle
+    from ee_cli.commands.personalise import PersonaliseResult
 
     path = Path(printed["bundle"])
     return PersonaliseResult(path, Path(printed["run"]), bundle.read_bundle(path).meta, printed["metrics"], path, False)

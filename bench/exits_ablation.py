@@ -32,7 +32,7 @@ import numpy as np
 
 from bench.exits_acceptance import ee, user_arguments, user_photos
 from bench.protocol import predict, restricted_accuracy
-from ee_cli.adapt import softmax
+from ee_cli.adaptation.adapt import softmax
 
 TEACHERS = ("generic", "final")
 INGREDIENTS = ("maxprob", "entropy", "ensemble", "gate")
@@ -46,7 +46,7 @@ def ensembled(probabilities: list[np.ndarray]) -> list[np.ndarray]:
 
 def gate_features(probabilities: list[np.ndarray], index: int) -> np.ndarray:
     """Per photo: top probability, top-2 margin, normalised entropy, agreement with the previous exit."""
-    from ee_cli import policy
+    from ee_cli.exits import policy
 
     p = probabilities[index]
     top2 = np.sort(p, axis=1)[:, -2:]
@@ -73,7 +73,7 @@ def gate_scores(features: np.ndarray, weights: np.ndarray) -> np.ndarray:
 def confidences_for(ingredient: str, probabilities: list[np.ndarray], train: list[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
     """Each exit's answers (probabilities) and confidences (exits, photos) under one ingredient; `train`
     holds the same exits' probabilities on the personalisation photos (for fitted ingredients)."""
-    from ee_cli import policy
+    from ee_cli.exits import policy
 
     early = probabilities[:-1]
     if ingredient == "ensemble":
@@ -94,8 +94,8 @@ def confidences_for(ingredient: str, probabilities: list[np.ndarray], train: lis
 def sweep(probabilities: list[np.ndarray], train: list[np.ndarray], truth: np.ndarray, classes: np.ndarray, costs, seed: int) -> dict:
     """Per ingredient: exit accuracy on the report half, and the label-free keep point chosen on the
     calibration half, reported on the report half."""
-    from ee_cli import policy
-    from ee_cli.config import PersonaliseConfig
+    from ee_cli.exits import policy
+    from ee_cli.base.config import PersonaliseConfig
 
     defaults = PersonaliseConfig()  # the keep point personalise chooses by default
     calibrate, report = policy.split(len(truth), 0.5, seed)
@@ -118,7 +118,7 @@ def sweep(probabilities: list[np.ndarray], train: list[np.ndarray], truth: np.nd
 
 
 def run_user(args: argparse.Namespace, scenario: str, seed: int, teacher: str, work: Path) -> dict:
-    from ee_cli import bundle
+    from ee_cli.files import bundle
 
     user, folders, names = user_photos(args.data, scenario, seed, args.unlabelled, args.test_per_class, work)
     ee("attach", "--backbone", str(Path(args.generic).expanduser().resolve()), "--classes", ",".join(names), cwd=work)

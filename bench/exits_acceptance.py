@@ -105,7 +105,9 @@ def run_user(job: Job, scenario: str, seed: int, work: Path) -> dict:
 
 def _on_test_photos(personal: Path, user) -> dict:
     """Each exit's accuracy, and the bundle's label-free thresholds applied to the test photos."""
-    from ee_cli import bundle, compat, policy
+    from ee_cli.base import compat
+    from ee_cli.exits import policy
+    from ee_cli.files import bundle
 
     found = bundle.read_bundle(personal)
     meta, model = found.meta, found.load_model()

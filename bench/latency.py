@@ -10,8 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from ee_cli import litert, photos
-from ee_cli.run import run_in_turns, stage_profile
+from ee_cli.base import photos
+from ee_cli.runtime import litert
+from ee_cli.commands.run import run_in_turns, stage_profile
 
 PROFILE_RUNS = 20  # timed calls per path for the per-exit latency profile
 

@@ -32,9 +32,9 @@ PERSONALISE = textwrap.dedent(
     """
     import json, sys
     from pathlib import Path
-    from ee_cli.config import PersonaliseConfig
-    from ee_cli.personalise import personalise
-    from ee_cli.litert_trainer import REPORT_FILE, peak_rss_mb
+    from ee_cli.base.config import PersonaliseConfig
+    from ee_cli.commands.personalise import personalise
+    from ee_cli.runtime.litert_trainer import REPORT_FILE, peak_rss_mb
     engine, epochs, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     result = personalise(PersonaliseConfig(data="photos", bundle="B", out=f"P-{engine}", epochs=epochs, batch=batch, views=1,
                                            personal_classes="0,1,2", engine=engine, quiet=True))
@@ -52,10 +52,11 @@ TF_STEP = textwrap.dedent(
     import json, sys, time
     import numpy as np
     from pathlib import Path
-    from ee_cli import bundle, compat
-    from ee_cli.config import PersonaliseConfig
-    from ee_cli.personal_model import build_personal_model
-    from ee_cli.training import _make_step
+    from ee_cli.base import compat
+    from ee_cli.files import bundle
+    from ee_cli.base.config import PersonaliseConfig
+    from ee_cli.graph.personal_model import build_personal_model
+    from ee_cli.adaptation.training import _make_step
     batch = int(sys.argv[1])
     source = bundle.read_bundle(Path("B"))
     _, heads = build_personal_model(source.load_model(), source.meta["classes"], source.meta["classes"], [0, 1, 2])
@@ -90,8 +91,8 @@ def _prepare(workspace: Path, backbone: str, size: int, photos: int) -> None:
         from pathlib import Path
         sys.path.insert(0, "tests")
         from test_personalise import coloured_photos
-        from ee_cli.attach import attach
-        from ee_cli.config import AttachConfig
+        from ee_cli.commands.attach import attach
+        from ee_cli.base.config import AttachConfig
         backbone, size, photos, workspace = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
         attach(AttachConfig(backbone=backbone, weights="none", input_size=size, num_classes=5, out=str(workspace / "B")))
         coloured_photos(workspace / "photos", photos, size=size)

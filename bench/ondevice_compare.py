@@ -23,10 +23,10 @@ ENGINES = ("tensorflow", "litert")
 
 
 def user_figures(generic: Path, seed: int, data: dict, unlabelled: int) -> dict:
-    from ee_cli import bundle
-    from ee_cli.attach import attach
-    from ee_cli.config import AttachConfig, PersonaliseConfig
-    from ee_cli.personalise import personalise
+    from ee_cli.files import bundle
+    from ee_cli.commands.attach import attach
+    from ee_cli.base.config import AttachConfig, PersonaliseConfig
+    from ee_cli.commands.personalise import personalise
 
     user = scenarios.make_user(data, seed, k=3, unlabelled=unlabelled)
     found = {"seed": seed, "classes": [user.names[c] for c in user.classes], "condition": user.condition}

@@ -23,10 +23,11 @@ import numpy as np
 from bench.protocol import predict, restricted_accuracy
 from bench.whole_network import Photos, Recipe, finetune_whole_network
 from datasets import cifar10, scenarios
-from ee_cli import adapt, bundle, stepping
-from ee_cli.attach import attach
-from ee_cli.config import AttachConfig, PersonaliseConfig
-from ee_cli.personalise import personalise
+from ee_cli.files import bundle
+from ee_cli.adaptation import adapt, stepping
+from ee_cli.commands.attach import attach
+from ee_cli.base.config import AttachConfig, PersonaliseConfig
+from ee_cli.commands.personalise import personalise
 
 RESULTS = Path(__file__).parent / "results"
 

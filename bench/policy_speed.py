@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from ee_cli import policy
+from ee_cli.exits import policy
 
 
 def main() -> None:

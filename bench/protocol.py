@@ -201,8 +201,8 @@ def inside(folder: Path):
 
 
 def attach_generic(job: UserJob, names) -> Path:
-    from ee_cli.attach import attach
-    from ee_cli.config import AttachConfig
+    from ee_cli.commands.attach import attach
+    from ee_cli.base.config import AttachConfig
 
     out = Path("attached")
     attach(AttachConfig(backbone=job.generic, classes=",".join(names), exits=job.settings.exits, out=str(out), seed=job.seed))
@@ -216,7 +216,7 @@ def predict(model, output: str, images: np.ndarray, batch: int = 250) -> np.ndar
 
 def predict_outputs(model, outputs: list[str], images: np.ndarray, batch: int = 250) -> dict[str, np.ndarray]:
     """Several outputs from one pass over the photos (at 240 px a pass per output cost minutes a user)."""
-    from ee_cli import compat, photos
+    from ee_cli.base import compat, photos
 
     probe, size = compat.keras().Model(model.inputs, [model.get_layer(name).output for name in outputs]), int(model.input_shape[1])
     batches = [probe(photos.resized(images[i : i + batch], size).astype(np.float32), training=False) for i in range(0, len(images), batch)]
@@ -231,7 +231,7 @@ def restricted_accuracy(logits: np.ndarray, classes, truth: np.ndarray) -> float
 
 def _baselines(attached: Path, user) -> dict[str, Any]:
     """The generic model, and the same restricted to the user's true classes (the free baseline)."""
-    from ee_cli import bundle
+    from ee_cli.files import bundle
 
     logits = predict(bundle.read_bundle(attached).load_model(), "final", user.test)
     return {"generic": float(np.mean(logits.argmax(1) == user.test_y)), "restricted": restricted_accuracy(logits, user.classes, user.test_y)}
@@ -241,7 +241,7 @@ def _methods(job: UserJob, user, folders: dict, attached: Path) -> dict[str, Any
     """Each label-free baseline as a researcher runs it (`ee personalise --method NAME`, defaults), scored
     over every class, as the TTA papers score it; LAME on the generic model's test batches."""
     from bench import command
-    from ee_cli import bundle
+    from ee_cli.files import bundle
 
     found: dict[str, Any] = {}
     for method in [m for m in job.settings.methods if m != "lame"]:
@@ -263,8 +263,8 @@ LAME_BATCH = 128  # test photos per batch LAME corrects together (the TTA benchm
 
 def lame_accuracy(model, images: np.ndarray, truth: np.ndarray, seed: int) -> float:
     """LAME on the model's outputs over shuffled test batches; its features: the classifier's input."""
-    from ee_cli import baselines
-    from ee_cli.personal_model import generic_classifier
+    from ee_cli.adaptation import baselines
+    from ee_cli.graph.personal_model import generic_classifier
 
     classifier = generic_classifier(model)
     inbound = classifier._inbound_nodes[0].inbound_layers
@@ -294,7 +294,7 @@ def _bn_only(generic_logits: np.ndarray, result, personal: list[int], user) -> d
 
 
 def _personalised(job: UserJob, user, folders: dict, attached: Path, labels: int, names) -> dict[str, Any]:
-    from ee_cli import bundle
+    from ee_cli.files import bundle
 
     ran = personalise_user(job, folders, attached, labels)
     result, seconds = ran.result, ran.seconds
@@ -329,7 +329,7 @@ def personalise_bounds(job: UserJob, user, result, trained_on: np.ndarray) -> di
     """bench.bound's two bounds: the strict one timed on the trained photos' two views; the method
     one (BN adaptation included) scaled from that pass to every photo `ee personalise` saw."""
     from bench import bound
-    from ee_cli import compat, photos
+    from ee_cli.base import compat, photos
 
     generic = compat.keras().models.load_model(job.generic, compile=False)
     trained_pass = bound.timed_pass(generic, photos.resized(user.unlabelled[trained_on], int(generic.input_shape[1])).astype(np.float32))
@@ -358,8 +358,8 @@ def trained_photos(result) -> np.ndarray:
 def _operating_points(job: UserJob, personal: Path, test: Path) -> dict[str, Any]:
     """`ee evaluate` calibrates each labelled point on half the test photos; each point, and the
     label-free one `ee personalise` chose, is exported and timed on the other half."""
-    from ee_cli.config import EvaluateConfig
-    from ee_cli.evaluate import evaluate
+    from ee_cli.base.config import EvaluateConfig
+    from ee_cli.commands.evaluate import evaluate
 
     found, evaluated = {}, None
     for point in [p for p in job.settings.points if p != LABEL_FREE]:
@@ -392,8 +392,8 @@ def _point_figures(metrics: dict, chosen: dict) -> dict[str, Any]:
 
 
 def _export(job: UserJob, source: Path, name: str, mode: str) -> Path:
-    from ee_cli.config import ExportConfig
-    from ee_cli.export import ValidationFailed, export
+    from ee_cli.base.config import ExportConfig
+    from ee_cli.commands.export import ValidationFailed, export
 
     config = ExportConfig(bundle=str(source), quant=mode, out=f"export-{name}", seed=job.seed, quiet=True,
                           calibration_photos=job.settings.export_photos, validation_photos=job.settings.export_photos, max_accuracy_drop=100.0)

@@ -34,9 +34,9 @@ REPO = Path(__file__).resolve().parent.parent
 PERSONALISE = textwrap.dedent(
     """
     import json, sys
-    from ee_cli.config import PersonaliseConfig
-    from ee_cli.litert_trainer import peak_rss_mb
-    from ee_cli.personalise import personalise
+    from ee_cli.base.config import PersonaliseConfig
+    from ee_cli.runtime.litert_trainer import peak_rss_mb
+    from ee_cli.commands.personalise import personalise
     result = personalise(PersonaliseConfig(data=sys.argv[1], bundle="R50", out=sys.argv[2], epochs=int(sys.argv[3]), quiet=True))
     print(json.dumps({"metrics": result.metrics, "peak_rss_mb": peak_rss_mb()}))
     """
@@ -46,8 +46,10 @@ BOUND = textwrap.dedent(
     """
     import json, sys, time
     from pathlib import Path
-    from ee_cli import bundle, inference, photos
-    from ee_cli.litert_trainer import peak_rss_mb
+    from ee_cli.base import photos
+    from ee_cli.graph import inference
+    from ee_cli.files import bundle
+    from ee_cli.runtime.litert_trainer import peak_rss_mb
     paths = photos.scan_unlabelled(Path(sys.argv[1])).paths
     model = bundle.read_bundle(Path("R50")).load_model()
     inference.outputs_of(model, ["final"], paths[:16], 224)  # trace once, untimed

@@ -22,7 +22,7 @@ from dataclasses import asdict, replace
 from datetime import date
 from pathlib import Path
 
-from ee_cli import atomic
+from ee_cli.base import atomic
 
 HERE = Path(__file__).resolve().parent
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
@@ -96,7 +96,8 @@ def smoke_defaults(args) -> None:
 
 def untrained_generic(path: Path) -> Path:
     from datasets.synthetic import CLASSES
-    from ee_cli import backbones, compat
+    from ee_cli.base import compat
+    from ee_cli.graph import backbones
 
     compat.seed_everything(0)  # the same untrained model in every run, so runs can be compared
     backbones.cifar_resnet9(32, len(CLASSES), width=8).save(path)

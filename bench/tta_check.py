@@ -25,11 +25,11 @@ import numpy as np
 from bench.protocol import lame_accuracy, predict_outputs
 from datasets import cifar10, corruptions, field_users
 from datasets.scenarios import write_user
-from ee_cli import bundle
-from ee_cli.attach import attach
-from ee_cli.config import AttachConfig, PersonaliseConfig
-from ee_cli.personalise import personalise
-from ee_cli.runs import write_json
+from ee_cli.files import bundle
+from ee_cli.commands.attach import attach
+from ee_cli.base.config import AttachConfig, PersonaliseConfig
+from ee_cli.commands.personalise import personalise
+from ee_cli.base.runs import write_json
 
 METHODS = ("source", "bn", "tent", "eata")
 

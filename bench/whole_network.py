@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ee_cli import augment, compat, ssl
-from ee_cli.photos import resized
+from ee_cli.base import compat
+from ee_cli.adaptation import augment, ssl
+from ee_cli.base.photos import resized
 
 LEARNING_RATES = (3e-5, 1e-4, 3e-4)  # the three tried on dev users (bench/whole_network_lr.py)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ee_cli import atomic
+from ee_cli.base import atomic
 
 ARCHIVE_SHA256 = "5dc4dcc09c3c35e9a7894a9a192b607330ff35f54d7a280ff8ee6489b1f085c6"
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")

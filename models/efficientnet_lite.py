@@ -306,7 +306,7 @@ def build_lite1(image_size: int = IMAGE_SIZE, classes: int | None = None, normal
     a fresh head of that many classes. `feature_model(model)` is the pooled-feature model
     ("avg_pool", 1280 values) over the same layers.
     """
-    from ee_cli import compat
+    from ee_cli.base import compat
 
     keras = compat.keras()
     layers = keras.layers
@@ -348,7 +348,7 @@ def build_lite1(image_size: int = IMAGE_SIZE, classes: int | None = None, normal
 
 def feature_model(model):
     """Pixels -> pooled 1280 features, sharing the model's layers (no copy, no nesting)."""
-    from ee_cli import compat
+    from ee_cli.base import compat
 
     keras = compat.keras()
     return keras.Model(model.input, model.get_layer(FEATURE_LAYER).output, name=f"{model.name}_features")
@@ -356,7 +356,7 @@ def feature_model(model):
 
 def with_classifier(model, kernel: np.ndarray, bias: np.ndarray, name: str = "efficientnet_lite1_cifar10"):
     """The backbone with a new Dense "predictions" (logits) on its pooled features, weights given."""
-    from ee_cli import compat
+    from ee_cli.base import compat
 
     keras = compat.keras()
     dense = keras.layers.Dense(kernel.shape[1], name=CLASSIFIER_LAYER)

@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from datasets import cifar10
-from ee_cli import adapt, atomic, compat, photos
+from ee_cli.base import atomic, compat, photos
+from ee_cli.adaptation import adapt
 
 
 def reexpress(model, images: np.ndarray, batch: int = 16) -> dict:

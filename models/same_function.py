@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from datasets import cifar10
-from ee_cli import compat, photos
+from ee_cli.base import compat, photos
 
 
 def logits_of(path: Path, images: np.ndarray, batch: int = 100) -> tuple[np.ndarray, float]:

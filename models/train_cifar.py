@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from datasets import cifar10
-from ee_cli import atomic, backbones, compat
+from ee_cli.base import atomic, compat
+from ee_cli.graph import backbones
 
 DEFAULT_OUT = cifar10.cache_dir() / "models" / "cifar_resnet9.h5"
 

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from datasets import cifar10
-from ee_cli import atomic, compat, photos
+from ee_cli.base import atomic, compat, photos
 from models import efficientnet_lite as lite
 from models import reference_statistics, tune_lite
 

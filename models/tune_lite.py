@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ee_cli import compat
+from ee_cli.base import compat
 from models import efficientnet_lite as lite
 
 TAIL_INPUT = "block6e_add"

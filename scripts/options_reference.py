@@ -1,4 +1,4 @@
-"""README's option reference table, generated from the config dataclasses and ee_cli.options.
+"""README's option reference table, generated from the config dataclasses and ee_cli.commands.options.
 
     .venv/bin/python scripts/options_reference.py           # print it
     .venv/bin/python scripts/options_reference.py --write   # replace the table in README.md
@@ -7,7 +7,7 @@
 import sys
 from pathlib import Path
 
-from ee_cli.options import reference_table
+from ee_cli.commands.options import reference_table
 
 HEADER = "| option | commands (default) | meaning |"
 

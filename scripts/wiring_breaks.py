@@ -13,14 +13,14 @@ import sys
 
 root = pathlib.Path(__file__).resolve().parents[1]
 BREAKS = [
-    ("deploy-keeps-every-exit", "src/ee_cli/deploy.py", "kept = [exit_ for exit_, t in zip(exits, choice.thresholds) if t < policy.NEVER]", "kept = list(exits)", "tests/test_wiring.py tests/test_export.py"),
-    ("classify-strict-gt", "src/ee_cli/litert.py", "probabilities.max() >= thresholds[index]", "probabilities.max() > thresholds[index]", "tests/test_wiring.py tests/test_export.py"),
-    ("engine-no-clamp", "src/ee_cli/litert.py", 'self.thresholds = [usable_threshold(t, stage.outputs["probabilities"]) for t, stage in zip(thresholds, self.stages)]', 'self.thresholds = [2.0 if t is None else t for t, stage in zip(thresholds, self.stages)]', "tests/test_wiring.py tests/test_export.py"),
-    ("resume-new-run-folder", "src/ee_cli/personalise.py", "    if config.resume:\n        for candidate", "    if config.resume and False:\n        for candidate", "tests/test_personalise_runs.py tests/test_personalise.py"),
-    ("max-drop-ignored", "src/ee_cli/personalise.py", 'constraint = {"kind": "max_drop", "drop": config.max_drop / 100, "z": config.margin_z}', 'constraint = {"kind": "max_drop", "drop": 0.005, "z": config.margin_z}', "tests/test_wiring.py tests/test_personalise.py"),
-    ("infer-one-class", "src/ee_cli/adapt.py", "if len(chosen) < 2:", "if len(chosen) < 1:", "tests/test_wiring.py tests/test_personalise.py"),
-    ("class-share-0.1", "src/ee_cli/config.py", "class_share: float = 0.2", "class_share: float = 0.1", "tests/test_wiring.py tests/test_personalise.py"),
-    ("config-valueerror", "src/ee_cli/config.py", 'raise UserError(f"config file {path} does not exist") from None', 'raise ValueError(f"config file {path} does not exist") from None', "tests/test_wiring.py tests/test_personalise.py"),
+    ("deploy-keeps-every-exit", "src/ee_cli/runtime/deploy.py", "kept = [exit_ for exit_, t in zip(exits, choice.thresholds) if t < policy.NEVER]", "kept = list(exits)", "tests/test_wiring.py tests/test_export.py"),
+    ("classify-strict-gt", "src/ee_cli/runtime/litert.py", "probabilities.max() >= thresholds[index]", "probabilities.max() > thresholds[index]", "tests/test_wiring.py tests/test_export.py"),
+    ("engine-no-clamp", "src/ee_cli/runtime/litert.py", 'self.thresholds = [usable_threshold(t, stage.outputs["probabilities"]) for t, stage in zip(thresholds, self.stages)]', 'self.thresholds = [2.0 if t is None else t for t, stage in zip(thresholds, self.stages)]', "tests/test_wiring.py tests/test_export.py"),
+    ("resume-new-run-folder", "src/ee_cli/commands/personalise.py", "    if config.resume:\n        for candidate", "    if config.resume and False:\n        for candidate", "tests/test_personalise_runs.py tests/test_personalise.py"),
+    ("max-drop-ignored", "src/ee_cli/commands/personalise.py", 'constraint = {"kind": "max_drop", "drop": config.max_drop / 100, "z": config.margin_z}', 'constraint = {"kind": "max_drop", "drop": 0.005, "z": config.margin_z}', "tests/test_wiring.py tests/test_personalise.py"),
+    ("infer-one-class", "src/ee_cli/adaptation/adapt.py", "if len(chosen) < 2:", "if len(chosen) < 1:", "tests/test_wiring.py tests/test_personalise.py"),
+    ("class-share-0.1", "src/ee_cli/base/config.py", "class_share: float = 0.2", "class_share: float = 0.1", "tests/test_wiring.py tests/test_personalise.py"),
+    ("config-valueerror", "src/ee_cli/base/config.py", 'raise UserError(f"config file {path} does not exist") from None', 'raise ValueError(f"config file {path} does not exist") from None', "tests/test_wiring.py tests/test_personalise.py"),
 ]
 only = sys.argv[1:]
 missed = []

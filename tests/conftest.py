@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from ee_cli.attach import attach
-from ee_cli.config import AttachConfig, PersonaliseConfig
-from ee_cli.personalise import personalise
+from ee_cli.commands.attach import attach
+from ee_cli.base.config import AttachConfig, PersonaliseConfig
+from ee_cli.commands.personalise import personalise
 
 os.environ.setdefault("EE_THREADS", "2")  # results are bit-identical only at a fixed thread count
 
@@ -75,7 +75,7 @@ def random_pixels(count: int, size: int, seed: int = 0) -> np.ndarray:
 
 def tiny_classifier(path: Path, *, softmax: bool = True, classifier: bool = True, num_classes: int = 3) -> Path:
     """A small flat Functional CNN saved to `path`: conv blocks with a residual add, then a classifier."""
-    from ee_cli import compat
+    from ee_cli.base import compat
 
     keras = compat.keras()
     layers = keras.layers
@@ -102,7 +102,8 @@ def narrow_resnet9(folder: Path, num_classes: int = 5) -> str:
     """ee's ResNet-9 at a quarter of its width, saved as a model file: the same graph, graft points
     and exits as `--backbone cifar_resnet9` at 1/16 of the compute, so personalising, calibrating and
     exporting it is quick. Seeded: the same weights in every test."""
-    from ee_cli import backbones, compat
+    from ee_cli.base import compat
+    from ee_cli.graph import backbones
 
     path = folder / f"narrow_resnet9_{num_classes}.h5"
     if not path.is_file():
@@ -141,9 +142,9 @@ def personalised_user(root: Path, photo_count: int, batch: int) -> None:
 def exported_user(root: Path) -> None:
     """In `root`: personalised_user's folders and P, C (P calibrated by `ee evaluate`: exits on) and E
     (C's float cascade export, the bundle's thresholds as recorded)."""
-    from ee_cli.config import EvaluateConfig, ExportConfig
-    from ee_cli.evaluate import evaluate
-    from ee_cli.export import export
+    from ee_cli.base.config import EvaluateConfig, ExportConfig
+    from ee_cli.commands.evaluate import evaluate
+    from ee_cli.commands.export import export
 
     personalised_user(root, photo_count=120, batch=16)
     evaluate(EvaluateConfig(data="test", bundle="P", out="C", timed_runs=1, max_drop=100.0))

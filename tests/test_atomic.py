@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ee_cli import atomic
+from ee_cli.base import atomic
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_partial_one(tmp_path):

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 
 from conftest import one_line_error, random_pixels, run_ee, tiny_classifier
-from ee_cli import backbones, bundle, compat, heads
-from ee_cli.attach import attach
-from ee_cli.config import AttachConfig
+from ee_cli.base import compat
+from ee_cli.graph import backbones, heads
+from ee_cli.files import bundle
+from ee_cli.commands.attach import attach
+from ee_cli.base.config import AttachConfig
 
 
 def test_attach_writes_a_bundle_that_loads_back_identically(workspace, cli):
@@ -293,7 +295,7 @@ def test_a_plain_stack_gets_three_exits_by_default_and_is_told_where_they_could_
 def test_cells_reading_two_previous_cells_are_grafted_through_handoffs_and_cut_exactly(workspace):
     from test_graft import two_path_cells
 
-    from ee_cli import stages
+    from ee_cli.graph import stages
 
     original = two_path_cells()
     original.save(workspace / "cells.h5")

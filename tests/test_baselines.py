@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from conftest import coloured_photos, copy_workspace, narrow_resnet9, one_line_error, prepared_workspace
-from ee_cli import adapt, baselines, bundle
-from ee_cli.attach import attach
-from ee_cli.config import AttachConfig
+from ee_cli.files import bundle
+from ee_cli.adaptation import adapt, baselines
+from ee_cli.commands.attach import attach
+from ee_cli.base.config import AttachConfig
 
 
 def test_entropy_is_zero_when_sure_and_log_classes_when_uniform():

@@ -214,7 +214,7 @@ def test_whole_network_sees_the_photos_and_views_ee_cached(tmp_path, monkeypatch
     from conftest import narrow_resnet9
 
     from bench import whole_network
-    from ee_cli import augment
+    from ee_cli.adaptation import augment
 
     seen: list = []
     real_weak = augment.weak

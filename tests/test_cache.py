@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from conftest import coloured_photos
-from ee_cli import cache, compat, photos
+from ee_cli.base import compat, photos
+from ee_cli.adaptation import cache
 
 BATCH = 8
 VIEWS = 2

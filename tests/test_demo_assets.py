@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from datasets import fashion_mnist
-from ee_cli import backbones, photos
+from ee_cli.base import photos
+from ee_cli.graph import backbones
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -161,7 +161,7 @@ def test_loading_refuses_missing_or_extra_tensors(random_weights, small_model):
 
 
 def test_reexpressed_batchnorm_layers_hold_their_inputs_statistics_and_compute_the_same_function(random_weights):
-    from ee_cli import compat, photos
+    from ee_cli.base import compat, photos
     from models import reference_statistics
 
     model = lite.build_lite1(SIZE)
@@ -187,7 +187,7 @@ def test_reexpressed_batchnorm_layers_hold_their_inputs_statistics_and_compute_t
 
 @pytest.mark.nightly  # ~20 s: builds, saves and reloads the 189-layer Lite1 model; the conversion itself is checked above
 def test_pipeline_on_twenty_photos_saves_an_attachable_model(tmp_path, random_weights):
-    from ee_cli import backbones, graft
+    from ee_cli.graph import backbones, graft
     from models import train_lite
 
     rng = np.random.default_rng(0)

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from conftest import coloured_photos, copy_workspace, labelled_folder, one_line_error, personalised_user, prepared_workspace
-from ee_cli import bundle, photos, policy
+from ee_cli.base import photos
+from ee_cli.exits import policy
+from ee_cli.files import bundle
 
 
 @pytest.fixture(scope="module")

@@ -11,17 +11,20 @@ import textwrap
 import pytest
 
 from conftest import coloured_photos, copy_workspace, one_line_error, personalised_user, prepared_workspace, run_ee
-from ee_cli import bundle, compat
-from ee_cli.attach import attach
-from ee_cli.config import AttachConfig, EvaluateConfig
-from ee_cli.evaluate import evaluate
+from ee_cli.base import compat
+from ee_cli.files import bundle
+from ee_cli.commands.attach import attach
+from ee_cli.base.config import AttachConfig, EvaluateConfig
+from ee_cli.commands.evaluate import evaluate
 
 COMPARE = textwrap.dedent(
     """
     import json, sys
     import numpy as np
     from pathlib import Path
-    from ee_cli import litert, photos, policy
+    from ee_cli.base import photos
+    from ee_cli.exits import policy
+    from ee_cli.runtime import litert
     folder, data = Path(sys.argv[1]), Path(sys.argv[2])
     manifest = json.loads((folder / "manifest.json").read_text())
     names = manifest["cascade"]["stops_after"]
@@ -249,7 +252,7 @@ def test_a_broken_bound_writes_the_export_reports_it_and_exits_1(workspace, cali
 def test_uint8_probabilities_top_out_below_one_so_thresholds_are_clamped_there():
     import numpy as np
 
-    from ee_cli import litert
+    from ee_cli.runtime import litert
 
     uint8 = {"dtype": np.uint8, "quantization": (1 / 256, 0)}
     float32 = {"dtype": np.float32, "quantization": (0.0, 0)}
@@ -263,7 +266,7 @@ def test_uint8_probabilities_top_out_below_one_so_thresholds_are_clamped_there()
 
 
 def test_alternating_wall_times_takes_turns_in_blocks_and_times_every_call_asked_for():
-    from ee_cli import litert
+    from ee_cli.runtime import litert
 
     order: list[str] = []
     calls = {name: (lambda name=name: order.append(name)) for name in ("plain", "cascade")}

@@ -21,9 +21,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ee_cli import adapt, compat, flops, graft, stages, stepping
-from ee_cli.attach import attach
-from ee_cli.config import AttachConfig, ExportConfig
+from ee_cli.base import compat
+from ee_cli.graph import flops, graft, stages
+from ee_cli.adaptation import adapt, stepping
+from ee_cli.commands.attach import attach
+from ee_cli.base.config import AttachConfig, ExportConfig
 from test_graft import two_path_cells
 
 SIZE = 32
@@ -62,7 +64,7 @@ COMPARE = textwrap.dedent(
     """
     import json, sys
     import numpy as np
-    from ee_cli import litert
+    from ee_cli.runtime import litert
     folder, mode = sys.argv[1], sys.argv[2]
     images = np.load(f"{folder}/photos.npy")
     reference, nudged = np.load(f"{folder}/reference.npy"), np.load(f"{folder}/nudged.npy")  # (outputs, photos, classes)
@@ -121,7 +123,7 @@ def recalibrate_batchnorm(model, photos: np.ndarray) -> None:
 def cascade(model, exits: list[dict], calibration: np.ndarray, quant: str) -> bytes:
     """The cascade as `ee export` builds it: one signature per stage, each int8 stage calibrated on
     what the previous one hands on."""
-    from ee_cli.export import Signature, convert
+    from ee_cli.commands.export import Signature, convert
 
     graft_layers, names = [e["graft_layer"] for e in exits], [e["name"] for e in exits]
     signatures, carried = [], calibration

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ee_cli import backbones, flops, graft
-from ee_cli.errors import UserError
+from ee_cli.graph import backbones, flops, graft
+from ee_cli.base.errors import UserError
 
 
 def graph(edges: dict[str, tuple[str, ...]], kinds: dict[str, str] | None = None) -> graft.LayerGraph:
@@ -132,7 +132,7 @@ def test_imagenet_backbones_compute_matches_the_reference(name, reference_gmacs)
 
 @pytest.mark.parametrize(("side", "channels", "grid"), [(16, 64, 4), (8, 128, 4), (4, 256, 4), (14, 96, 3), (28, 512, 2), (14, 1024, 2), (7, 2048, 1)])
 def test_light_heads_keep_a_4x4_grid_on_narrow_maps_and_bound_wide_ones(side, channels, grid):
-    from ee_cli.heads import MAX_FEATURES, light_pool_size
+    from ee_cli.graph.heads import MAX_FEATURES, light_pool_size
 
     pool = light_pool_size(side, channels)
     assert side // pool == grid and grid * grid * channels <= max(MAX_FEATURES, channels)
@@ -143,7 +143,8 @@ def test_light_heads_keep_a_4x4_grid_on_narrow_maps_and_bound_wide_ones(side, ch
 def test_segments_replay_tf_op_layers_with_their_constants():
     # MobileNetV3's hard-swish is x * relu6(x + 3) / 6: TFOpLambda layers keep the 3 and 1/6 in their
     # call, not in their config, so a segment must call them as the model did.
-    from ee_cli import compat, stages
+    from ee_cli.base import compat
+    from ee_cli.graph import stages
 
     keras = compat.keras()
     pixels = keras.Input((8, 8, 3))
@@ -160,7 +161,7 @@ def test_segments_replay_tf_op_layers_with_their_constants():
 
 def two_path_cells(cells: int = 3, size: int = 16, classes: int = 3):
     """NASNet in miniature: each cell reads the two previous cells' outputs."""
-    from ee_cli import compat
+    from ee_cli.base import compat
 
     keras = compat.keras()
     layers = keras.layers
@@ -199,7 +200,7 @@ def test_cells_that_read_two_previous_cells_are_cut_with_both_tensors():
     ],
 )
 def test_plain_stacks_graft_after_each_unit_but_not_inside_an_expansion(build, expected):
-    from ee_cli import compat
+    from ee_cli.base import compat
 
     keras = compat.keras()
     stack = build(keras)

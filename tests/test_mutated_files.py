@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import exported_user, prepared_workspace
-from ee_cli import bundle
-from ee_cli.errors import UserError
+from ee_cli.files import bundle
+from ee_cli.base.errors import UserError
 
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats() | st.text(max_size=12),

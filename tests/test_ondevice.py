@@ -18,17 +18,20 @@ import numpy as np
 import pytest
 
 from conftest import coloured_photos, narrow_resnet9, one_line_error, prepared_workspace
-from ee_cli import bundle, litert_trainer, ondevice, ssl
-from ee_cli.attach import attach
-from ee_cli.config import AttachConfig, PersonaliseConfig
-from ee_cli.personalise import personalise
+from ee_cli.files import bundle
+from ee_cli.adaptation import ssl
+from ee_cli.runtime import litert_trainer, ondevice
+from ee_cli.commands.attach import attach
+from ee_cli.base.config import AttachConfig, PersonaliseConfig
+from ee_cli.commands.personalise import personalise
 
 # Runs in a child process: numpy, LiteRT and ee_cli's TF-free modules only.
 LITERT_CHECKS = textwrap.dedent(
     """
     import json, sys
     import numpy as np
-    from ee_cli import augment, litert, ondevice
+    from ee_cli.adaptation import augment
+    from ee_cli.runtime import litert, ondevice
     mode, artefact = sys.argv[1], sys.argv[2]
     rng = np.random.default_rng(0)
     pixels = rng.uniform(0, 255, (4, 32, 32, 3)).astype(np.float32)
@@ -151,7 +154,7 @@ def test_get_weights_into_a_fresh_interpreter_gives_identical_outputs_and_steps(
 
 
 def _trainer(run_dir: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "ee_cli.litert_trainer", str(run_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-m", "ee_cli.runtime.litert_trainer", str(run_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def test_kill_9_between_epochs_then_restart_ends_identical(trained, tmp_path):
@@ -180,9 +183,9 @@ def test_kill_9_between_epochs_then_restart_ends_identical(trained, tmp_path):
 
 
 def test_a_litert_step_is_the_tensorflow_engines_step(trained, tmp_path):
-    from ee_cli import compat
-    from ee_cli.personal_model import build_personal_model
-    from ee_cli.training import _make_step
+    from ee_cli.base import compat
+    from ee_cli.graph.personal_model import build_personal_model
+    from ee_cli.adaptation.training import _make_step
 
     tf, keras = compat.tf(), compat.keras()
     source = bundle.read_bundle(trained / "B")
@@ -218,7 +221,8 @@ def test_a_litert_step_is_the_tensorflow_engines_step(trained, tmp_path):
 
 
 def test_bn_stats_sum_what_adapt_averages(trained, tmp_path):
-    from ee_cli import adapt, compat, photos
+    from ee_cli.base import compat, photos
+    from ee_cli.adaptation import adapt
 
     images = photos.load_array(photos.scan_unlabelled(trained / "photos").paths[:12], 32).astype(np.float32)
     np.save(tmp_path / "pixels.npy", images)
@@ -243,8 +247,8 @@ def test_engine_mistakes_are_one_line(workspace, cli, args, expected):
 
 
 def test_conv_heads_are_refused_with_what_to_do(workspace):
-    from ee_cli.errors import UserError
-    from ee_cli.personal_model import build_personal_model
+    from ee_cli.base.errors import UserError
+    from ee_cli.graph.personal_model import build_personal_model
 
     made = attach(AttachConfig(backbone="cifar_resnet9", out="K", classes="r,g,b", head="conv", exits=(0.5,)))
     _, heads = build_personal_model(bundle.read_bundle(made.bundle_path).load_model(), ["r", "g", "b"], ["r", "g", "b"], [0, 1, 2])

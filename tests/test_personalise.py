@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 
 from conftest import QUICK, coloured_photos, labelled_folder, one_line_error
-from ee_cli import adapt, bundle, compat, photos, stepping
-from ee_cli.attach import attach
-from ee_cli.config import AttachConfig, PersonaliseConfig
-from ee_cli.personalise import personalise
+from ee_cli.base import compat, photos
+from ee_cli.files import bundle
+from ee_cli.adaptation import adapt, stepping
+from ee_cli.commands.attach import attach
+from ee_cli.base.config import AttachConfig, PersonaliseConfig
+from ee_cli.commands.personalise import personalise
 from test_photos import messy_folder
 
 def test_personalise_writes_a_personalised_bundle(workspace, attached, cli):
@@ -43,7 +45,7 @@ def test_personalise_writes_a_personalised_bundle(workspace, attached, cli):
 
 def _tensorboard_scalars(folder: Path) -> dict[str, list[int]]:
     """Every scalar tag in the event files under `folder`, with the steps (epochs) it was written at."""
-    from ee_cli import compat
+    from ee_cli.base import compat
 
     tf = compat.tf()
     found: dict[str, list[int]] = {}

@@ -15,9 +15,12 @@ import numpy as np
 import pytest
 
 from conftest import QUICK, coloured_photos, labelled_folder
-from ee_cli import bundle, compat, inference, photos, policy
-from ee_cli.config import PersonaliseConfig
-from ee_cli.personalise import _roles, personalise
+from ee_cli.base import compat, photos
+from ee_cli.graph import inference
+from ee_cli.exits import policy
+from ee_cli.files import bundle
+from ee_cli.base.config import PersonaliseConfig
+from ee_cli.commands.personalise import _roles, personalise
 
 
 def test_no_cache_mode_trains_too(workspace, attached):

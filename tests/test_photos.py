@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ee_cli import augment, photos
-from ee_cli.errors import UserError
+from ee_cli.base import photos
+from ee_cli.adaptation import augment
+from ee_cli.base.errors import UserError
 
 
 def messy_folder(root, size: int = 40):

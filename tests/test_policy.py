@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ee_cli import policy
+from ee_cli.exits import policy
 
 
 def test_exit_taken_uses_the_first_confident_exit():

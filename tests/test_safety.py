@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ee_cli import safety
+from ee_cli.exits import safety
 
 
 def test_a_collapse_onto_one_class_is_refused_unless_the_start_had_collapsed_too():

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from ee_cli import ssl
+from ee_cli.adaptation import ssl
 
 
 def test_confidence_mask_and_pseudo_labels():

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 from conftest import coloured_photos
-from ee_cli import adapt, bundle, compat, photos, stepping
-from ee_cli.personal_model import generic_output
+from ee_cli.base import compat, photos
+from ee_cli.files import bundle
+from ee_cli.adaptation import adapt, stepping
+from ee_cli.graph.personal_model import generic_output
 
 
 def _plain_logits(model, images: np.ndarray) -> np.ndarray:

@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 
 from conftest import copy_workspace, one_line_error, exported_user, prepared_workspace, run_ee
-from ee_cli import trust
+from ee_cli.graph import trust
 
 MARKER = "marker.txt"
 
 
 def evil_model(folder: Path, name: str = "evil.h5") -> Path:
     """A tf_keras classifier whose Lambda layer writes MARKER (by absolute path) whenever it runs."""
-    from ee_cli import compat
+    from ee_cli.base import compat
 
     keras = compat.keras()
     marker = str((folder / MARKER).resolve())
@@ -229,7 +229,7 @@ def _png_header_only(path: Path, width: int, height: int) -> None:
 def test_a_messy_folder_from_elsewhere_is_read_with_every_skip_counted(tmp_path):
     from PIL import Image
 
-    from ee_cli import photos
+    from ee_cli.base import photos
 
     root = tmp_path / "photos"
     root.mkdir()
@@ -266,8 +266,8 @@ def test_two_personalise_commands_on_one_out_one_wins_and_the_bundle_is_whole(wo
 
     from conftest import coloured_photos, narrow_resnet9
 
-    from ee_cli.attach import attach
-    from ee_cli.config import AttachConfig
+    from ee_cli.commands.attach import attach
+    from ee_cli.base.config import AttachConfig
 
     attach(AttachConfig(backbone=narrow_resnet9(workspace), out="B", classes="r,g,b,x,y"))
     coloured_photos(workspace / "photos", 48)
@@ -283,7 +283,7 @@ def test_two_personalise_commands_on_one_out_one_wins_and_the_bundle_is_whole(wo
 
 
 def bundle_is_whole(path: Path) -> bool:
-    from ee_cli import bundle
+    from ee_cli.files import bundle
 
     return bundle.read_bundle(path).load_model() is not None and not list(path.parent.glob(".P.*.partial"))
 
@@ -309,8 +309,8 @@ def test_kill_9_during_export_leaves_no_half_written_folder(exported):
 
 
 def test_an_out_written_meanwhile_is_never_replaced_without_exist_ok(tmp_path):
-    from ee_cli import atomic
-    from ee_cli.errors import UserError
+    from ee_cli.base import atomic
+    from ee_cli.base.errors import UserError
 
     out = tmp_path / "P"
     with pytest.raises(UserError, match="written by another command meanwhile"):

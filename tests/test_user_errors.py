@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from conftest import prepared_workspace, run_ee
-from ee_cli.attach import attach
-from ee_cli.config import AttachConfig
+from ee_cli.commands.attach import attach
+from ee_cli.base.config import AttachConfig
 
 
 @pytest.fixture(scope="module")

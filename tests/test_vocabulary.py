@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import typer
 
-from ee_cli import config, options
+from ee_cli.base import config
+from ee_cli.commands import options
 from ee_cli.cli import app
 
 COMMANDS = typer.main.get_command(app).commands

@@ -12,9 +12,12 @@ import numpy as np
 import pytest
 
 from conftest import one_line_error
-from ee_cli import adapt, bundle, deploy, litert, policy
-from ee_cli.config import PersonaliseConfig
-from ee_cli.personalise import _label_free_policy, _personal_classes
+from ee_cli.exits import policy
+from ee_cli.files import bundle
+from ee_cli.adaptation import adapt
+from ee_cli.runtime import deploy, litert
+from ee_cli.base.config import PersonaliseConfig
+from ee_cli.commands.personalise import _label_free_policy, _personal_classes
 
 
 # --- the measured exit policy of `ee export` ------------------------------------------------------

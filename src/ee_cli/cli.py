@@ -13,9 +13,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from ee_cli.config import AttachConfig, EvaluateConfig, ExportConfig, PersonaliseConfig, RunConfig
-from ee_cli.errors import UserError
-from ee_cli.options import option
+from ee_cli.base.config import AttachConfig, EvaluateConfig, ExportConfig, PersonaliseConfig, RunConfig
+from ee_cli.base.errors import UserError
+from ee_cli.commands.options import option
 
 
 class _HelpFlag:
@@ -146,8 +146,8 @@ def attach(
     """Step 1: graft early exits onto a pretrained CNN and write a multi-exit bundle."""
     flags = _flags(locals(), leave_out=("list_graft_points",))
     with user_errors():
-        from ee_cli.attach import attach as run_attach, survey
-        from ee_cli.config import resolve
+        from ee_cli.commands.attach import attach as run_attach, survey
+        from ee_cli.base.config import resolve
 
         flags |= {"exits": _floats(exits, "--exits"), "exit_layers": _names(exit_layers)}
         settings = resolve(AttachConfig, "attach", config, flags)
@@ -156,7 +156,7 @@ def attach(
     if as_json:
         typer.echo(json.dumps(result.as_json(), indent=2))
         return
-    from ee_cli.render import attach_table, graft_points_table
+    from ee_cli.commands.render import attach_table, graft_points_table
 
     console = _console()
     console.print(graft_points_table(result.as_json()) if list_graft_points else attach_table(result.meta))
@@ -222,12 +222,12 @@ def personalise(
     """Step 2: adapt a bundle to one person's photos, mostly unlabelled: BatchNorm statistics, classes, exit heads and their thresholds (backbone frozen)."""
     flags = _flags(locals(), leave_out=("no_cache", "no_class_prior")) | {"cache": False if no_cache else None, "class_prior": False if no_class_prior else None}
     with user_errors():
-        from ee_cli.personalise import personalise as run_personalise
+        from ee_cli.commands.personalise import personalise as run_personalise
 
         result = _with_progress(run_personalise, PersonaliseConfig, "personalise", config, flags, as_json)
     if as_json:
         return _echo_json(result)
-    from ee_cli.render import baseline_report, personalise_report
+    from ee_cli.commands.render import baseline_report, personalise_report
 
     console = _console()
     console.print(_source_line("Personalised", result))
@@ -238,7 +238,7 @@ def personalise(
 
 def _with_progress(pipeline, config_class, section: str, toml: Optional[Path], flags: dict, as_json: bool):
     """Resolve the command's config (defaults < TOML < flags) and run its pipeline under a progress bar."""
-    from ee_cli.config import resolve
+    from ee_cli.base.config import resolve
 
     settings = resolve(config_class, section, toml, flags)
     with _progress(quiet=settings.quiet or as_json) as progress:
@@ -295,12 +295,12 @@ def evaluate(
     """Step 3, optional: profile every exit on labelled photos and re-choose the exit thresholds (export again afterwards)."""
     flags = _flags(locals())
     with user_errors():
-        from ee_cli.evaluate import evaluate as run_evaluate
+        from ee_cli.commands.evaluate import evaluate as run_evaluate
 
         result = _with_progress(run_evaluate, EvaluateConfig, "evaluate", config, flags, as_json)
     if as_json:
         return _echo_json(result)
-    from ee_cli.render import evaluate_report
+    from ee_cli.commands.render import evaluate_report
 
     console = _console()
     console.print(_source_line("Profiled", result))
@@ -344,8 +344,8 @@ def export_command(
     with user_errors():
         if not tflite:
             raise UserError("say which format: --tflite (the only one so far)")
-        from ee_cli.export import ValidationFailed
-        from ee_cli.export import export as run_export
+        from ee_cli.commands.export import ValidationFailed
+        from ee_cli.commands.export import export as run_export
 
         failure = None
         try:
@@ -362,7 +362,7 @@ def _print_export(result, failed: bool, as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps({"out": str(result.out), "manifest": result.manifest}, indent=2))
         return
-    from ee_cli.render import export_report
+    from ee_cli.commands.render import export_report
 
     console = _console()
     console.print(_source_line("Exported", result))
@@ -392,8 +392,8 @@ def run_command(
     """Step 5: run the exported cascade in LiteRT photo by photo: accuracy, exits taken, measured latency and speed-up."""
     flags = _flags(locals())
     with user_errors():
-        from ee_cli.config import resolve
-        from ee_cli.run import run_cascade
+        from ee_cli.base.config import resolve
+        from ee_cli.commands.run import run_cascade
 
         settings = resolve(RunConfig, "run", config, flags)
         with _status("Running the cascade and the plain model in LiteRT, in turns", quiet=settings.quiet or as_json):
@@ -401,6 +401,6 @@ def run_command(
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
-    from ee_cli.render import run_report
+    from ee_cli.commands.render import run_report
 
     _console().print(run_report(report))
