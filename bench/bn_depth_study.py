@@ -94,22 +94,6 @@ def study_user(generic: str, user_spec, args, work: Path) -> list[dict]:
     return rows
 
 
-def auto_rule(rows: list[dict], unlabelled: int) -> dict:
-    """`--adapt-bn auto` (adapt.auto_depth) replayed from a study's recorded signals."""
-    from ee_cli.adaptation import adapt
-
-    unadapted = rows[0]
-    judged = unadapted["confident_unadapted_share"] * rows[0].get("unlabelled", unlabelled) >= adapt.MIN_CONFIDENT and unadapted["max_share"] < adapt.COLLAPSED_SHARE
-    kept = unadapted
-    for row in rows[1:]:
-        if judged and row["confident_agreement_with_unadapted"] < adapt.KEEP_CONFIDENT:
-            break
-        if row["max_share"] >= adapt.COLLAPSED_SHARE > unadapted["max_share"]:
-            break
-        kept = row
-    return kept
-
-
 RULES = {
     "half (the deepest auto may go)": lambda rows: rows[-1],
     "none": lambda rows: rows[0],
@@ -119,14 +103,13 @@ RULES = {
 }
 
 
-def compare_rules(lines: list[dict], unlabelled: int) -> dict[str, dict[str, float]]:
-    """Each rule's chosen depth per user, judged by the BN-only accuracy and exact class sets it gives
-    (`unlabelled`: the photos per user, for studies that did not record it)."""
+def compare_rules(lines: list[dict]) -> dict[str, dict[str, float]]:
+    """Each rule's chosen depth per user, judged by the BN-only accuracy and exact class sets it gives."""
     users: dict[int, list[dict]] = {}
     for line in lines:
         users.setdefault(line["seed"], []).append(line)
     found = {}
-    for name, rule in {**RULES, "auto (adapt.auto_depth)": lambda rows: auto_rule(rows, unlabelled)}.items():
+    for name, rule in RULES.items():  # auto's own choice is what `ee personalise` records (adapted_bn.tried); not replayed here
         chosen = [rule(sorted(rows, key=lambda r: r["depth"])) for rows in users.values()]
         found[name] = {"bn_only_accuracy": float(np.mean([r["bn_only_accuracy"] for r in chosen])),
                        "classes_exact": int(sum(r["classes_exact"] for r in chosen)), "users": len(chosen), "depths": [r["depth"] for r in chosen]}
@@ -148,7 +131,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.compare:
         lines = [json.loads(line) for line in args.compare.read_text().splitlines() if line.strip()]
-        print(json.dumps(compare_rules(lines, args.unlabelled), indent=1))
+        print(json.dumps(compare_rules(lines), indent=1))
         return
     if args.generic is None:
         parser.error("--generic is needed to run the study")
