@@ -2,8 +2,8 @@
 
     python -m bench.run [--models resnet9,lite1] [--users dev,test] [--costs test] [--per-scenario 1 | --grid] [--workers N | --ray-address ADDR] [--smoke]
 
-Writes bench/results/<date>.json (every user's figures, the summary, the settings), the plots
-beside it, and the tables into bench/README.md between its markers: per generic model, test users
+Writes bench/results/<date>/results.json (every user's figures, the summary, the settings, the
+code and generic models), the plot beside it, a line in bench/results/INDEX.md, and the tables into bench/README.md between its markers: per generic model, test users
 first (run only to report), then dev users (the ones defaults and designs are tuned on: their accuracy only, unless
 `--costs dev,test` asks for their latency and training cost too). `--smoke` is the two-minute
 version on generated photos and an untrained model: it checks the pipeline, not the claims.
@@ -22,6 +22,7 @@ from dataclasses import asdict, replace
 from datetime import date
 from pathlib import Path
 
+from bench import index
 from ee_cli.base import atomic
 
 HERE = Path(__file__).resolve().parent
@@ -171,9 +172,9 @@ def write_results(args, jobs, rows, seconds) -> dict:
     summary: dict[str, dict] = {}
     for (model, split), group in groups.items():
         summary.setdefault(model, {})[split] = report.figures(group, settings[model].labels, settings[model].quant, settings[model].points)
-    stem = args.out or HERE / "results" / f"{date.today().isoformat()}{'-smoke' if args.smoke else ''}.json"
+    stem = args.out or HERE / "results" / f"{date.today().isoformat()}{'-smoke' if args.smoke else ''}" / "results.json"
     stem.parent.mkdir(parents=True, exist_ok=True)
-    plot = report.plot(next(iter(groups.values())), stem.with_suffix(".png"), jobs[0].settings.quant)
+    plot = report.plot(next(iter(groups.values())), stem.with_name(f"{stem.stem}.png"), jobs[0].settings.quant)
     parts: list[str] = []
     for (model, split), group in groups.items():  # each model's title once, above its first split's tables
         title = f"### {GENERIC_MODELS[model].title}"
@@ -189,6 +190,8 @@ def write_results(args, jobs, rows, seconds) -> dict:
         "summary": summary, "users": rows, "plot": str(plot),
     }
     atomic.write_json(stem, results, indent=1)
+    if args.out is None:
+        index.write()
     readme = args.readme or (None if args.smoke else HERE / "README.md")
     if readme and not args.no_readme:
         _update_readme(readme, results, tables, stem, plot)

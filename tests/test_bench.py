@@ -261,3 +261,18 @@ def test_the_bound_summary_takes_geometric_means_and_counts_the_users_within_2x(
     assert found["command_over_method_bound"]["geomean"] == pytest.approx(2.0)  # not the arithmetic 2.5
     assert found["command_over_method_bound"]["within_2x"] == 1 and found["command_over_startup_and_method_bound"]["within_2x"] == 2
     assert found["command_over_method_bound"]["highest"] == 4.0 and found["command_seconds"] == [3.0, 8.0] and "command_over_strict_bound" not in found
+
+
+def test_the_index_lists_every_run_folder_and_legacy_file_with_its_code_and_models(tmp_path):
+    from bench import index
+
+    run = {"date": "2026-12-08", "commit": "abc1234", "seconds": 600.0, "users_chosen": "dev,test", "summary": {}, "users": [{}, {}],
+           "generic_models": {"resnet9": {"path": "r.h5", "sha256": "6e6c618b59ec2203ab47", "clean_test_accuracy": 0.8653}}}
+    (tmp_path / "2026-12-08").mkdir()
+    (tmp_path / "2026-12-08" / "results.json").write_text(json.dumps(run))
+    (tmp_path / "2026-12-01.json").write_text(json.dumps(run | {"date": "2026-12-01", "generic_models": {"resnet9": "r.h5"}}))
+    (tmp_path / "not-a-run.json").write_text(json.dumps({"rows": []}))
+    text = index.write(tmp_path).read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert [row.split("|")[1].strip() for row in rows] == ["`2026-12-08/results.json`", "`2026-12-01.json`"]  # newest first, non-runs left out
+    assert "resnet9 `6e6c618b59ec` 86.53 %" in rows[0] and "| abc1234 |" in rows[0] and "| 10.0 |" in rows[0] and "resnet9 (path only)" in rows[1]
