@@ -104,6 +104,7 @@ class GenericModel:
     made_by: str  # the command that writes `path`
     overrides: dict  # Settings fields this model's users get instead of the command line's
     sample: tuple[int, ...] | None = None  # which of a split's sampled users (by position) this model runs; None: all
+    cores: int = 1  # cores (and TensorFlow threads) a user of this model takes when users run at once
 
     def runs(self, position: int, every: bool) -> bool:
         """Whether this model runs the split's user at `position` (`every`: a grid or hand-picked users)."""
@@ -121,7 +122,9 @@ GENERIC_MODELS = {
     # points keep their MFLOPs figures; `make bench-full` runs every user of the grid.
     "lite1": GenericModel("EfficientNet-Lite1 at 240 px (ImageNet-pretrained, last stage tuned on CIFAR-10)", str(Path.home() / ".cache/ee/models/cifar_lite1.h5"),
                           "python -m models.train_lite", {"unlabelled": 300, "test_per_class": 100, "labels": (0,), "whole_network_epochs": 2,
-                           "export_photos": 100, "timed_points": (LABEL_FREE,)}, sample=(0, 1, 2, 6, 8)),
+                           "export_photos": 100, "timed_points": (LABEL_FREE,)}, sample=(0, 1, 2, 6, 8),
+                          # two at once held 7-9 GB each beside a 6 GB `ee personalise` child: Ray killed one for memory
+                          cores=2),
 }
 
 
@@ -142,6 +145,10 @@ class UserJob:
     settings: Settings
     work: str  # this user's scratch folder
     model: str = "resnet9"  # the GENERIC_MODELS name the generic classifier goes by in the tables
+
+    @property
+    def cores(self) -> int:
+        return GENERIC_MODELS[self.model].cores if self.model in GENERIC_MODELS else 1
 
     @property
     def seed(self) -> int:
@@ -212,16 +219,19 @@ def attach_generic(job: UserJob, names) -> Path:
     return out
 
 
-def predict(model, output: str, images: np.ndarray, batch: int = 250) -> np.ndarray:
+def predict(model, output: str, images: np.ndarray) -> np.ndarray:
     """The output for uint8 photos, each brought to the model's input size as ee's photo loader would."""
-    return predict_outputs(model, [output], images, batch)[output]
+    return predict_outputs(model, [output], images)[output]
 
 
-def predict_outputs(model, outputs: list[str], images: np.ndarray, batch: int = 250) -> dict[str, np.ndarray]:
-    """Several outputs from one pass over the photos (at 240 px a pass per output cost minutes a user)."""
+def predict_outputs(model, outputs: list[str], images: np.ndarray) -> dict[str, np.ndarray]:
+    """Several outputs from one pass over the photos (at 240 px a pass per output cost minutes a user),
+    in the batches ee's own passes use (250 photos at 240 px held GBs of activations: a Ray worker
+    was killed for memory)."""
     from ee_cli.base import compat, photos
 
     probe, size = compat.keras().Model(model.inputs, [model.get_layer(name).output for name in outputs]), int(model.input_shape[1])
+    batch = photos.inference_batch(size, model.count_params())
     batches = [probe(photos.resized(images[i : i + batch], size).astype(np.float32), training=False) for i in range(0, len(images), batch)]
     batches = [found if isinstance(found, (list, tuple)) else [found] for found in batches]
     return {name: np.concatenate([found[index].numpy() for found in batches]) for index, name in enumerate(outputs)}

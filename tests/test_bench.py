@@ -276,3 +276,25 @@ def test_the_index_lists_every_run_folder_and_legacy_file_with_its_code_and_mode
     rows = [line for line in text.splitlines() if line.startswith("| `")]
     assert [row.split("|")[1].strip() for row in rows] == ["`2026-12-08/results.json`", "`2026-12-01.json`"]  # newest first, non-runs left out
     assert "resnet9 `6e6c618b59ec` 86.53 %" in rows[0] and "| abc1234 |" in rows[0] and "| 10.0 |" in rows[0] and "resnet9 (path only)" in rows[1]
+
+
+def test_a_240_px_user_takes_two_cores_and_two_threads_when_users_run_at_once():
+    from bench import fanout
+    from bench.protocol import Settings, UserJob, users
+
+    class Task:
+        def __init__(self, options=None):
+            self.given = options
+
+        def options(self, **given):
+            return Task(given)
+
+        def remote(self, job):
+            return (job.model, self.given)
+
+    user = users("dev", 1)[0]
+    lite1, resnet9 = (UserJob("m.h5", "cifar10", user, Settings(), "w", name) for name in ("lite1", "resnet9"))
+    env = {"EE_THREADS": "1"}
+    assert fanout._submit(Task(), lite1, 2, 1, env) == ("lite1", {"num_cpus": 2, "runtime_env": {"env_vars": {"EE_THREADS": "2"}}})
+    assert fanout._submit(Task(), resnet9, 2, 1, env) == ("resnet9", None)
+    assert fanout._submit(Task(), lite1, 1, 1, env) == ("lite1", None)  # never more cores than there are workers
