@@ -298,3 +298,12 @@ def test_a_240_px_user_takes_two_cores_and_two_threads_when_users_run_at_once():
     assert fanout._submit(Task(), lite1, 2, 1, env) == ("lite1", {"num_cpus": 2, "runtime_env": {"env_vars": {"EE_THREADS": "2"}}})
     assert fanout._submit(Task(), resnet9, 2, 1, env) == ("resnet9", None)
     assert fanout._submit(Task(), lite1, 1, 1, env) == ("lite1", None)  # never more cores than there are workers
+
+
+def test_a_commands_peak_memory_is_its_own_not_the_benchmarks():
+    from bench import command
+
+    ballast = np.ones(400 * 2**20 // 8)  # this process holds 400 MB more than a bare Python
+    code, out, _, peak = command.measured([sys.executable, "-c", "import numpy as np; print(np.ones(200 * 2**20 // 8).sum() > 0)"])
+    assert code == 0 and out.strip() == "True" and ballast.sum() > 0
+    assert 200 < peak < 350  # the child's 200 MB and its interpreter, none of the 400 MB it was started beside
