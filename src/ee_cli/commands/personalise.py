@@ -1,5 +1,6 @@
-"""`ee personalise`: adapt early BatchNorm statistics, infer the person's classes, cache features,
-train the exit heads (frozen backbone), switch on the exits that are good enough, write a bundle.
+"""`ee personalise`: adapt early BatchNorm statistics, infer the person's classes and their prior,
+cache features, train the exit heads (frozen backbone), switch on the exits that pay, check that the
+result does no harm, write a bundle.
 """
 
 from __future__ import annotations
