@@ -107,7 +107,7 @@ def test_label_free_calibration(workspace, personalised, cli):
         (["--data", "test", "--threshold-share", "1"], "--threshold-share"),
         (["--data", "test", "--use", "fastest"], "--use"),
         (["--data", "test", "--out", "P"], "already exists"),
-        (["--data", "few"], "thresholds need at least 30"),
+        (["--data", "few"], "at least 30 are needed"),
     ],
 )
 def test_user_mistakes_are_one_line(workspace, personalised, cli, args, expected):

@@ -237,7 +237,7 @@ def _point(profile: Profile, name: str, reference_name: str, constraint: dict, e
     decision = policy.decide(evidence, profile.costs, constraint, [e["name"] for e in profile.meta["exits"]], "photos to calibrate on",
                              "fewer MFLOPs than the plain model")
     if decision.choice is None:  # asked for explicitly: too few photos is the user's to fix
-        raise UserError(f"the {name} thresholds: {decision.reason}")
+        raise UserError(f"{evidence.photos} photos to calibrate the {name} thresholds on: at least {policy.MIN_CALIBRATION_PHOTOS} are needed")
     chosen = decision.choice
     report, reference = profile.report, profile.references[reference_name]
     taken = policy.exit_taken(profile.confidences[:, report], chosen.thresholds)
