@@ -14,7 +14,6 @@ from CIFAR-10's test split). LAME corrects the source model's outputs on test ba
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import tempfile
 import time
@@ -23,13 +22,14 @@ from pathlib import Path
 import numpy as np
 
 from bench.protocol import lame_accuracy, predict_outputs
+from bench.run import identity
 from datasets import cifar10, corruptions, field_users
 from datasets.scenarios import write_user
 from ee_cli.files import bundle
 from ee_cli.commands.attach import attach
 from ee_cli.base.config import AttachConfig, PersonaliseConfig
 from ee_cli.commands.personalise import personalise
-from ee_cli.base.runs import write_json
+from ee_cli.base.atomic import write_json
 
 METHODS = ("source", "bn", "tent", "eata")
 
@@ -95,7 +95,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="ee-tta-check-") as work:
         summary = run(args.generic, Path(work), args.limit)
-    summary["generic"] = {"path": str(args.generic), "sha256": hashlib.sha256(args.generic.read_bytes()).hexdigest()}
+    summary["generic"] = identity(str(args.generic))
     report = args.generic.with_suffix(".json")
     if report.is_file():
         summary["generic"]["report"] = json.loads(report.read_text())
