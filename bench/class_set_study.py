@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ee_cli.adaptation.adapt import class_shares
+from ee_cli.adaptation.adapt import class_prior, class_shares, infer_classes
 
 RULES = ("cut@0.10", "cut@0.05", "cut@0.02", "prior", "hybrid@0.05", "hybrid@0.02", "hybrid@0.01")
 TEMPERATURES = (1.0, 1.5, 2.0, 3.0)
@@ -31,12 +31,14 @@ TEMPERATURES = (1.0, 1.5, 2.0, 3.0)
 def predict_with(rule: str, logits: np.ndarray, mix: np.ndarray) -> np.ndarray:
     """Class indices predicted for `logits` (already divided by the temperature) under `rule`."""
     kind, _, share = rule.partition("@")
-    keep = np.ones(len(mix), bool) if kind == "prior" else mix >= float(share)
-    if keep.sum() < 2:
-        keep[np.argsort(-mix, kind="stable")[:2]] = True
-    shifted = logits + (np.log(np.maximum(len(mix) * mix, 1e-12)) if kind in ("prior", "hybrid") else 0.0)
-    shifted = np.where(keep, shifted, -np.inf)
-    return shifted.argmax(axis=1)
+    if kind == "prior":
+        classes, shift = np.arange(len(mix)), np.log(np.maximum(len(mix) * mix, 1e-12))
+    elif kind == "hybrid":  # the rule `ee personalise` ships, its cut given here as a share of the mix
+        prior = class_prior(mix, float(share) * len(mix))
+        classes, shift = np.asarray(prior.classes), prior.logit_shift
+    else:
+        classes, shift = np.asarray(infer_classes(mix, float(share))), 0.0
+    return classes[(logits[:, classes] + shift).argmax(axis=1)]
 
 
 def judge(saved: dict, rule: str, temperature: float, adapted: bool = True) -> dict:

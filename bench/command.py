@@ -23,9 +23,11 @@ class Measured:
 
 def flags(options: dict[str, Any]) -> list[str]:
     """{"data": "photos", "quiet": True, "labelled": None} -> ["--data", "photos", "--quiet"]."""
+    from ee_cli.commands.options import flag_of
+
     found: list[str] = []
     for name, value in options.items():
-        flag = "--" + name.replace("_", "-")
+        flag = flag_of(name)
         if value is True:
             found.append(flag)
         elif value not in (None, False):

@@ -197,8 +197,6 @@ def run_user(job: UserJob) -> dict[str, Any]:
     return row
 
 
-
-
 @contextmanager
 def inside(folder: Path):
     """bundles/ and runs/ are relative to the working folder; give each user its own."""
@@ -237,9 +235,10 @@ def predict_outputs(model, outputs: list[str], images: np.ndarray) -> dict[str, 
     return {name: np.concatenate([found[index].numpy() for found in batches]) for index, name in enumerate(outputs)}
 
 
-def restricted_accuracy(logits: np.ndarray, classes, truth: np.ndarray) -> float:
+def restricted_accuracy(logits: np.ndarray, classes, truth: np.ndarray, shift=None) -> float:
+    """Accuracy of `logits` restricted to `classes` (each shifted by `shift`, the class prior, if given)."""
     classes = np.asarray(classes)
-    return float(np.mean(classes[logits[:, classes].argmax(1)] == truth))
+    return float(np.mean(classes[(logits[:, classes] + (0.0 if shift is None else np.asarray(shift))).argmax(1)] == truth))
 
 
 def _baselines(attached: Path, user) -> dict[str, Any]:
@@ -299,9 +298,8 @@ def _bn_only(generic_logits: np.ndarray, result, personal: list[int], user) -> d
     its bundle (the generic output of the adapted backbone, restricted to the classes it inferred and
     shifted by their prior: where its final exit starts)."""
     adapted = result.metrics["adapted_bn"]
-    shift = np.asarray((result.meta.get("class_prior") or {}).get("logit_shift") or np.zeros(len(personal)))
-    accuracy = float(np.mean(np.asarray(personal)[(generic_logits[:, personal] + shift).argmax(1)] == user.test_y))
-    return {"accuracy": accuracy, "adapted_layers": len(adapted["layers"]),
+    shift = (result.meta.get("class_prior") or {}).get("logit_shift")
+    return {"accuracy": restricted_accuracy(generic_logits, personal, user.test_y, shift), "adapted_layers": len(adapted["layers"]),
             "of": adapted["of"], "depths_tried": adapted["tried"], "note": adapted["note"],
             "inferred_classes": [user.names[c] for c in personal], "classes_exact": sorted(personal) == sorted(user.classes)}
 
