@@ -55,3 +55,22 @@ def test_no_import_cycle():
     for name in sorted(imports):
         if name not in state:
             visit(name, [name])
+
+
+def test_every_import_of_the_repositorys_own_modules_resolves():
+    """Lazy imports inside functions included: a module moved without its importers (bench.tta_check
+    once imported write_json from where it no longer lived) fails here, not when the script runs."""
+    import importlib.util
+
+    root = SRC.parents[1]
+    missing = []
+    for folder in ("src/ee_cli", "bench", "models", "datasets", "scripts"):
+        for path in (root / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not (isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+                        and node.module.split(".")[0] in ("ee_cli", "bench", "models", "datasets")):
+                    continue
+                module = importlib.import_module(node.module)
+                missing += [f"{path.relative_to(root)}: {node.module}.{alias.name}" for alias in node.names
+                            if not hasattr(module, alias.name) and importlib.util.find_spec(f"{node.module}.{alias.name}") is None]
+    assert not missing, missing
